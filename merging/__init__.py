@@ -1,0 +1,1 @@
+"""Offline half of freemerge: task zoo, task vectors, FR/FREE merging and the artifact."""

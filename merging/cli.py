@@ -1,0 +1,90 @@
+"""``freemerge`` subcommands of the offline half: ``zoo`` (build, show, path)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+from pathlib import Path
+
+from merging.datasets import TASKS
+from merging.finetune import Recipe
+from merging.zoo import build_zoo, cached_zoo, zoo_report, zoo_table
+
+
+def _recipe_from(args: argparse.Namespace) -> Recipe:
+    overrides = {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(Recipe)
+        if getattr(args, field.name, None) is not None
+    }
+    return Recipe(**overrides)
+
+
+def _zoo_build(args: argparse.Namespace) -> int:
+    zoo = build_zoo(args.tasks, _recipe_from(args), args.cache_dir, force=args.force)
+    print(f"zoo: {zoo.root}\n")
+    print(zoo_table(zoo))
+    if args.report:
+        command = "freemerge " + shlex.join(sys.argv[1:])
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(zoo_report(zoo, command))
+        print(f"\nreport written to {args.report}")
+    return 0
+
+
+def _zoo_show(args: argparse.Namespace) -> int:
+    zoo = cached_zoo(_recipe_from(args), args.cache_dir)
+    print(f"zoo: {zoo.root}\n")
+    print(zoo_table(zoo))
+    return 0
+
+
+def _zoo_path(args: argparse.Namespace) -> int:
+    print(cached_zoo(_recipe_from(args), args.cache_dir).root)
+    return 0
+
+
+def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
+    defaults = Recipe()
+    group = parser.add_argument_group("recipe (a changed recipe is a different zoo)")
+    for field in dataclasses.fields(Recipe):
+        group.add_argument(
+            f"--{field.name.replace('_', '-')}",
+            type=type(getattr(defaults, field.name)),
+            default=None,
+            help=f"default {getattr(defaults, field.name)}",
+        )
+
+
+def add_zoo_commands(subparsers: argparse._SubParsersAction) -> None:
+    zoo = subparsers.add_parser("zoo", help="the task zoo: fine-tuned models from public data")
+    verbs = zoo.add_subparsers(dest="zoo_command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="cache folder (default $FREEMERGE_CACHE or ~/.cache/freemerge)",
+    )
+    _add_recipe_options(common)
+
+    build = verbs.add_parser("build", parents=[common], help="fine-tune the tasks not cached yet")
+    build.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        metavar="TASK",
+        help=f"tasks to build (default all: {', '.join(TASKS)})",
+    )
+    build.add_argument("--force", action="store_true", help="rebuild tasks even if cached")
+    build.add_argument(
+        "--report", type=Path, default=None, help="also write the markdown report to this file"
+    )
+    build.set_defaults(handler=_zoo_build)
+
+    show = verbs.add_parser("show", parents=[common], help="print the cached zoo's table")
+    show.set_defaults(handler=_zoo_show)
+    path = verbs.add_parser("path", parents=[common], help="print the cached zoo's folder")
+    path.set_defaults(handler=_zoo_path)

@@ -1,0 +1,127 @@
+"""One shared fine-tuning recipe for every task of the zoo, and batched evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from merging.datasets import TaskData
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Hyperparameters shared by every task (AdamW, linear warm-up then linear decay).
+
+    ``max_train_examples`` caps the examples drawn from the train split per epoch (a fresh
+    seeded draw every epoch), so large tasks cost no more than small ones.
+    """
+
+    epochs: int = 4
+    max_train_examples: int = 2000
+    batch_size: int = 16
+    max_length: int = 128
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    seed: int = 0
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(
+            json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        ).hexdigest()[:16]
+
+
+@dataclass
+class TrainResult:
+    model: PreTrainedModel
+    seconds: float
+    steps: int
+    losses: list[float]
+
+
+def _batches(count: int, batch_size: int) -> list[slice]:
+    return [slice(i, min(i + batch_size, count)) for i in range(0, count, batch_size)]
+
+
+def fine_tune(
+    backbone: Path, task: TaskData, recipe: Recipe, show_progress: bool = True
+) -> TrainResult:
+    """Fine-tune ``AutoModelForSequenceClassification`` from ``backbone`` on the train split."""
+    torch.manual_seed(recipe.seed)
+    rng = np.random.default_rng(recipe.seed)
+    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        backbone,
+        num_labels=len(task.label_names),
+        id2label=dict(enumerate(task.label_names)),
+        label2id={name: i for i, name in enumerate(task.label_names)},
+    )
+    texts, labels = task.subset(task.split()["train"])
+    per_epoch = min(len(texts), recipe.max_train_examples)
+    total_steps = recipe.epochs * len(_batches(per_epoch, recipe.batch_size))
+    warmup = max(1, int(recipe.warmup_fraction * total_steps))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min((step + 1) / warmup, (total_steps - step) / max(1, total_steps - warmup)),
+    )
+    model.train()
+    losses = []
+    start = time.perf_counter()
+    with tqdm(total=total_steps, desc=f"fine-tune {task.name}", disable=not show_progress) as bar:
+        for _ in range(recipe.epochs):
+            order = rng.permutation(len(texts))[:per_epoch]
+            for batch in _batches(per_epoch, recipe.batch_size):
+                rows = order[batch]
+                encoded = tokenizer(
+                    [texts[i] for i in rows],
+                    truncation=True,
+                    max_length=recipe.max_length,
+                    padding=True,
+                    return_tensors="pt",
+                )
+                loss = model(**encoded, labels=torch.from_numpy(labels[rows])).loss
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad()
+                losses.append(loss.item())
+                bar.update()
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return TrainResult(model, time.perf_counter() - start, total_steps, losses)
+
+
+@torch.no_grad()
+def predict(
+    model: PreTrainedModel,
+    tokenizer: AutoTokenizer,
+    texts: list[str],
+    max_length: int,
+    batch_size: int = 64,
+    desc: str | None = None,
+) -> np.ndarray:
+    """Predicted class index per text (batched, truncated to ``max_length`` tokens)."""
+    model.eval()
+    out = []
+    for batch in tqdm(_batches(len(texts), batch_size), desc=desc, disable=desc is None):
+        encoded = tokenizer(
+            texts[batch], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+        )
+        out.append(model(**encoded).logits.argmax(-1).numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(predictions == labels)) if len(labels) else float("nan")

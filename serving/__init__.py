@@ -1,0 +1,1 @@
+"""Online half of freemerge: the engine that applies experts, and the Ray Serve app around it."""

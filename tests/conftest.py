@@ -1,0 +1,50 @@
+"""Shared fixtures: the real wheel cache, and a tiny BERT built from a config (no download)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from merging.sources import backbone_dir, default_cache_dir
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """The user's cache: wheels are downloaded once and hash-checked on every use."""
+    return default_cache_dir()
+
+
+@pytest.fixture(scope="session")
+def real_backbone(cache_dir: Path) -> Path:
+    return backbone_dir(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(real_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide BERT with the real tokenizer, saved as a Hugging Face directory."""
+    target = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(real_backbone)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(target, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(real_backbone / name, target / name)
+    return target
