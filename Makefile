@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/freemerge zoo build
+	$(BIN)/freemerge demo --config configs/free.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

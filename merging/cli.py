@@ -1,4 +1,4 @@
-"""``freemerge`` subcommands of the offline half: ``zoo`` (build, show, path)."""
+"""``freemerge`` subcommands of the offline half: ``zoo``, ``merge``, ``verify``, ``export``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ import shlex
 import sys
 from pathlib import Path
 
+from merging.artifact import open_artifact, verify_artifact
+from merging.config import load_config
 from merging.datasets import TASKS
+from merging.export import export_task
 from merging.finetune import Recipe
+from merging.merge import run_merge
 from merging.zoo import build_zoo, cached_zoo, zoo_report, zoo_table
 
 
@@ -88,3 +92,55 @@ def add_zoo_commands(subparsers: argparse._SubParsersAction) -> None:
     show.set_defaults(handler=_zoo_show)
     path = verbs.add_parser("path", parents=[common], help="print the cached zoo's folder")
     path.set_defaults(handler=_zoo_path)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    summary = run_merge(load_config(args.config), args.out, overwrite=args.overwrite)
+    mib = 2**20
+    print(f"artifact written to {summary.out}")
+    print(f"merge wall time {summary.wall_seconds:.1f} s, ", end="")
+    print(f"peak resident memory {summary.peak_rss_mib:.0f} MiB")
+    print(f"backbone {summary.backbone_bytes / mib:.1f} MiB")
+    for task, size in summary.expert_bytes.items():
+        share = 100 * size / summary.backbone_bytes
+        print(f"  expert {task}: {size / mib:.2f} MiB ({share:.2f}% of the backbone)")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    problems = verify_artifact(args.artifact)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{args.artifact}: FAILED ({len(problems)} problems)")
+        return 1
+    artifact = open_artifact(args.artifact, verify=False)
+    print(
+        f"{args.artifact}: OK, {len(artifact.manifest['files'])} files, version {artifact.version}"
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    out = export_task(open_artifact(args.artifact), args.task, args.out, overwrite=args.overwrite)
+    print(f"task {args.task} exported to {out}")
+    return 0
+
+
+def add_artifact_commands(subparsers: argparse._SubParsersAction) -> None:
+    merge = subparsers.add_parser("merge", help="merge fine-tuned models into an artifact")
+    merge.add_argument("config", type=Path, help="merge config (YAML)")
+    merge.add_argument("--out", type=Path, required=True, help="artifact folder to write")
+    merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    merge.set_defaults(handler=_merge)
+
+    verify = subparsers.add_parser("verify", help="check every file hash of an artifact")
+    verify.add_argument("artifact", type=Path)
+    verify.set_defaults(handler=_verify)
+
+    export = subparsers.add_parser("export", help="write one task as a standalone HF model")
+    export.add_argument("artifact", type=Path)
+    export.add_argument("--task", required=True)
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.set_defaults(handler=_export)

@@ -52,6 +52,24 @@ def _batches(count: int, batch_size: int) -> list[slice]:
     return [slice(i, min(i + batch_size, count)) for i in range(0, count, batch_size)]
 
 
+def _length_bucketed_batches(
+    lengths: np.ndarray, count: int, batch_size: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """A random draw of ``count`` rows cut into batches of similar length, in random order.
+
+    Rows are sorted by token length within windows of 32 batches, so a batch pads little while
+    every epoch still sees a fresh random draw and batch order.
+    """
+    order = rng.permutation(len(lengths))[:count]
+    window = 32 * batch_size
+    batches = []
+    for start in range(0, count, window):
+        chunk = order[start : start + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def fine_tune(
     backbone: Path, task: TaskData, recipe: Recipe, show_progress: bool = True
 ) -> TrainResult:
@@ -66,11 +84,17 @@ def fine_tune(
         label2id={name: i for i, name in enumerate(task.label_names)},
     )
     texts, labels = task.subset(task.split()["train"])
+    lengths = np.array(
+        [
+            len(ids)
+            for ids in tokenizer(texts, truncation=True, max_length=recipe.max_length)["input_ids"]
+        ]
+    )
     per_epoch = min(len(texts), recipe.max_train_examples)
     total_steps = recipe.epochs * len(_batches(per_epoch, recipe.batch_size))
     warmup = max(1, int(recipe.warmup_fraction * total_steps))
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay
+    optimizer = torch.optim.AdamW(  # fused: one kernel for all tensors, ~5x faster on CPU
+        model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay, fused=True
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -81,9 +105,7 @@ def fine_tune(
     start = time.perf_counter()
     with tqdm(total=total_steps, desc=f"fine-tune {task.name}", disable=not show_progress) as bar:
         for _ in range(recipe.epochs):
-            order = rng.permutation(len(texts))[:per_epoch]
-            for batch in _batches(per_epoch, recipe.batch_size):
-                rows = order[batch]
+            for rows in _length_bucketed_batches(lengths, per_epoch, recipe.batch_size, rng):
                 encoded = tokenizer(
                     [texts[i] for i in rows],
                     truncation=True,
@@ -112,15 +134,21 @@ def predict(
     batch_size: int = 64,
     desc: str | None = None,
 ) -> np.ndarray:
-    """Predicted class index per text (batched, truncated to ``max_length`` tokens)."""
+    """Predicted class index per text (batched by similar length, truncated to ``max_length``)."""
     model.eval()
-    out = []
+    order = np.argsort([len(text) for text in texts], kind="stable")
+    predictions = np.zeros(len(texts), dtype=np.int64)
     for batch in tqdm(_batches(len(texts), batch_size), desc=desc, disable=desc is None):
+        rows = order[batch]
         encoded = tokenizer(
-            texts[batch], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+            [texts[i] for i in rows],
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
         )
-        out.append(model(**encoded).logits.argmax(-1).numpy())
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+        predictions[rows] = model(**encoded).logits.argmax(-1).numpy()
+    return predictions
 
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from merging.cli import add_zoo_commands
+from merging.cli import add_artifact_commands, add_zoo_commands
 from merging.datasets import UnknownTaskError
 from merging.sources import SourceError
 from merging.zoo import ZooError
+from serving.demo import run_demo
 
 # Errors that a user's input can cause: reported as one line, without a traceback.
 USER_ERRORS = (SourceError, UnknownTaskError, ZooError, FileNotFoundError, ValueError)
@@ -21,6 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     add_zoo_commands(commands)
+    add_artifact_commands(commands)
+    demo = commands.add_parser("demo", help="zoo, merge and classify end to end")
+    demo.add_argument("--config", type=Path, default=Path("configs/free.yaml"))
+    demo.add_argument("--cache-dir", type=Path, default=None)
+    demo.set_defaults(handler=lambda args: run_demo(args.config, args.cache_dir))
     return parser
 
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
+from merging.finetune import Recipe
 from merging.sources import backbone_dir, default_cache_dir
+from merging.zoo import Zoo, build_zoo
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -48,3 +50,20 @@ def tiny_backbone(real_backbone: Path, tmp_path_factory: pytest.TempPathFactory)
     for name in TOKENIZER_FILES:
         shutil.copy(real_backbone / name, target / name)
     return target
+
+
+TINY_RECIPE = Recipe(
+    epochs=2, max_train_examples=96, batch_size=16, max_length=32, learning_rate=1e-3
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> Zoo:
+    """Three real tasks fine-tuned briefly from the tiny BERT."""
+    return build_zoo(
+        ["sms_spam", "bbc_topic", "debate_party"],
+        TINY_RECIPE,
+        tmp_path_factory.mktemp("cache"),
+        backbone=tiny_backbone,
+        show_progress=False,
+    )
