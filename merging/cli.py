@@ -11,10 +11,12 @@ from pathlib import Path
 from merging.artifact import open_artifact, verify_artifact
 from merging.config import load_config
 from merging.datasets import TASKS
+from merging.evaluate import SPLITS, evaluate_artifact
 from merging.export import export_task
 from merging.finetune import Recipe
 from merging.merge import run_merge
-from merging.zoo import build_zoo, cached_zoo, zoo_report, zoo_table
+from merging.runtime import MIXING_MODES, MergedClassifier
+from merging.zoo import build_zoo, cached_zoo, write_json_atomically, zoo_report, zoo_table
 
 
 def _recipe_from(args: argparse.Namespace) -> Recipe:
@@ -127,6 +129,29 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    model = MergedClassifier(open_artifact(args.artifact))
+    result = evaluate_artifact(model, args.split, mixing=args.mixing)
+    routed = "routed_accuracy" in result["mean"]
+    routed_columns = (" routed accuracy | routing accuracy |", "---|---|") if routed else ("", "")
+    print(f"| task | accuracy (true task) |{routed_columns[0]}\n|---|---|{routed_columns[1]}")
+    for task, scores in [*result["tasks"].items(), ("mean", result["mean"])]:
+        extra = (
+            f" {scores['routed_accuracy']:.4f} | {scores['routing_accuracy']:.4f} |"
+            if routed
+            else ""
+        )
+        print(f"| {task} | {scores['accuracy']:.4f} |{extra}")
+    if routed:
+        print(
+            f"router + routed forward: {1000 * result['routed_seconds_per_text']:.2f} ms per text"
+        )
+    if args.out:
+        write_json_atomically(args.out, result)
+        print(f"written to {args.out}")
+    return 0
+
+
 def add_artifact_commands(subparsers: argparse._SubParsersAction) -> None:
     merge = subparsers.add_parser("merge", help="merge fine-tuned models into an artifact")
     merge.add_argument("config", type=Path, help="merge config (YAML)")
@@ -137,6 +162,18 @@ def add_artifact_commands(subparsers: argparse._SubParsersAction) -> None:
     verify = subparsers.add_parser("verify", help="check every file hash of an artifact")
     verify.add_argument("artifact", type=Path)
     verify.set_defaults(handler=_verify)
+
+    evaluate = subparsers.add_parser("eval", help="accuracy per task, true task and routed")
+    evaluate.add_argument("artifact", type=Path)
+    evaluate.add_argument("--split", choices=SPLITS, default="test")
+    evaluate.add_argument(
+        "--mixing",
+        choices=MIXING_MODES,
+        default="argmax",
+        help="routed inputs: the top task's expert, or a softmax mix of all",
+    )
+    evaluate.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    evaluate.set_defaults(handler=_eval)
 
     export = subparsers.add_parser("export", help="write one task as a standalone HF model")
     export.add_argument("artifact", type=Path)

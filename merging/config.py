@@ -14,7 +14,12 @@ parameters:
   magnitude_alignment: false   # fr/free: rescale each filtered sum to the unfiltered sum's norm
   filter: {mode: reference, ratio: 0.7, cutoff: 0.05, targets: REGEX}   # fr and free
   experts: {kind: sparse, density: 0.01, granularity: tensor, rescale: 1.0}  # free, or any
+  # or experts: {kind: lowrank, rank: 8, vectors: full, skip: word_embeddings}
   ties: {density: 0.2}  # ties
+router:                 # optional: train a task router (an artifact without one has none)
+  data: {sms_spam: zoo, other_task: texts.jsonl}   # default: `zoo` for every zoo task
+  examples_per_task: 300  # from the train split (zoo) or the file, a seeded draw
+  hidden: 256           # and epochs, learning_rate, weight_decay, batch_size, max_length, seed
 ```
 """
 
@@ -22,13 +27,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from merging.experts import EXPERT_KINDS, GRANULARITIES
+from merging.datasets import TASKS
+from merging.experts import Expert, expert_settings, make_expert
 from merging.filters import HighPass
+from merging.router import RouterConfig
 from merging.zoo import cached_zoo, open_zoo
 
 METHODS = ("average", "task_arithmetic", "ties", "fr", "free")
@@ -64,10 +72,13 @@ class FilterConfig:
 
 @dataclass(frozen=True)
 class ExpertConfig:
+    """An expert kind and its settings (defaults from the kind's constructor)."""
+
     kind: str = "sparse"
-    density: float = 0.01
-    granularity: str = "tensor"
-    rescale: float = 1.0
+    settings: dict = field(default_factory=dict)
+
+    def make(self) -> Expert:
+        return make_expert(self.kind, **self.settings)
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,7 @@ class MergeConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
     experts: ExpertConfig | None = None
     ties: TiesConfig = field(default_factory=TiesConfig)
+    router: RouterConfig | None = None
 
     @property
     def lam(self) -> float:
@@ -129,7 +141,9 @@ def _resolve_zoo(raw: dict) -> tuple[Path | None, dict[str, Path]]:
 
 def parse_config(raw: dict, relative_to: Path | None = None) -> MergeConfig:
     """Validate a config mapping; relative paths resolve against ``relative_to``."""
-    _check_keys(raw, ("zoo", "base_model", "models", "method", "parameters"), "the config")
+    _check_keys(
+        raw, ("zoo", "base_model", "models", "method", "parameters", "router"), "the config"
+    )
     zoo_base, zoo_models = _resolve_zoo(raw)
     root = relative_to or Path.cwd()
 
@@ -184,20 +198,7 @@ def parse_config(raw: dict, relative_to: Path | None = None) -> MergeConfig:
         raise ConfigError(f"parameters.filter.targets is not a valid regex: {err}") from None
     experts = None
     if method == "free" or params.get("experts") is not None:
-        experts = _block(ExpertConfig, params.get("experts"), "parameters.experts")
-        if experts.kind not in EXPERT_KINDS:
-            raise ConfigError(
-                f"unknown expert kind {experts.kind!r}; allowed: {', '.join(EXPERT_KINDS)}"
-            )
-        if not 0 < experts.density <= 1:
-            raise ConfigError(
-                f"parameters.experts.density must be in (0, 1], got {experts.density}"
-            )
-        if experts.granularity not in GRANULARITIES:
-            raise ConfigError(
-                f"unknown expert granularity {experts.granularity!r}; "
-                f"allowed: {', '.join(GRANULARITIES)}"
-            )
+        experts = _expert_config(params.get("experts") or {})
     ties = _block(TiesConfig, params.get("ties"), "parameters.ties")
     if not 0 < ties.density <= 1:
         raise ConfigError(f"parameters.ties.density must be in (0, 1], got {ties.density}")
@@ -206,7 +207,9 @@ def parse_config(raw: dict, relative_to: Path | None = None) -> MergeConfig:
         raise ConfigError(
             f"unknown task_weights {task_weights!r}; allowed: {', '.join(TASK_WEIGHTS)}"
         )
+    router = _router_config(raw, models, zoo_models, resolve)
     return MergeConfig(
+        router=router,
         base_model=base,
         models=models,
         method=method,
@@ -218,6 +221,56 @@ def parse_config(raw: dict, relative_to: Path | None = None) -> MergeConfig:
         experts=experts,
         ties=ties,
     )
+
+
+def _expert_config(block: dict) -> ExpertConfig:
+    """Validate an experts block by building one empty expert of its kind."""
+    if not isinstance(block, dict):
+        raise ConfigError(f"parameters.experts must be a mapping, got {type(block).__name__}")
+    settings = dict(block)
+    kind = settings.pop("kind", "sparse")
+    try:
+        make_expert(kind, **settings)
+    except ValueError as err:
+        raise ConfigError(f"parameters.experts: {err}") from None
+    return ExpertConfig(kind, {**expert_settings(kind), **settings})
+
+
+def _router_config(
+    raw: dict,
+    models: list[ModelRef],
+    zoo_models: dict[str, Path],
+    resolve: Callable[[str | Path], Path],
+) -> RouterConfig | None:
+    """The router block: each model's examples come from its zoo task or a JSONL file."""
+    if raw.get("router") is None:
+        return None
+    block = dict(raw["router"] or {})
+    router = _block(RouterConfig, block, "router")
+    data = dict(block.get("data") or {})
+    unknown = sorted(set(data) - {m.name for m in models})
+    if unknown:
+        raise ConfigError(f"router.data names {unknown[0]!r}, which is not one of the models")
+    for model in models:
+        source = data.setdefault(model.name, "zoo" if model.name in zoo_models else None)
+        if source is None:
+            raise ConfigError(
+                f"router.data has no examples for model {model.name!r}: give `zoo` (a zoo task "
+                'of that name) or the path of a JSONL file with one {"text": ...} a line'
+            )
+        if source == "zoo":
+            if model.name not in TASKS:
+                raise ConfigError(
+                    f"router.data: {model.name!r} is not a zoo task; zoo tasks: {', '.join(TASKS)}"
+                )
+        else:
+            path = resolve(source)
+            if not path.is_file():
+                raise ConfigError(f"router.data: file {path} for {model.name!r} does not exist")
+            data[model.name] = str(path)
+    if router.examples_per_task < 1:
+        raise ConfigError(f"router.examples_per_task must be >= 1, got {router.examples_per_task}")
+    return dataclasses.replace(router, data=data)
 
 
 def load_config(path: Path) -> MergeConfig:

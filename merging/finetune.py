@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +49,6 @@ class TrainResult:
     losses: list[float]
 
 
-def _batches(count: int, batch_size: int) -> list[slice]:
-    return [slice(i, min(i + batch_size, count)) for i in range(0, count, batch_size)]
-
-
 def _length_bucketed_batches(
     lengths: np.ndarray, count: int, batch_size: int, rng: np.random.Generator
 ) -> list[np.ndarray]:
@@ -91,7 +88,7 @@ def fine_tune(
         ]
     )
     per_epoch = min(len(texts), recipe.max_train_examples)
-    total_steps = recipe.epochs * len(_batches(per_epoch, recipe.batch_size))
+    total_steps = recipe.epochs * math.ceil(per_epoch / recipe.batch_size)
     warmup = max(1, int(recipe.warmup_fraction * total_steps))
     optimizer = torch.optim.AdamW(  # fused: one kernel for all tensors, ~5x faster on CPU
         model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay, fused=True
@@ -136,10 +133,9 @@ def predict(
 ) -> np.ndarray:
     """Predicted class index per text (batched by similar length, truncated to ``max_length``)."""
     model.eval()
-    order = np.argsort([len(text) for text in texts], kind="stable")
     predictions = np.zeros(len(texts), dtype=np.int64)
-    for batch in tqdm(_batches(len(texts), batch_size), desc=desc, disable=desc is None):
-        rows = order[batch]
+    batches = length_sorted_batches(texts, batch_size)
+    for rows in tqdm(batches, desc=desc, disable=desc is None):
         encoded = tokenizer(
             [texts[i] for i in rows],
             truncation=True,
@@ -149,6 +145,12 @@ def predict(
         )
         predictions[rows] = model(**encoded).logits.argmax(-1).numpy()
     return predictions
+
+
+def length_sorted_batches(texts: list[str], batch_size: int) -> list[np.ndarray]:
+    """Row indices in batches of similar text length, so inference pads little."""
+    order = np.argsort([len(text) for text in texts], kind="stable")
+    return [order[start : start + batch_size] for start in range(0, len(texts), batch_size)]
 
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:

@@ -8,7 +8,6 @@ the base model, ``classifier.*``) are never merged: each task keeps its own.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import resource
@@ -25,8 +24,8 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 from merging.artifact import staged_directory, write_manifest
 from merging.checkpoint import Checkpoint, CheckpointError
 from merging.config import MergeConfig
-from merging.experts import make_expert
 from merging.methods import get_method
+from merging.router import build_router
 from merging.sources import sha256_file
 
 # The runtime reads a task's head as a linear layer on the backbone's pooled output, which is
@@ -119,7 +118,7 @@ def run_merge(
         task_weights = [e / sum(energies) for e in energies]
     experts = {}
     if config.experts is not None:
-        experts = {name: make_expert(**dataclasses.asdict(config.experts)) for name in models}
+        experts = {name: config.experts.make() for name in models}
     merged: dict[str, torch.Tensor] = {}
     removed_energy: dict[str, dict[str, float]] = {}
     for name in tqdm(shared, desc=f"merge ({config.method})", disable=not show_progress):
@@ -169,6 +168,9 @@ def run_merge(
                 entry["expert"] = f"experts/{task}.safetensors"
                 entry["expert_bytes"] = experts[task].nbytes()
             tasks[task] = entry
+        router = None
+        if config.router is not None:
+            router = build_router(config.router, list(models), backbone, tmp)
         (tmp / "filter_report.json").write_text(
             json.dumps(_filter_report(removed_energy), indent=2)
         )
@@ -184,6 +186,8 @@ def run_merge(
                     "bytes": backbone_bytes,
                 },
                 "tasks": tasks,
+                "router": router
+                and {"file": "router.safetensors", "record": "router.json", **router},
                 "sources": {
                     "base_model": str(base.path),
                     "base_model_sha256": sha256_file(base.path / "model.safetensors")

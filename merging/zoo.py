@@ -67,6 +67,7 @@ def write_json_atomically(path: Path, payload: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     with os.fdopen(fd, "w") as handle:
         json.dump(payload, handle, indent=2, default=str)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

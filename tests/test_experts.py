@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from merging.experts import SparseExpert, load_expert, make_expert
+from merging.experts import LowRankExpert, SparseExpert, load_expert, make_expert
 
 
 def residuals():
@@ -79,5 +79,73 @@ def test_density_outside_unit_interval_is_refused(density):
 
 
 def test_unknown_kind_is_refused():
-    with pytest.raises(ValueError, match="unknown expert kind 'dense'; allowed: sparse"):
+    with pytest.raises(ValueError, match="unknown expert kind 'dense'; allowed: sparse, lowrank"):
         make_expert("dense")
+
+
+def test_lowrank_expert_is_the_truncated_svd_of_the_residual():
+    expert = LowRankExpert(rank=3)
+    for name, residual in residuals().items():
+        expert.add(name, residual)
+    w = residuals()["w"]
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    best = (u[:, :3] * s[:3]) @ vh[:3]
+    assert torch.allclose(expert.delta("w").double(), best, atol=1e-5)
+    # Eckart-Young: no rank-3 matrix is closer; the error is the tail of the spectrum.
+    assert torch.linalg.norm(w.double() - expert.delta("w").double()) == pytest.approx(
+        float(s[3:].square().sum().sqrt()), rel=1e-5
+    )
+    assert torch.equal(expert.full["b"], residuals()["b"])  # 1-D stored in full
+    assert expert.nbytes() == 4 * (20 * 3 + 3 * 50 + 50)
+
+
+def test_lowrank_round_trip_is_exact_and_skip_and_vectors_apply(tmp_path):
+    expert = make_expert("lowrank", rank=2, vectors="skip", skip="^w$")
+    expert.add("w", torch.randn(5, 5))
+    expert.add("v", torch.randn(6, 4))
+    expert.add("b", torch.randn(4))
+    assert set(expert.factors) == {"v"} and not expert.full
+    expert.save(tmp_path / "e.safetensors")
+    loaded = load_expert(tmp_path / "e.safetensors")
+    assert (loaded.rank, loaded.vectors, loaded.skip) == (2, "skip", "^w$")
+    assert all(
+        torch.equal(x, y) for x, y in zip(loaded.factors["v"], expert.factors["v"], strict=True)
+    )
+
+
+def test_lowrank_apply_restores_bitwise():
+    expert = LowRankExpert(rank=4)
+    for name, residual in residuals().items():
+        expert.add(name, residual)
+    base = {name: torch.randn(r.shape) for name, r in residuals().items()}
+    params = {name: t.clone() for name, t in base.items()}
+    for _ in range(200):
+        with expert.applied(params):
+            assert torch.allclose(params["w"], base["w"] + expert.delta("w"))
+    assert all(torch.equal(params[n], base[n]) for n in params)
+
+
+@pytest.mark.parametrize("kind, settings", [("sparse", {"density": 0.2}), ("lowrank", {"rank": 2})])
+def test_mixture_of_experts_is_the_weighted_sum(kind, settings):
+    g = torch.Generator().manual_seed(5)
+    experts = []
+    for _ in range(3):
+        expert = make_expert(kind, **settings)
+        expert.add("w", torch.randn(8, 6, generator=g))
+        expert.add("b", torch.randn(6, generator=g))
+        experts.append(expert)
+    weights = [0.5, 0.3, 0.2]
+    base = {"w": torch.randn(8, 6, generator=g), "b": torch.randn(6, generator=g)}
+
+    def applied_state(expert):
+        params = {n: t.clone() for n, t in base.items()}
+        with expert.applied(params):
+            return {n: t.clone() for n, t in params.items()}
+
+    mixed = applied_state(type(experts[0]).mix(experts, weights))
+    expected = {
+        n: base[n]
+        + sum(w * (applied_state(e)[n] - base[n]) for e, w in zip(experts, weights, strict=True))
+        for n in base
+    }
+    assert all(torch.allclose(mixed[n], expected[n], atol=1e-6) for n in base)

@@ -108,9 +108,7 @@ def test_free_artifact_layout_sizes_and_manifest(free_artifact, tiny_zoo):
     assert manifest["format"] == "freemerge-artifact" and manifest["format_version"] == 1
     assert manifest["parameters"]["experts"] == {
         "kind": "sparse",
-        "density": 0.01,
-        "granularity": "tensor",
-        "rescale": 1.0,
+        "settings": {"density": 0.01, "granularity": "tensor", "rescale": 1.0},
     }
     backbone_bytes = manifest["backbone"]["bytes"]
     for name, entry in manifest["tasks"].items():
@@ -201,6 +199,11 @@ def no_partial_output(parent):
         ({"method": "slerp"}, "unknown method 'slerp'; allowed: average, task_arithmetic"),
         ({"parameters": {"scalling": 0.3}}, "unknown key 'scalling' in parameters; allowed:"),
         ({"parameters": {"experts": {"density": 0}}}, r"density must be in \(0, 1\]"),
+        (
+            {"parameters": {"experts": {"kind": "lowrank", "density": 0.1}}},
+            "'density' is not a setting of lowrank experts; allowed: rank, vectors, skip",
+        ),
+        ({"parameters": {"experts": {"kind": "dense"}}}, "unknown expert kind 'dense'"),
         ({"parameters": {"experts": {"density": 1.5}}}, r"density must be in \(0, 1\]"),
         ({"parameters": {"ties": {"density": 2}}}, r"ties.density must be in \(0, 1\]"),
         ({"parameters": {"filter": {"mode": "lowpass"}}}, "unknown filter mode 'lowpass'"),
