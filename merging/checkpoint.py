@@ -16,6 +16,8 @@ import torch
 import transformers
 from safetensors import safe_open
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+
 
 class CheckpointError(ValueError):
     """A model directory that is missing, unreadable or does not fit the others."""
@@ -40,15 +42,19 @@ class Checkpoint:
         self.prefix = getattr(model_class, "base_model_prefix", "") or ""
         self._file_of: dict[str, Path] = {}
         self._stored_name: dict[str, str] = {}
+        self._shape: dict[str, tuple[int, ...]] = {}
+        self._dtype: dict[str, str] = {}
         for file in self._weight_files():
             with safe_open(file, framework="pt") as handle:
                 for stored in handle.keys():
                     name = self._canonical(stored)
+                    header = handle.get_slice(stored)
                     self._file_of[name] = file
                     self._stored_name[name] = stored
+                    self._shape[name] = tuple(header.get_shape())
+                    self._dtype[name] = header.get_dtype()
         # A bare base model (``BertModel``) stores no prefix and has no head tensors.
         self._wrapped = any(stored != name for name, stored in self._stored_name.items())
-        self._handles: dict[Path, object] = {}
 
     def _weight_files(self) -> list[Path]:
         single = self.path / "model.safetensors"
@@ -75,21 +81,21 @@ class Checkpoint:
         """True for tensors outside the base model (stored without the base prefix)."""
         return self._wrapped and self._stored_name[name] == name
 
-    def _handle(self, file: Path):  # noqa: ANN202 - safetensors has no public handle type
-        if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="pt")
-        return self._handles[file]
-
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(
-            self._handle(self._file_of[name]).get_slice(self._stored_name[name]).get_shape()
-        )
+        return self._shape[name]
+
+    def is_float(self, name: str) -> bool:
+        """Whether tensor ``name`` is floating point (from the header, without reading it)."""
+        return self._dtype[name] in FLOAT_DTYPES
 
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor by canonical name; floating-point tensors must be finite."""
         if name not in self._file_of:
             raise CheckpointError(f"{self.label}: has no tensor {name!r}")
-        tensor = self._handle(self._file_of[name]).get_tensor(self._stored_name[name])
+        # Open per read: the memory map is released as soon as the tensor is copied out, so a
+        # merge never holds whole checkpoints resident.
+        with safe_open(self._file_of[name], framework="pt") as handle:
+            tensor = handle.get_tensor(self._stored_name[name])
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{self.label}: tensor {name!r} contains NaN or Inf values")
         return tensor

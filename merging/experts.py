@@ -140,10 +140,12 @@ class SparseExpert:
         return mixed
 
     def to(self, device: torch.device | str) -> SparseExpert:
-        """Move indices (as int64, ready to index) and values to ``device``."""
-        for name, (indices, values) in self.entries.items():
-            self.entries[name] = (indices.to(device, torch.int64), values.to(device))
-        return self
+        """A copy on ``device``, indices as int64 ready to index; this expert is unchanged."""
+        moved = SparseExpert(self.density, self.granularity, self.rescale)
+        moved.entries = {
+            n: (i.to(device, torch.int64), v.to(device)) for n, (i, v) in self.entries.items()
+        }
+        return moved
 
     @contextmanager
     def applied(self, parameters: dict[str, torch.Tensor]) -> Iterator[None]:
@@ -251,9 +253,11 @@ class LowRankExpert:
         return mixed
 
     def to(self, device: torch.device | str) -> LowRankExpert:
-        self.factors = {n: (b.to(device), a.to(device)) for n, (b, a) in self.factors.items()}
-        self.full = {n: t.to(device) for n, t in self.full.items()}
-        return self
+        """A copy on ``device``; this expert is unchanged."""
+        moved = LowRankExpert(self.rank, self.vectors, self.skip)
+        moved.factors = {n: (b.to(device), a.to(device)) for n, (b, a) in self.factors.items()}
+        moved.full = {n: t.to(device) for n, t in self.full.items()}
+        return moved
 
     def delta(self, name: str) -> torch.Tensor | None:
         """The dense update this expert makes to tensor ``name`` (B A, or the full vector)."""

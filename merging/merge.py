@@ -50,7 +50,7 @@ def _check_compatible(base: Checkpoint, models: dict[str, Checkpoint]) -> list[s
             f"base model type {base.model_type!r} is not supported; supported: "
             f"{', '.join(POOLER_HEAD_MODEL_TYPES)}"
         )
-    shared = [n for n in base.names if not base.is_head(n) and base.tensor(n).is_floating_point()]
+    shared = [n for n in base.names if not base.is_head(n) and base.is_float(n)]
     for name, model in models.items():
         if model.model_type != base.model_type:
             raise CheckpointError(

@@ -9,9 +9,11 @@ in eval mode (its dropout is then the identity).
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file
@@ -41,6 +43,52 @@ class Prediction:
     truncated: bool
 
 
+class ExpertCache:
+    """Experts live in host memory; on an accelerator the ``capacity`` most recently used
+    ones are also kept on the device, least recently used out first. On the CPU the host
+    copy is the device copy, and every lookup is a hit.
+    """
+
+    def __init__(self, device: torch.device, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"expert cache capacity must be >= 1, got {capacity}")
+        self.device = device
+        self.capacity = capacity
+        self.resident: OrderedDict[str, Expert] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, task: str, host: Expert | None) -> Expert | None:
+        if host is None:
+            return None
+        if self.device.type == "cpu":
+            self.hits += 1
+            return host
+        if task in self.resident:
+            self.hits += 1
+            self.resident.move_to_end(task)
+            return self.resident[task]
+        self.misses += 1
+        if len(self.resident) >= self.capacity:
+            self.resident.popitem(last=False)
+        self.resident[task] = host.to(self.device)
+        return self.resident[task]
+
+    def nbytes(self) -> int:
+        """Bytes of the device copies (zero on the CPU, where the host copies serve)."""
+        return sum(expert.nbytes() for expert in self.resident.values())
+
+
+@dataclass
+class StageTimings:
+    """Seconds spent per stage (route, expert_apply, forward), summed over a call."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+
 @dataclass
 class Encoded:
     batch: BatchEncoding
@@ -50,7 +98,9 @@ class Encoded:
 class MergedClassifier:
     """Backbone loaded once; ``logits(task, texts)`` runs task ``task``'s model on ``texts``."""
 
-    def __init__(self, artifact: Artifact, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, artifact: Artifact, device: str | torch.device = "cpu", expert_cache_size: int = 8
+    ) -> None:
         self.artifact = artifact
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(artifact.backbone)
@@ -70,9 +120,8 @@ class MergedClassifier:
             )
             self.heads[task] = head.to(self.device).eval()
             expert = entry.get("expert")
-            self.experts[task] = (
-                load_expert(artifact.path(expert)).to(self.device) if expert else None
-            )
+            self.experts[task] = load_expert(artifact.path(expert)) if expert else None
+        self.expert_cache = ExpertCache(self.device, expert_cache_size)
         self.router = None
         if artifact.manifest.get("router"):
             self.router, record = load_router(artifact.root)
@@ -106,14 +155,18 @@ class MergedClassifier:
         expert = None
         if task is not None:
             self.artifact.task(task)  # an unknown task fails with the list of known ones
-            expert = self.experts[task]
+            expert = self.expert_cache.get(task, self.experts[task])
         with expert.applied(self.parameters) if expert is not None else nullcontext():
             yield
 
     @contextmanager
     def mixture_applied(self, weights: dict[str, float]) -> Iterator[None]:
         """The backbone holds theta_m + sum_t w_t e_t inside the block (softmax routing)."""
-        experts = [(self.experts[t], w) for t, w in weights.items() if self.experts[t] is not None]
+        experts = [
+            (self.expert_cache.get(t, self.experts[t]), w)
+            for t, w in weights.items()
+            if self.experts[t] is not None
+        ]
         if not experts:
             yield
             return
@@ -140,60 +193,92 @@ class MergedClassifier:
         task: str | None = None,
         mixing: str = "argmax",
         max_length: int | None = None,
+        timings: StageTimings | None = None,
     ) -> list[Prediction]:
-        """Answer every text with ``task``, or with the router's task per text when None.
+        """Answer every text with ``task``, or with the router's task per text when None."""
+        return self.classify_rows(texts, [task] * len(texts), mixing, max_length, timings)
 
-        Routed texts are grouped by task, so each group runs once with its expert applied;
-        with ``mixing="softmax"`` each routed text runs with the router-weighted mix of all
+    @torch.no_grad()
+    def classify_rows(
+        self,
+        texts: list[str],
+        tasks: list[str | None],
+        mixing: str = "argmax",
+        max_length: int | None = None,
+        timings: StageTimings | None = None,
+    ) -> list[Prediction]:
+        """Answer each text with its own task; rows whose task is None are routed.
+
+        All rows of one task run as one group with that task's expert applied, so a batch that
+        mixes tasks and untagged rows costs one router pass plus one forward per task. With
+        ``mixing="softmax"`` each routed row runs alone with the router-weighted mix of all
         experts and the most probable task's head.
         """
         if mixing not in MIXING_MODES:
             raise ValueError(f"unknown mixing {mixing!r}; allowed: {', '.join(MIXING_MODES)}")
-        if task is not None:
-            self.artifact.task(task)
-            return self._answer(texts, [task] * len(texts), None, max_length)
-        probabilities = self.route(texts)
-        tasks = [self.router_tasks[i] for i in probabilities.argmax(-1).tolist()]
-        if mixing == "argmax":
-            return self._answer(texts, tasks, probabilities, max_length)
-        answers = []
-        for i, text in enumerate(texts):
-            weights = dict(zip(self.router_tasks, probabilities[i].tolist(), strict=True))
-            with self.mixture_applied(weights):
-                answers += self._answer(
-                    [text], [tasks[i]], probabilities[i : i + 1], max_length, experts=False
-                )
-        return answers
-
-    def _answer(
-        self,
-        texts: list[str],
-        tasks: list[str],
-        probabilities: torch.Tensor | None,
-        max_length: int | None,
-        experts: bool = True,
-    ) -> list[Prediction]:
+        timings = timings if timings is not None else StageTimings()
+        for task in set(tasks) - {None}:
+            self.artifact.task(task)  # unknown tasks fail before any work
+        routed = [i for i, task in enumerate(tasks) if task is None]
+        chosen = list(tasks)
+        confidence: dict[int, float] = {}
+        probabilities = None
+        if routed:
+            start = time.perf_counter()
+            probabilities = self.route([texts[i] for i in routed])
+            timings.add("route", time.perf_counter() - start)
+            for row, p in zip(routed, probabilities, strict=True):
+                chosen[row] = self.router_tasks[int(p.argmax())]
+                confidence[row] = float(p.max())
         answers: list[Prediction | None] = [None] * len(texts)
-        for task in dict.fromkeys(tasks):
-            rows = [i for i, t in enumerate(tasks) if t == task]
+        groups: list[tuple[str, list[int], dict[str, float] | None]] = []
+        mixed_rows = set(routed) if mixing == "softmax" else set()
+        for task in dict.fromkeys(chosen):
+            rows = [i for i, t in enumerate(chosen) if t == task and i not in mixed_rows]
+            if rows:
+                groups.append((task, rows, None))
+        for position, row in enumerate(routed):
+            if row in mixed_rows:
+                weights = dict(
+                    zip(self.router_tasks, probabilities[position].tolist(), strict=True)
+                )
+                groups.append((chosen[row], [row], weights))
+        for task, rows, weights in groups:
             encoded = self.encode([texts[i] for i in rows], max_length)
-            pooled = self.pooled(task if experts else None, encoded.batch)
+            pooled = self._pooled_timed(task, weights, encoded.batch, timings)
             scores = torch.softmax(self.heads[task](pooled), dim=-1).cpu()
             labels = self.labels(task)
             for row, score, truncated in zip(rows, scores, encoded.truncated, strict=True):
                 best = int(score.argmax())
                 answers[row] = Prediction(
                     task=task,
-                    routed=probabilities is not None,
-                    router_confidence=None
-                    if probabilities is None
-                    else float(probabilities[row].max()),
+                    routed=row in confidence,
+                    router_confidence=confidence.get(row),
                     label=labels[best],
                     score=float(score[best]),
                     scores=dict(zip(labels, score.tolist(), strict=True)),
                     truncated=truncated,
                 )
         return answers
+
+    def _pooled_timed(
+        self,
+        task: str,
+        weights: dict[str, float] | None,
+        batch: BatchEncoding,
+        timings: StageTimings,
+    ) -> torch.Tensor:
+        """Pooled output with the task's expert (or a weighted mix) applied; stages timed."""
+        start = time.perf_counter()
+        with self.mixture_applied(weights) if weights else self.expert_applied(task):
+            applied = time.perf_counter()
+            pooled = self.backbone(**batch).pooler_output
+            if pooled.is_cuda:
+                torch.cuda.synchronize()
+            forwarded = time.perf_counter()
+        timings.add("forward", forwarded - applied)
+        timings.add("expert_apply", (applied - start) + (time.perf_counter() - forwarded))
+        return pooled
 
     @torch.no_grad()
     def pooled(self, task: str | None, batch: BatchEncoding) -> torch.Tensor:
