@@ -14,7 +14,7 @@ from merging.runtime import MergedClassifier
 def export_task(artifact: Artifact, task: str, out: Path, overwrite: bool = False) -> Path:
     """Write backbone + task's expert + task's head (tokenizer included) to ``out``."""
     labels = artifact.task(task)["labels"]
-    runtime = MergedClassifier(artifact)
+    runtime = MergedClassifier(artifact, row_adapters=False)  # plain layers to copy from
     config = AutoConfig.from_pretrained(
         artifact.backbone,
         num_labels=len(labels),

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer, BatchEncoding
 
+from merging.adapters import RowTasks, install_row_adapters, rows_assigned, supports_row_adapters
 from merging.artifact import Artifact
 from merging.experts import Expert, load_expert
 from merging.router import load_router, mean_pooled
@@ -99,7 +100,11 @@ class MergedClassifier:
     """Backbone loaded once; ``logits(task, texts)`` runs task ``task``'s model on ``texts``."""
 
     def __init__(
-        self, artifact: Artifact, device: str | torch.device = "cpu", expert_cache_size: int = 8
+        self,
+        artifact: Artifact,
+        device: str | torch.device = "cpu",
+        expert_cache_size: int = 8,
+        row_adapters: bool = True,
     ) -> None:
         self.artifact = artifact
         self.device = torch.device(device)
@@ -122,6 +127,10 @@ class MergedClassifier:
             expert = entry.get("expert")
             self.experts[task] = load_expert(artifact.path(expert)) if expert else None
         self.expert_cache = ExpertCache(self.device, expert_cache_size)
+        # Low-rank experts on linear layers only: run them per row beside the base layers.
+        self.row_adapters: RowTasks | None = None
+        if row_adapters and self.experts and supports_row_adapters(self.experts, self.backbone):
+            self.row_adapters = install_row_adapters(self.backbone, self.experts, self.device)
         self.router = None
         if artifact.manifest.get("router"):
             self.router, record = load_router(artifact.root)
@@ -210,7 +219,8 @@ class MergedClassifier:
         """Answer each text with its own task; rows whose task is None are routed.
 
         All rows of one task run as one group with that task's expert applied, so a batch that
-        mixes tasks and untagged rows costs one router pass plus one forward per task. With
+        mixes tasks and untagged rows costs one router pass plus one forward per task; with
+        row adapters (low-rank experts on linear layers) all of them share one forward. With
         ``mixing="softmax"`` each routed row runs alone with the router-weighted mix of all
         experts and the most probable task's head.
         """
@@ -243,34 +253,55 @@ class MergedClassifier:
                     zip(self.router_tasks, probabilities[position].tolist(), strict=True)
                 )
                 groups.append((chosen[row], [row], weights))
-        for task, rows, weights in groups:
+        passes: list[tuple[list[str], list[int], dict[str, float] | None]] = [
+            ([task] * len(rows), rows, weights) for task, rows, weights in groups
+        ]
+        if self.row_adapters is not None:  # every plain group in one LoRA-style pass
+            plain = [(task, rows) for task, rows, weights in groups if weights is None]
+            rows = [row for _, group in plain for row in group]
+            passes = [p for p in passes if p[2] is not None]
+            if rows:
+                passes.insert(0, ([chosen[row] for row in rows], rows, None))
+        for row_tasks, rows, weights in passes:
             encoded = self.encode([texts[i] for i in rows], max_length)
-            pooled = self._pooled_timed(task, weights, encoded.batch, timings)
-            scores = torch.softmax(self.heads[task](pooled), dim=-1).cpu()
-            labels = self.labels(task)
-            for row, score, truncated in zip(rows, scores, encoded.truncated, strict=True):
-                best = int(score.argmax())
-                answers[row] = Prediction(
-                    task=task,
-                    routed=row in confidence,
-                    router_confidence=confidence.get(row),
-                    label=labels[best],
-                    score=float(score[best]),
-                    scores=dict(zip(labels, score.tolist(), strict=True)),
-                    truncated=truncated,
-                )
+            pooled = self._pooled_timed(row_tasks, weights, encoded.batch, timings)
+            for task in dict.fromkeys(row_tasks):
+                picked = [i for i, t in enumerate(row_tasks) if t == task]
+                scores = torch.softmax(self.heads[task](pooled[picked]), dim=-1).cpu()
+                labels = self.labels(task)
+                for i, score in zip(picked, scores, strict=True):
+                    best = int(score.argmax())
+                    answers[rows[i]] = Prediction(
+                        task=task,
+                        routed=rows[i] in confidence,
+                        router_confidence=confidence.get(rows[i]),
+                        label=labels[best],
+                        score=float(score[best]),
+                        scores=dict(zip(labels, score.tolist(), strict=True)),
+                        truncated=encoded.truncated[i],
+                    )
         return answers
 
     def _pooled_timed(
         self,
-        task: str,
+        row_tasks: list[str],
         weights: dict[str, float] | None,
         batch: BatchEncoding,
         timings: StageTimings,
     ) -> torch.Tensor:
-        """Pooled output with the task's expert (or a weighted mix) applied; stages timed."""
+        """Pooled output of one pass, stages timed. The pass runs with a weighted mix of
+        experts (``weights``), with per-row adapters (LoRA-style, any tasks), or with the one
+        task's expert applied in place.
+        """
         start = time.perf_counter()
-        with self.mixture_applied(weights) if weights else self.expert_applied(task):
+        if weights:
+            context = self.mixture_applied(weights)
+        elif self.row_adapters is not None:
+            context = rows_assigned(self.row_adapters, row_tasks, self.device)
+            self.expert_cache.hits += len(set(row_tasks))  # row adapters are device-resident
+        else:
+            context = self.expert_applied(row_tasks[0])
+        with context:
             applied = time.perf_counter()
             pooled = self.backbone(**batch).pooler_output
             if pooled.is_cuda:

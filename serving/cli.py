@@ -11,9 +11,11 @@ from merging.datasets import UnknownTaskError
 from merging.sources import SourceError
 from merging.zoo import ZooError
 from serving.demo import run_demo
+from serving.engine import RequestError
+from serving.local import serve_until_signalled
 
 # Errors that a user's input can cause: reported as one line, without a traceback.
-USER_ERRORS = (SourceError, UnknownTaskError, ZooError, FileNotFoundError, ValueError)
+USER_ERRORS = (SourceError, UnknownTaskError, ZooError, FileNotFoundError, ValueError, RequestError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,11 +26,62 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_zoo_commands(commands)
     add_artifact_commands(commands)
+    serve = commands.add_parser("serve", help="serve an artifact over HTTP on a local Ray")
+    serve.add_argument("artifact", type=Path)
+    _add_serving_options(serve)
+    serve.set_defaults(handler=lambda args: _serve(args, {"artifact": str(args.artifact)}))
+    separate = commands.add_parser(
+        "serve-separate", help="serve the zoo's N fine-tuned models separately (the baseline)"
+    )
+    separate.add_argument("zoo", type=Path, help="a zoo folder (see `freemerge zoo path`)")
+    separate.add_argument("--tasks", nargs="+", default=None, help="default: every zoo task")
+    _add_serving_options(separate)
+    separate.set_defaults(
+        handler=lambda args: _serve(args, {"zoo": str(args.zoo), "tasks": args.tasks})
+    )
     demo = commands.add_parser("demo", help="zoo, merge and classify end to end")
     demo.add_argument("--config", type=Path, default=Path("configs/free.yaml"))
     demo.add_argument("--cache-dir", type=Path, default=None)
     demo.set_defaults(handler=lambda args: run_demo(args.config, args.cache_dir))
     return parser
+
+
+def _add_serving_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--metrics-port", type=int, default=8080, help="Ray's Prometheus metrics export port"
+    )
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--max-items", type=int, default=64, help="texts per request at most")
+    parser.add_argument("--max-chars", type=int, default=10_000, help="characters per text at most")
+    parser.add_argument("--mixing", choices=("argmax", "softmax"), default="argmax")
+    parser.add_argument(
+        "--expert-cache-size",
+        type=int,
+        default=8,
+        help="experts kept on the GPU at once (least recently used out first)",
+    )
+
+
+def _serve(args: argparse.Namespace, source: dict) -> int:
+    options = {
+        **source,
+        "device": args.device,
+        "replicas": args.replicas,
+        "cpus_per_replica": args.cpus_per_replica,
+        "max_batch_size": args.max_batch_size,
+        "batch_wait_timeout_s": args.batch_wait_ms / 1000,
+        "max_items": args.max_items,
+        "max_chars": args.max_chars,
+        "mixing": args.mixing,
+        "expert_cache_size": args.expert_cache_size,
+    }
+    return serve_until_signalled(options, args.host, args.port, args.metrics_port)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,277 @@
+"""The serving engine: request checks, batched classification and memory figures, no Ray.
+
+:class:`MergedEngine` serves an artifact (one backbone, an expert and a head per task);
+:class:`SeparateEngine` serves N fine-tuned models side by side behind the same interface, as
+the baseline the merged server is compared against. The Ray deployment is a thin shell around
+either.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from merging.artifact import open_artifact
+from merging.runtime import MergedClassifier, Prediction, StageTimings
+
+
+class RequestError(ValueError):
+    """A request the server refuses: ``status`` is the HTTP code, the message says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_items: int = 64
+    max_chars: int = 10_000
+
+
+@dataclass
+class ClassifyRequest:
+    task: str | None
+    inputs: list[str]
+    arrived: float  # time.perf_counter() when the replica received it
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto``: CUDA when a GPU is visible, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; allowed: auto, cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for, but no CUDA GPU is visible")
+    return torch.device(device)
+
+
+def process_resident_bytes() -> int:
+    """Resident set size of this process now (Linux ``/proc``; peak RSS elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * resource.getpagesize()
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Engine(Protocol):
+    """What the Ray deployment needs from an engine."""
+
+    version: str
+    limits: Limits
+
+    def tasks_info(self) -> list[dict]: ...
+
+    def check(self, task: str | None, inputs: object) -> ClassifyRequest: ...
+
+    def classify_requests(
+        self, requests: list[ClassifyRequest], timings: StageTimings
+    ) -> list[list[Prediction]]: ...
+
+    def memory(self) -> dict[str, int]: ...
+
+
+def check_inputs(inputs: object, limits: Limits) -> list[str]:
+    """``inputs`` must be a non-empty list of strings within the item and character limits."""
+    if not isinstance(inputs, list) or not inputs:
+        raise RequestError(400, "`inputs` must be a non-empty list of strings")
+    bad = [i for i, text in enumerate(inputs) if not isinstance(text, str)]
+    if bad:
+        raise RequestError(400, f"`inputs` must hold strings only; item {bad[0]} is not a string")
+    if len(inputs) > limits.max_items:
+        raise RequestError(413, f"{len(inputs)} inputs, more than the limit of {limits.max_items}")
+    long = [i for i, text in enumerate(inputs) if len(text) > limits.max_chars]
+    if long:
+        raise RequestError(
+            413,
+            f"input {long[0]} has {len(inputs[long[0]])} characters, more than the limit of "
+            f"{limits.max_chars}",
+        )
+    return inputs
+
+
+def split_by_request(
+    answers: list[Prediction], requests: list[ClassifyRequest]
+) -> list[list[Prediction]]:
+    """Cut the flat list of answers back into one list per request, in order."""
+    out, start = [], 0
+    for request in requests:
+        out.append(answers[start : start + len(request.inputs)])
+        start += len(request.inputs)
+    return out
+
+
+class MergedEngine:
+    """One backbone for all tasks; experts applied per group of rows, heads per task."""
+
+    def __init__(
+        self,
+        artifact_dir: Path,
+        device: str = "auto",
+        limits: Limits | None = None,
+        mixing: str = "argmax",
+        expert_cache_size: int = 8,
+    ) -> None:
+        artifact = open_artifact(artifact_dir)
+        self.model = MergedClassifier(artifact, pick_device(device), expert_cache_size)
+        self.version = artifact.version
+        self.limits = limits or Limits()
+        self.mixing = mixing
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def tasks_info(self) -> list[dict]:
+        return [
+            {
+                "task": task,
+                "labels": entry["labels"],
+                "expert_bytes": entry["expert_bytes"],
+                "expert_kind": self.model.experts[task].kind if self.model.experts[task] else None,
+            }
+            for task, entry in self.model.artifact.tasks.items()
+        ]
+
+    def check(self, task: str | None, inputs: object) -> ClassifyRequest:
+        if task is not None and task not in self.model.artifact.tasks:
+            raise RequestError(
+                404, f"unknown task {task!r}; known tasks: {', '.join(self.model.tasks)}"
+            )
+        if task is None and self.model.router is None:
+            raise RequestError(
+                400,
+                "this artifact has no router, so `task` is required; known tasks: "
+                f"{', '.join(self.model.tasks)}",
+            )
+        return ClassifyRequest(task, check_inputs(inputs, self.limits), time.perf_counter())
+
+    def classify_requests(
+        self, requests: list[ClassifyRequest], timings: StageTimings
+    ) -> list[list[Prediction]]:
+        """All rows of all requests in one call: grouped by task, untagged rows routed."""
+        texts = [text for request in requests for text in request.inputs]
+        tasks = [request.task for request in requests for _ in request.inputs]
+        answers = self.model.classify_rows(texts, tasks, self.mixing, timings=timings)
+        return split_by_request(answers, requests)
+
+    def memory(self) -> dict[str, int]:
+        host_experts = sum(e.nbytes() for e in self.model.experts.values() if e is not None)
+        return {
+            "process_resident_bytes": process_resident_bytes(),
+            "device_allocated_bytes": torch.cuda.memory_allocated()
+            if self.device.type == "cuda"
+            else 0,
+            "backbone_bytes": sum(
+                p.numel() * p.element_size() for p in self.model.parameters.values()
+            ),
+            "resident_expert_bytes": host_experts + self.model.expert_cache.nbytes(),
+        }
+
+
+class SeparateEngine:
+    """The baseline: N fine-tuned models, each whole, behind the same interface."""
+
+    def __init__(
+        self,
+        zoo_dir: Path,
+        device: str = "auto",
+        limits: Limits | None = None,
+        tasks: list[str] | None = None,
+    ) -> None:
+        self.device = pick_device(device)
+        self.limits = limits or Limits()
+        index = json.loads((Path(zoo_dir) / "zoo.json").read_text())
+        names = tasks or index["tasks"]
+        self.models = {}
+        self.tokenizers = {}
+        for name in names:
+            path = Path(zoo_dir) / "tasks" / name
+            if not (path / "config.json").is_file():
+                raise ValueError(
+                    f"zoo {zoo_dir} has no task {name!r}; it has: {', '.join(index['tasks'])}"
+                )
+            self.models[name] = (
+                AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
+            )
+            self.tokenizers[name] = AutoTokenizer.from_pretrained(path)
+        self.version = f"separate:{','.join(self.models)}"
+
+    def tasks_info(self) -> list[dict]:
+        return [
+            {
+                "task": name,
+                "labels": list(model.config.id2label.values()),
+                "expert_bytes": 0,
+                "expert_kind": None,
+            }
+            for name, model in self.models.items()
+        ]
+
+    def check(self, task: str | None, inputs: object) -> ClassifyRequest:
+        if task is None:
+            raise RequestError(
+                400, f"separate models need a `task`; known tasks: {', '.join(self.models)}"
+            )
+        if task not in self.models:
+            raise RequestError(404, f"unknown task {task!r}; known tasks: {', '.join(self.models)}")
+        return ClassifyRequest(task, check_inputs(inputs, self.limits), time.perf_counter())
+
+    @torch.no_grad()
+    def classify_requests(
+        self, requests: list[ClassifyRequest], timings: StageTimings
+    ) -> list[list[Prediction]]:
+        """All rows of all requests: one forward per task, through that task's own model."""
+        texts = [text for request in requests for text in request.inputs]
+        tasks = [request.task for request in requests for _ in request.inputs]
+        answers: list[Prediction | None] = [None] * len(texts)
+        for task in dict.fromkeys(tasks):
+            rows = [i for i, t in enumerate(tasks) if t == task]
+            model, tokenizer = self.models[task], self.tokenizers[task]
+            limit = min(tokenizer.model_max_length, model.config.max_position_embeddings)
+            batch = tokenizer(
+                [texts[i] for i in rows],
+                truncation=True,
+                max_length=limit,
+                padding=True,
+                return_tensors="pt",
+            )
+            truncated = [bool(e.overflowing) for e in batch.encodings]
+            start = time.perf_counter()
+            scores = torch.softmax(model(**batch.to(self.device)).logits, -1).cpu()
+            timings.add("forward", time.perf_counter() - start)
+            labels = list(model.config.id2label.values())
+            for row, score, cut in zip(rows, scores, truncated, strict=True):
+                best = int(score.argmax())
+                answers[row] = Prediction(
+                    task,
+                    False,
+                    None,
+                    labels[best],
+                    float(score[best]),
+                    dict(zip(labels, score.tolist(), strict=True)),
+                    cut,
+                )
+        return split_by_request(answers, requests)
+
+    def memory(self) -> dict[str, int]:
+        weights = sum(
+            p.numel() * p.element_size() for m in self.models.values() for p in m.parameters()
+        )
+        return {
+            "process_resident_bytes": process_resident_bytes(),
+            "device_allocated_bytes": torch.cuda.memory_allocated()
+            if self.device.type == "cuda"
+            else 0,
+            "backbone_bytes": weights,
+            "resident_expert_bytes": 0,
+        }

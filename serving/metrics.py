@@ -1,0 +1,102 @@
+"""Prometheus metrics of a replica, exported through Ray's metrics port.
+
+Ray prefixes every name with ``ray_``; the README lists each metric with its meaning.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+from merging.runtime import Prediction, StageTimings
+
+LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+CONFIDENCE_BOUNDARIES = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
+MEMORY_GAUGES = (
+    "process_resident_bytes",
+    "device_allocated_bytes",
+    "backbone_bytes",
+    "resident_expert_bytes",
+)
+
+
+class ServerMetrics:
+    """The replica's metrics; one instance per replica."""
+
+    def __init__(self) -> None:
+        self.requests = Counter(
+            "freemerge_requests_total", "Requests answered", tag_keys=("task", "status")
+        )
+        self.latency = Histogram(
+            "freemerge_request_latency_seconds",
+            "Request latency in the replica",
+            LATENCY_BOUNDARIES,
+            tag_keys=("task",),
+        )
+        self.stage = Histogram(
+            "freemerge_stage_latency_seconds",
+            "Seconds per stage",
+            LATENCY_BOUNDARIES,
+            tag_keys=("stage",),
+        )
+        self.batch_size = Histogram("freemerge_batch_size", "Texts per batch", BATCH_BOUNDARIES)
+        self.cache_hits = Counter("freemerge_expert_cache_hits_total", "Expert device-cache hits")
+        self.cache_misses = Counter(
+            "freemerge_expert_cache_misses_total", "Expert device-cache misses"
+        )
+        self.routed = Counter("freemerge_routed_total", "Texts routed per task", tag_keys=("task",))
+        self.confidence = Histogram(
+            "freemerge_router_confidence", "Router top probability", CONFIDENCE_BOUNDARIES
+        )
+        self.memory = {
+            name: Gauge(f"freemerge_{name}", name.replace("_", " ")) for name in MEMORY_GAUGES
+        }
+        self._cache_seen = (0, 0)
+
+    def request(self, task: str | None, status: int, seconds: float | None = None) -> None:
+        tag = task or "routed"
+        self.requests.inc(tags={"task": tag, "status": str(status)})
+        if seconds is not None:
+            self.latency.observe(seconds, tags={"task": tag})
+
+    def batch(
+        self, queue_seconds: list[float], timings: StageTimings, answers: list[list[Prediction]]
+    ) -> None:
+        for seconds in queue_seconds:
+            self.stage.observe(seconds, tags={"stage": "queue"})
+        for stage, seconds in timings.seconds.items():
+            self.stage.observe(seconds, tags={"stage": stage})
+        self.batch_size.observe(sum(len(a) for a in answers))
+        for prediction in (p for request in answers for p in request):
+            if prediction.routed:
+                self.routed.inc(tags={"task": prediction.task})
+                self.confidence.observe(prediction.router_confidence)
+
+    def cache(self, hits: int, misses: int) -> None:
+        """Counters advance by what the cache counted since the last call."""
+        seen_hits, seen_misses = self._cache_seen
+        if hits > seen_hits:
+            self.cache_hits.inc(hits - seen_hits)
+        if misses > seen_misses:
+            self.cache_misses.inc(misses - seen_misses)
+        self._cache_seen = (hits, misses)
+
+    def set_memory(self, figures: dict[str, int]) -> None:
+        for name, gauge in self.memory.items():
+            gauge.set(figures[name])
+
+    def refresh_memory_every(self, seconds: float, read: Callable[[], dict[str, int]]) -> None:
+        """Re-set the memory gauges from ``read()`` every ``seconds`` on a daemon thread: Ray
+        drops a gauge from its export some seconds after its last set, idle or not.
+        """
+
+        def loop() -> None:
+            while True:
+                self.set_memory(read())
+                time.sleep(seconds)
+
+        threading.Thread(target=loop, name="freemerge-memory-gauges", daemon=True).start()

@@ -1,0 +1,175 @@
+"""The serving engine without Ray: tagged, routed, mixed batches, row adapters, bad input."""
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from merging.artifact import open_artifact
+from merging.config import parse_config
+from merging.evaluate import task_texts
+from merging.merge import run_merge
+from merging.runtime import MergedClassifier, StageTimings
+from serving.engine import ClassifyRequest, Limits, MergedEngine, RequestError, SeparateEngine
+
+LOWRANK = {"kind": "lowrank", "rank": 4, "vectors": "skip", "skip": "embeddings\\."}
+
+
+def merge(zoo, out, experts, router=True):
+    raw = {
+        "zoo": str(zoo.root),
+        "method": "free",
+        "parameters": {"scaling": 0.5, "experts": experts},
+    }
+    if router:
+        raw["router"] = {"examples_per_task": 60, "epochs": 20}
+    run_merge(parse_config(raw), out, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_zoo, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    return {
+        "lowrank": merge(tiny_zoo, root / "lowrank", LOWRANK),
+        "sparse": merge(tiny_zoo, root / "sparse", {"density": 0.05}),
+        "norouter": merge(tiny_zoo, root / "norouter", {"density": 0.05}, router=False),
+    }
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return {
+        task: task_texts(task, "test")[0][:6] for task in ("sms_spam", "bbc_topic", "debate_party")
+    }
+
+
+def request(task, inputs):
+    return ClassifyRequest(task, inputs, 0.0)
+
+
+def test_row_adapters_are_used_for_linear_only_lowrank_experts(artifacts):
+    assert MergedEngine(artifacts["lowrank"], "cpu").model.row_adapters is not None
+    assert MergedEngine(artifacts["sparse"], "cpu").model.row_adapters is None
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "sparse"])
+def test_mixed_batch_answers_equal_each_request_alone(artifacts, texts, kind):
+    engine = MergedEngine(artifacts[kind], "cpu")
+    requests = [
+        request("sms_spam", texts["sms_spam"]),
+        request(None, texts["bbc_topic"]),
+        request("debate_party", texts["debate_party"]),
+        request("bbc_topic", texts["sms_spam"][:2]),
+    ]
+    together = engine.classify_requests(requests, StageTimings())
+    for req, answers in zip(requests, together, strict=True):
+        alone = engine.classify_requests([req], StageTimings())[0]
+        for a, b in zip(answers, alone, strict=True):
+            assert (a.task, a.label, a.routed) == (b.task, b.label, b.routed)
+            assert a.scores == pytest.approx(b.scores, abs=1e-5)
+    assert all(a.routed for a in together[1]) and not any(a.routed for a in together[0])
+
+
+def test_row_adapters_equal_the_expert_applied_in_place(artifacts, texts):
+    artifact = open_artifact(artifacts["lowrank"])
+    lora = MergedClassifier(artifact)
+    in_place = MergedClassifier(artifact, row_adapters=False)
+    mixed = texts["sms_spam"] + texts["debate_party"]
+    tasks = ["sms_spam"] * 6 + ["debate_party"] * 6
+    for a, b in zip(
+        lora.classify_rows(mixed, tasks), in_place.classify_rows(mixed, tasks), strict=True
+    ):
+        assert a.label == b.label and a.scores == pytest.approx(b.scores, abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "sparse"])
+def test_backbone_is_bitwise_unchanged_after_thousands_of_swaps(artifacts, texts, kind):
+    engine = MergedEngine(artifacts[kind], "cpu")
+    before = {n: p.detach().clone() for n, p in engine.model.parameters.items()}
+    tasks = ["sms_spam", "bbc_topic", "debate_party"]
+    first = engine.classify_requests([request("bbc_topic", texts["bbc_topic"])], StageTimings())
+    for i in range(2000):
+        with engine.model.expert_applied(tasks[i % 3]):
+            pass
+    for i in range(30):
+        engine.classify_requests(
+            [request(tasks[i % 3], texts["sms_spam"][:2]), request(None, ["hi"])], StageTimings()
+        )
+    assert all(torch.equal(before[n], p) for n, p in engine.model.parameters.items())
+    again = engine.classify_requests([request("bbc_topic", texts["bbc_topic"])], StageTimings())
+    assert [a.scores for a in again[0]] == [a.scores for a in first[0]]
+
+
+def test_stage_timings_and_memory(artifacts, texts):
+    engine = MergedEngine(artifacts["sparse"], "cpu")
+    timings = StageTimings()
+    engine.classify_requests(
+        [request(None, texts["sms_spam"]), request("bbc_topic", ["x"])], timings
+    )
+    assert set(timings.seconds) == {"route", "expert_apply", "forward"}
+    memory = engine.memory()
+    assert (
+        memory["backbone_bytes"] == open_artifact(artifacts["sparse"]).manifest["backbone"]["bytes"]
+    )
+    assert 0 < memory["resident_expert_bytes"] < memory["backbone_bytes"]
+    assert memory["process_resident_bytes"] > memory["backbone_bytes"]
+
+
+def test_request_checks(artifacts):
+    engine = MergedEngine(artifacts["sparse"], "cpu", Limits(max_items=3, max_chars=20))
+    cases = [
+        (
+            ("imdb", ["x"]),
+            404,
+            "unknown task 'imdb'; known tasks: bbc_topic, debate_party, sms_spam",
+        ),
+        (("sms_spam", []), 400, "non-empty list of strings"),
+        (("sms_spam", "text"), 400, "non-empty list of strings"),
+        (("sms_spam", ["a", 3]), 400, "item 1 is not a string"),
+        (("sms_spam", ["a"] * 4), 413, "4 inputs, more than the limit of 3"),
+        (
+            ("sms_spam", ["a", "b" * 21]),
+            413,
+            "input 1 has 21 characters, more than the limit of 20",
+        ),
+    ]
+    for (task, inputs), status, message in cases:
+        with pytest.raises(RequestError, match=message) as err:
+            engine.check(task, inputs)
+        assert err.value.status == status
+    no_router = MergedEngine(artifacts["norouter"], "cpu")
+    with pytest.raises(RequestError, match="no router, so `task` is required") as err:
+        no_router.check(None, ["x"])
+    assert err.value.status == 400
+
+
+def test_overlong_texts_are_truncated_and_marked(artifacts):
+    engine = MergedEngine(artifacts["lowrank"], "cpu")
+    long_text = "word " * 2000
+    answers = engine.classify_requests(
+        [request("bbc_topic", [long_text, "short"])], StageTimings()
+    )[0]
+    assert [a.truncated for a in answers] == [True, False]
+
+
+def test_separate_engine_matches_each_fine_tuned_model(tiny_zoo, texts):
+    engine = SeparateEngine(tiny_zoo.root, "cpu")
+    answers = engine.classify_requests(
+        [request("sms_spam", texts["sms_spam"]), request("debate_party", texts["debate_party"])],
+        StageTimings(),
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_zoo.tasks["debate_party"].path
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_zoo.tasks["debate_party"].path)
+    with torch.no_grad():
+        expected = torch.softmax(
+            model(**tokenizer(texts["debate_party"], padding=True, return_tensors="pt")).logits, -1
+        )
+    for answer, row in zip(answers[1], expected, strict=True):
+        assert list(answer.scores.values()) == pytest.approx(row.tolist(), abs=1e-5)
+    with pytest.raises(RequestError) as err:
+        engine.check(None, ["x"])
+    assert err.value.status == 400
+    one_model = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert 2.99 < engine.memory()["backbone_bytes"] / one_model < 3.01

@@ -1,0 +1,232 @@
+"""End to end: Ray Serve on the CPU with a tiny artifact, over HTTP, and the metrics port."""
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from merging.artifact import open_artifact
+from merging.config import parse_config
+from merging.evaluate import task_texts
+from merging.merge import run_merge
+from merging.runtime import StageTimings
+from serving.engine import ClassifyRequest, MergedEngine
+from serving.local import start_local, stop_local
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(url, body=None, raw=None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_zoo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("served") / "art"
+    run_merge(
+        parse_config(
+            {
+                "zoo": str(tiny_zoo.root),
+                "method": "free",
+                "parameters": {
+                    "experts": {
+                        "kind": "lowrank",
+                        "rank": 4,
+                        "vectors": "skip",
+                        "skip": "embeddings\\.",
+                    }
+                },
+                "router": {"examples_per_task": 60, "epochs": 20},
+            }
+        ),
+        out,
+        show_progress=False,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(artifact):
+    port, metrics_port = free_port(), free_port()
+    start_local(
+        {
+            "artifact": str(artifact),
+            "device": "cpu",
+            "max_batch_size": 8,
+            "batch_wait_timeout_s": 0.01,
+            "max_items": 8,
+            "max_chars": 5000,
+        },
+        port=port,
+        metrics_port=metrics_port,
+        num_cpus=2,
+        metrics_interval_ms=500,
+    )
+    try:
+        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
+    finally:
+        stop_local()
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return {
+        task: [t[:1500] for t in task_texts(task, "test")[0][:4]]
+        for task in ("sms_spam", "bbc_topic", "debate_party")
+    }
+
+
+def test_tagged_and_untagged_requests(server, artifact, texts):
+    url, _ = server
+    status, body = call(f"{url}/v1/classify", {"task": "sms_spam", "inputs": texts["sms_spam"]})
+    assert status == 200
+    assert body["artifact_version"] == open_artifact(artifact).version
+    assert [r["task"] for r in body["results"]] == ["sms_spam"] * 4
+    assert all(not r["routed"] and r["label"] in ("ham", "spam") for r in body["results"])
+    assert all(abs(sum(r["scores"].values()) - 1) < 1e-4 for r in body["results"])
+    status, body = call(f"{url}/v1/classify", {"task": None, "inputs": texts["bbc_topic"]})
+    assert status == 200 and all(
+        r["routed"] and r["router_confidence"] > 0 for r in body["results"]
+    )
+
+
+def test_concurrent_mixed_requests_get_the_answers_they_would_get_alone(server, artifact, texts):
+    url, _ = server
+    bodies = []
+    for i in range(24):
+        task = [None, "sms_spam", "bbc_topic", "debate_party"][i % 4]
+        source = texts[["bbc_topic", "sms_spam", "bbc_topic", "debate_party"][i % 4]]
+        bodies.append({"task": task, "inputs": source[: 1 + i % 4]})
+    with ThreadPoolExecutor(12) as pool:
+        replies = list(pool.map(lambda b: call(f"{url}/v1/classify", b), bodies))
+    engine = MergedEngine(artifact, "cpu")
+    for body, (status, reply) in zip(bodies, replies, strict=True):
+        assert status == 200
+        alone = engine.classify_requests(
+            [ClassifyRequest(body["task"], body["inputs"], 0.0)], StageTimings()
+        )[0]
+        for got, want in zip(reply["results"], alone, strict=True):
+            assert (got["task"], got["label"], got["routed"]) == (
+                want.task,
+                want.label,
+                want.routed,
+            )
+            assert got["scores"] == pytest.approx(want.scores, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "payload, status, message",
+    [
+        (b"{not json", 400, "invalid request"),
+        (json.dumps({"task": "sms_spam"}).encode(), 400, "inputs: Field required"),
+        (json.dumps({"task": "sms_spam", "inputs": []}).encode(), 400, "at least 1 item"),
+        (json.dumps({"task": "sms_spam", "inputs": ["ok", 7]}).encode(), 400, "inputs.1"),
+        (
+            json.dumps({"task": "sms_spam", "inputs": ["x"] * 9}).encode(),
+            413,
+            "9 inputs, more than the limit of 8",
+        ),
+        (
+            json.dumps({"task": "sms_spam", "inputs": ["x" * 5001]}).encode(),
+            413,
+            "more than the limit of 5000",
+        ),
+        (
+            json.dumps({"task": "imdb", "inputs": ["x"]}).encode(),
+            404,
+            "known tasks: bbc_topic, debate_party",
+        ),
+    ],
+)
+def test_bad_input_gets_a_json_error_and_the_server_keeps_serving(server, payload, status, message):
+    url, _ = server
+    got, body = call(f"{url}/v1/classify", raw=payload)
+    assert got == status and message in body["error"]
+    assert call(f"{url}/v1/classify", {"task": "sms_spam", "inputs": ["still there?"]})[0] == 200
+
+
+def test_long_text_is_truncated_and_marked(server):
+    url, _ = server
+    status, body = call(
+        f"{url}/v1/classify", {"task": "bbc_topic", "inputs": ["news " * 390, "short"]}
+    )
+    assert status == 200 and [r["truncated"] for r in body["results"]] == [True, False]
+
+
+def test_info_endpoints_and_openapi(server):
+    url, _ = server
+    status, tasks = call(f"{url}/v1/tasks")
+    assert status == 200 and tasks["router"] is True
+    assert {t["task"] for t in tasks["tasks"]} == {"sms_spam", "bbc_topic", "debate_party"}
+    assert all(t["expert_kind"] == "lowrank" and t["expert_bytes"] > 0 for t in tasks["tasks"])
+    assert call(f"{url}/healthz") == (200, {"status": "ok"})
+    status, ready = call(f"{url}/readyz")
+    assert status == 200 and ready["ready"] and ready["memory"]["backbone_bytes"] > 0
+    status, spec = call(f"{url}/openapi.json")
+    assert status == 200 and "/v1/classify" in spec["paths"]
+    assert "inputs" in spec["components"]["schemas"]["ClassifyBody"]["properties"]
+
+
+EXPECTED_METRICS = {
+    "ray_freemerge_requests": "counter",
+    "ray_freemerge_request_latency_seconds": "histogram",
+    "ray_freemerge_stage_latency_seconds": "histogram",
+    "ray_freemerge_batch_size": "histogram",
+    "ray_freemerge_expert_cache_hits": "counter",
+    "ray_freemerge_routed": "counter",
+    "ray_freemerge_router_confidence": "histogram",
+    "ray_freemerge_process_resident_bytes": "gauge",
+    "ray_freemerge_device_allocated_bytes": "gauge",
+    "ray_freemerge_backbone_bytes": "gauge",
+    "ray_freemerge_resident_expert_bytes": "gauge",
+}
+
+
+def scrape(metrics_url):
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        return {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+
+
+def labels_of(families, name, label):
+    return {s.labels.get(label) for s in families[name].samples} if name in families else set()
+
+
+def test_metrics_appear_on_the_metrics_port(server, texts):
+    url, metrics_url = server
+    call(f"{url}/v1/classify", {"inputs": texts["debate_party"]})
+    call(f"{url}/v1/classify", {"task": "imdb", "inputs": ["x"]})
+
+    def complete(families):
+        return (
+            {n: families[n].type for n in EXPECTED_METRICS if n in families} == EXPECTED_METRICS
+            and {"queue", "route", "forward", "expert_apply"}
+            <= labels_of(families, "ray_freemerge_stage_latency_seconds", "stage")
+            and {"200", "404"} <= labels_of(families, "ray_freemerge_requests", "status")
+        )
+
+    deadline = time.time() + 60
+    families = scrape(metrics_url)
+    while not complete(families) and time.time() < deadline:
+        time.sleep(1)
+        families = scrape(metrics_url)
+    assert {n: families[n].type for n in EXPECTED_METRICS if n in families} == EXPECTED_METRICS
+    stages = labels_of(families, "ray_freemerge_stage_latency_seconds", "stage")
+    assert {"queue", "route", "forward", "expert_apply"} <= stages
+    assert {"200", "404"} <= labels_of(families, "ray_freemerge_requests", "status")
+    backbone = [s.value for s in families["ray_freemerge_backbone_bytes"].samples]
+    assert backbone and backbone[0] > 0
