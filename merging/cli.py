@@ -15,8 +15,16 @@ from merging.evaluate import SPLITS, evaluate_artifact
 from merging.export import export_task
 from merging.finetune import Recipe
 from merging.merge import run_merge
+from merging.quality import QualityGrid, quality_markdown, run_quality
 from merging.runtime import MIXING_MODES, MergedClassifier
-from merging.zoo import build_zoo, cached_zoo, write_json_atomically, zoo_report, zoo_table
+from merging.zoo import (
+    build_zoo,
+    cached_zoo,
+    open_zoo,
+    write_json_atomically,
+    zoo_report,
+    zoo_table,
+)
 
 
 def _recipe_from(args: argparse.Namespace) -> Recipe:
@@ -150,6 +158,40 @@ def _eval(args: argparse.Namespace) -> int:
         write_json_atomically(args.out, result)
         print(f"written to {args.out}")
     return 0
+
+
+def _bench_quality(args: argparse.Namespace) -> int:
+    zoo = open_zoo(args.zoo) if args.zoo else cached_zoo(cache_dir=args.cache_dir)
+    grid = QualityGrid()
+    if args.quick:
+        grid = QualityGrid(
+            scalings=[0.5],
+            ties_scalings=[1.0],
+            ratios=[0.7],
+            cutoffs=[0.05],
+            densities=[0.01],
+            ranks=[4],
+            router={"examples_per_task": 100},
+            refit_examples=200,
+        )
+    result = run_quality(zoo, grid)
+    command = "freemerge " + shlex.join(sys.argv[1:])
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(args.out / "merge_quality.json", result)
+    (args.out / "merge_quality.md").write_text(quality_markdown(result, command))
+    print(quality_markdown(result, command))
+    return 0
+
+
+def add_bench_commands(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks: quality table")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+    quality = kinds.add_parser("quality", help="the merge quality table on the zoo")
+    quality.add_argument("--zoo", type=Path, default=None, help="zoo folder (default: cached)")
+    quality.add_argument("--cache-dir", type=Path, default=None)
+    quality.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    quality.add_argument("--quick", action="store_true", help="one candidate per row")
+    quality.set_defaults(handler=_bench_quality)
 
 
 def add_artifact_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -18,7 +18,7 @@ parameters:
   ties: {density: 0.2}  # ties
 router:                 # optional: train a task router (an artifact without one has none)
   data: {sms_spam: zoo, other_task: texts.jsonl}   # default: `zoo` for every zoo task
-  examples_per_task: 300  # from the train split (zoo) or the file, a seeded draw
+  examples_per_task: 500  # from the train split (zoo) or the file, a seeded draw
   hidden: 256           # and epochs, learning_rate, weight_decay, batch_size, max_length, seed
 ```
 """

@@ -31,7 +31,7 @@ from merging.finetune import length_sorted_batches
 class RouterConfig:
     """How the router is trained; ``data`` maps task -> ``zoo`` or a JSONL file of texts."""
 
-    examples_per_task: int = 300
+    examples_per_task: int = 500
     hidden: int = 256
     epochs: int = 40
     learning_rate: float = 1e-3

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from merging.cli import add_artifact_commands, add_zoo_commands
+from merging.cli import add_artifact_commands, add_bench_commands, add_zoo_commands
 from merging.datasets import UnknownTaskError
 from merging.sources import SourceError
 from merging.zoo import ZooError
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_zoo_commands(commands)
     add_artifact_commands(commands)
+    add_bench_commands(commands)
     serve = commands.add_parser("serve", help="serve an artifact over HTTP on a local Ray")
     serve.add_argument("artifact", type=Path)
     _add_serving_options(serve)

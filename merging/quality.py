@@ -1,0 +1,389 @@
+"""``freemerge bench quality``: the paper's quality table at our scale, on a zoo.
+
+Every hyperparameter is picked on the validation split (mean accuracy over tasks); the picked
+configuration is then reported on test. Rows: individual models, the pretrained backbone with
+the fine-tuned heads, average, task arithmetic, TIES, FR (reference and radial), FREE with
+sparse experts (paper's density and at the low-rank experts' bytes), experts over a
+task-arithmetic backbone (Twin-Merging style), FREE with low-rank experts, each with-router
+variant routed, and heads re-fitted on the merged backbone. Ablations: filter ratio, sparse
+density, rank.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from merging.artifact import open_artifact
+from merging.config import parse_config
+from merging.evaluate import evaluate_artifact, task_texts
+from merging.finetune import accuracy, length_sorted_batches, predict
+from merging.machine import describe_machine, machine_line
+from merging.merge import run_merge
+from merging.runtime import MergedClassifier
+from merging.zoo import Zoo
+
+LOWRANK = {"kind": "lowrank", "vectors": "skip", "skip": "embeddings\\."}
+
+
+@dataclass
+class QualityGrid:
+    """The candidates tried per row (picked on validation) and the ablation values."""
+
+    scalings: list[float] = field(default_factory=lambda: [0.3, 0.5, 1.0])
+    ties_scalings: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    ratios: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
+    cutoffs: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1])
+    densities: list[float] = field(default_factory=lambda: [0.0037, 0.01, 0.02, 0.05])
+    ranks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    paper_density: float = 0.01
+    rank: int = 4
+    router: dict = field(default_factory=lambda: {"examples_per_task": 500})
+    refit_examples: int = 2000
+
+
+@dataclass
+class Row:
+    name: str
+    picked: dict
+    validation: dict[str, float]
+    test: dict[str, float]
+    extra_bytes_pct: float = 0.0
+    merge_seconds: float | None = None
+    note: str = ""
+
+
+class QualityRun:
+    """Merges, evaluates and picks; artifacts go to a scratch folder removed at the end."""
+
+    def __init__(self, zoo: Zoo, scratch: Path, show_progress: bool) -> None:
+        self.zoo = zoo
+        self.scratch = scratch
+        self.show_progress = show_progress
+        self.count = 0
+
+    def merge(
+        self, method: str, parameters: dict, router: dict | None = None
+    ) -> tuple[Path, float]:
+        self.count += 1
+        out = self.scratch / f"a{self.count}"
+        raw = {"zoo": str(self.zoo.root), "method": method, "parameters": parameters}
+        if router:
+            raw["router"] = router
+        start = time.perf_counter()
+        run_merge(parse_config(raw), out, show_progress=False)
+        return out, time.perf_counter() - start
+
+    def evaluate(self, artifact: Path, split: str, routed: bool = False) -> dict:
+        model = MergedClassifier(open_artifact(artifact))
+        return evaluate_artifact(model, split, routed=routed, show_progress=self.show_progress)
+
+    def pick(
+        self, name: str, method: str, candidates: list[dict], router: dict | None = None
+    ) -> list[Row]:
+        """Best candidate on validation, reported on test (and routed, with a router)."""
+        scored = []
+        for parameters in candidates:
+            artifact, seconds = self.merge(method, parameters)
+            scored.append(
+                (
+                    self.evaluate(artifact, "validation")["mean"]["accuracy"],
+                    parameters,
+                    artifact,
+                    seconds,
+                )
+            )
+            if self.show_progress:
+                print(f"  {name} {parameters}: validation {scored[-1][0]:.4f}", flush=True)
+        best_score, parameters, artifact, seconds = max(scored, key=lambda s: s[0])
+        if router:
+            artifact, seconds = self.merge(method, parameters, router)
+        manifest = open_artifact(artifact).manifest
+        extra = (
+            100
+            * max(t["expert_bytes"] for t in manifest["tasks"].values())
+            / manifest["backbone"]["bytes"]
+        )
+        validation = self.evaluate(artifact, "validation")
+        test = self.evaluate(artifact, "test", routed=router is not None)
+        rows = [Row(name, parameters, _accuracies(validation), _accuracies(test), extra, seconds)]
+        if router:
+            routed = {t: s["routed_accuracy"] for t, s in test["tasks"].items()}
+            routing = float(np.mean([s["routing_accuracy"] for s in test["tasks"].values()]))
+            note = (
+                f"routing accuracy {routing:.3f}; router + routed forward "
+                f"{1000 * test['routed_seconds_per_text']:.1f} ms per text"
+            )
+            rows.append(Row(f"{name}, routed", parameters, {}, routed, extra, seconds, note))
+        for other in scored:
+            if other[2] != artifact:
+                shutil.rmtree(other[2], ignore_errors=True)
+        return rows
+
+
+def _accuracies(result: dict) -> dict[str, float]:
+    return {task: scores["accuracy"] for task, scores in result["tasks"].items()}
+
+
+def individual_row(zoo: Zoo, max_length: int) -> Row:
+    """The fine-tuned models themselves, through the zoo's own prediction code."""
+    scores: dict[str, dict[str, float]] = {"validation": {}, "test": {}}
+    for name, task in zoo.tasks.items():
+        model = AutoModelForSequenceClassification.from_pretrained(task.path).eval()
+        tokenizer = AutoTokenizer.from_pretrained(task.path)
+        for split in scores:
+            texts, labels = task_texts(name, split)
+            scores[split][name] = accuracy(predict(model, tokenizer, texts, max_length), labels)
+    return Row("individual fine-tuned models", {}, scores["validation"], scores["test"], 100.0,
+               None, "each task is a whole model")
+
+
+@torch.no_grad()
+def refit_heads_row(run: QualityRun, base_row: Row, examples: int) -> Row:
+    """Ablation: new linear heads (logistic regression) on the frozen merged backbone's pooled
+    output, trained on each task's train split; uses task data that merging alone does not."""
+    artifact, seconds = run.merge("task_arithmetic", base_row.picked)
+    model = MergedClassifier(open_artifact(artifact))
+    scores: dict[str, dict[str, float]] = {"validation": {}, "test": {}}
+    for task in model.tasks:
+        texts, labels = task_texts(task, "train")
+        keep = np.random.default_rng(0).permutation(len(texts))[:examples]
+        features = _pooler_features(model, [texts[i] for i in keep])
+        head = torch.nn.Linear(features.shape[1], len(model.labels(task)))
+        optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=1e-3)
+        targets = torch.from_numpy(labels[keep])
+        with torch.enable_grad():
+            for _ in range(300):
+                loss = torch.nn.functional.cross_entropy(head(features), targets)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        for split in scores:
+            texts, labels = task_texts(task, split)
+            predicted = head(_pooler_features(model, texts)).argmax(-1).numpy()
+            scores[split][task] = float(np.mean(predicted == labels))
+    return Row(
+        "task arithmetic, heads re-fitted (ablation)",
+        base_row.picked,
+        scores["validation"],
+        scores["test"],
+        0.0,
+        seconds,
+        f"logistic-regression heads on {examples} train texts per task",
+    )
+
+
+def _pooler_features(model: MergedClassifier, texts: list[str]) -> torch.Tensor:
+    """The merged backbone's pooled output (no expert applied), in the order of ``texts``."""
+    out = torch.zeros(len(texts), model.backbone.config.hidden_size)
+    for rows in length_sorted_batches(texts, 64):
+        batch = model.encode([texts[i] for i in rows], 128).batch
+        out[torch.from_numpy(rows)] = model.pooled(None, batch).float().cpu()
+    return out
+
+
+def run_quality(zoo: Zoo, grid: QualityGrid | None = None, show_progress: bool = True) -> dict:
+    """Every row and ablation of the table; returns the JSON-able result."""
+    grid = grid or QualityGrid()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="freemerge-quality-") as scratch:
+        run = QualityRun(zoo, Path(scratch), show_progress)
+        max_length = zoo.recipe.max_length
+        rows = [individual_row(zoo, max_length)]
+
+        def step(name: str, method: str, candidates: list[dict], router: dict | None = None) -> Row:
+            if show_progress:
+                print(f"== {name}", flush=True)
+            picked = run.pick(name, method, candidates, router)
+            rows.extend(picked)
+            return picked[0]
+
+        step("pretrained backbone + fine-tuned heads", "task_arithmetic", [{"scaling": 0.0}])
+        step("average", "average", [{}])
+        ta = step("task arithmetic", "task_arithmetic", [{"scaling": s} for s in grid.scalings])
+        step("TIES", "ties", [{"scaling": s, "ties": {"density": 0.2}} for s in grid.ties_scalings])
+        fr = step(
+            "FR (reference filter)",
+            "fr",
+            [
+                {"scaling": s, "filter": {"mode": "reference", "ratio": r}}
+                for s in grid.scalings
+                for r in grid.ratios
+            ],
+        )
+        step(
+            "FR (radial filter)",
+            "fr",
+            [
+                {"scaling": s, "filter": {"mode": "radial", "cutoff": c}}
+                for s in grid.scalings
+                for c in grid.cutoffs
+            ],
+        )
+        lowrank = {**LOWRANK, "rank": grid.rank}
+        matched = _matched_density(run, fr.picked, lowrank)
+        sparse = {"kind": "sparse", "density": grid.paper_density}
+        step(
+            f"FREE, sparse experts (density {grid.paper_density})",
+            "free",
+            [{**fr.picked, "experts": sparse}],
+            grid.router,
+        )
+        step(
+            f"FREE, sparse experts at low-rank bytes (density {matched:.4f})",
+            "free",
+            [{**fr.picked, "experts": {"kind": "sparse", "density": matched}}],
+        )
+        step(
+            "experts over task arithmetic (Twin-Merging style), sparse",
+            "task_arithmetic",
+            [{**ta.picked, "experts": sparse}],
+        )
+        step(
+            f"FREE, low-rank experts (rank {grid.rank})",
+            "free",
+            [{**fr.picked, "experts": lowrank}],
+            grid.router,
+        )
+        step(
+            f"experts over task arithmetic, low-rank (rank {grid.rank})",
+            "task_arithmetic",
+            [{**ta.picked, "experts": lowrank}],
+        )
+        if show_progress:
+            print("== heads re-fitted", flush=True)
+        rows.append(refit_heads_row(run, ta, grid.refit_examples))
+
+        ablations = {
+            "filter ratio (FR, reference)": [
+                _ablation(
+                    run,
+                    "fr",
+                    {**fr.picked, "filter": {"mode": "reference", "ratio": r}},
+                    f"ratio {r}",
+                )
+                for r in sorted({*grid.ratios, 0.71})
+            ],
+            "sparse density (FREE)": [
+                _ablation(
+                    run,
+                    "free",
+                    {**fr.picked, "experts": {"kind": "sparse", "density": d}},
+                    f"density {d}",
+                )
+                for d in grid.densities
+            ],
+            "rank (FREE, low-rank)": [
+                _ablation(
+                    run, "free", {**fr.picked, "experts": {**LOWRANK, "rank": r}}, f"rank {r}"
+                )
+                for r in grid.ranks
+            ],
+        }
+    individual = rows[0].test
+    return {
+        "machine": describe_machine(),
+        "wall_seconds": round(time.perf_counter() - start),
+        "tasks": list(zoo.tasks),
+        "rows": [_row_json(row, individual) for row in rows],
+        "ablations": {
+            name: [_row_json(r, individual) for r in entries] for name, entries in ablations.items()
+        },
+    }
+
+
+def _matched_density(run: QualityRun, parameters: dict, lowrank: dict) -> float:
+    """The sparse density whose experts take the bytes of the low-rank ones (8 B an entry)."""
+    artifact, _ = run.merge("free", {**parameters, "experts": lowrank})
+    manifest = open_artifact(artifact).manifest
+    shutil.rmtree(artifact)
+    share = (
+        max(t["expert_bytes"] for t in manifest["tasks"].values()) / manifest["backbone"]["bytes"]
+    )
+    return round(share * 4 / 8, 4)  # backbone is float32: 4 B a weight; a sparse entry 8 B
+
+
+def _ablation(run: QualityRun, method: str, parameters: dict, label: str) -> Row:
+    artifact, seconds = run.merge(method, parameters)
+    manifest = open_artifact(artifact).manifest
+    extra = (
+        100
+        * max(t["expert_bytes"] for t in manifest["tasks"].values())
+        / manifest["backbone"]["bytes"]
+    )
+    row = Row(
+        label,
+        parameters,
+        _accuracies(run.evaluate(artifact, "validation")),
+        _accuracies(run.evaluate(artifact, "test")),
+        extra,
+        seconds,
+    )
+    shutil.rmtree(artifact)
+    return row
+
+
+def _row_json(row: Row, individual: dict[str, float]) -> dict:
+    mean = float(np.mean(list(row.test.values())))
+    normalised = float(np.mean([row.test[t] / individual[t] for t in row.test]))
+    return {
+        "name": row.name,
+        "picked": row.picked,
+        "note": row.note,
+        "validation_mean": float(np.mean(list(row.validation.values())))
+        if row.validation
+        else None,
+        "test": row.test,
+        "test_mean": mean,
+        "normalised_mean": normalised,
+        "extra_bytes_pct": row.extra_bytes_pct,
+        "merge_seconds": None if row.merge_seconds is None else round(row.merge_seconds, 1),
+    }
+
+
+def quality_markdown(result: dict, command: str) -> str:
+    tasks = result["tasks"]
+    header = (
+        "| method | " + " | ".join(tasks) + " | mean | normalised | extra bytes / task "
+        "| merge time (s) | picked on validation |"
+    )
+    rule = "|---" * (len(tasks) + 6) + "|"
+
+    def table(entries: list[dict]) -> str:
+        lines = [header, rule]
+        for row in entries:
+            cells = " | ".join(f"{row['test'][t]:.3f}" for t in tasks)
+            seconds = "" if row["merge_seconds"] is None else f"{row['merge_seconds']:.0f}"
+            picked = json.dumps(row["picked"]).replace("|", "/") if row["picked"] else ""
+            note = f" {row['note']}" if row["note"] else ""
+            lines.append(
+                f"| {row['name']} | {cells} | {row['test_mean']:.3f} "
+                f"| {row['normalised_mean']:.3f} | {row['extra_bytes_pct']:.2f}% | {seconds} "
+                f"| `{picked}`{note} |"
+            )
+        return "\n".join(lines)
+
+    ablations = "\n\n".join(
+        f"### {name}\n\n{table(rows)}" for name, rows in result["ablations"].items()
+    )
+    return (
+        "# Merge quality\n\n"
+        f"Test accuracy per task ({len(tasks)} tasks of the zoo); every hyperparameter picked on "
+        "the validation split. *normalised*: mean over tasks of accuracy / the individual "
+        "model's accuracy. *extra bytes / task*: the largest expert as a share of the backbone's "
+        "bytes (an individual model is a whole backbone per task).\n\n"
+        f"{table(result['rows'])}\n\n"
+        "## Ablations (test; the rest of the configuration as picked above)\n\n"
+        f"{ablations}\n\n"
+        f"Machine: {machine_line(result['machine'])}. "
+        f"Whole run: {result['wall_seconds'] / 60:.0f} min.\n\n"
+        f"Command: `{command}`\n"
+    )
