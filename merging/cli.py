@@ -12,7 +12,7 @@ from merging.artifact import open_artifact, verify_artifact
 from merging.config import load_config
 from merging.datasets import TASKS
 from merging.evaluate import SPLITS, evaluate_artifact
-from merging.export import export_task
+from merging.export import EXPORT_FORMATS, export_peft, export_task
 from merging.finetune import Recipe
 from merging.merge import run_merge
 from merging.quality import QualityGrid, quality_markdown, run_quality
@@ -132,8 +132,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    out = export_task(open_artifact(args.artifact), args.task, args.out, overwrite=args.overwrite)
-    print(f"task {args.task} exported to {out}")
+    write = export_peft if args.format == "peft" else export_task
+    out = write(open_artifact(args.artifact), args.task, args.out, overwrite=args.overwrite)
+    print(f"task {args.task} exported ({args.format}) to {out}")
     return 0
 
 
@@ -221,5 +222,11 @@ def add_artifact_commands(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("artifact", type=Path)
     export.add_argument("--task", required=True)
     export.add_argument("--out", type=Path, required=True)
+    export.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        default="hf",
+        help="hf: a standalone model; peft: a LoRA adapter (low-rank experts)",
+    )
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     export.set_defaults(handler=_export)

@@ -1,13 +1,22 @@
-"""``freemerge export``: one task as a standalone Hugging Face sequence-classification model."""
+"""``freemerge export``: one task as a standalone Hugging Face model, or as a PEFT LoRA adapter.
+
+``--format hf`` writes backbone + expert + head as one ``*ForSequenceClassification``
+directory. ``--format peft`` writes a low-rank expert as a LoRA adapter (``lora_A`` = A,
+``lora_B`` = B, ``lora_alpha`` = r so the scaling is 1) with the head in ``modules_to_save``;
+``peft.PeftModel.from_pretrained`` loads it onto the artifact's backbone, so multi-LoRA servers
+(vLLM, LoRAX) can serve our experts too.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from merging.artifact import Artifact, staged_directory
+from merging.experts import LowRankExpert
 from merging.runtime import MergedClassifier
 
 
@@ -32,4 +41,57 @@ def export_task(artifact: Artifact, task: str, out: Path, overwrite: bool = Fals
     with staged_directory(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         runtime.tokenizer.save_pretrained(tmp)
+    return Path(out)
+
+
+EXPORT_FORMATS = ("hf", "peft")
+
+
+def export_peft(artifact: Artifact, task: str, out: Path, overwrite: bool = False) -> Path:
+    """Write task ``task``'s low-rank expert and head as a PEFT LoRA adapter directory."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ValueError("--format peft needs the peft package: pip install peft") from None
+    runtime = MergedClassifier(artifact, row_adapters=False)
+    artifact.task(task)  # an unknown task fails with the list of known ones
+    expert = runtime.experts[task]
+    if not isinstance(expert, LowRankExpert) or expert.full:
+        raise ValueError(
+            f"task {task!r} has no low-rank expert on linear layers only (kind "
+            f"{getattr(expert, 'kind', None)!r}); PEFT LoRA export needs `kind: lowrank` with "
+            "`vectors: skip` and the embeddings skipped"
+        )
+    labels = artifact.task(task)["labels"]
+    model = AutoModelForSequenceClassification.from_pretrained(
+        artifact.backbone,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+    targets = sorted(name.removesuffix(".weight") for name in expert.factors)
+    config = LoraConfig(
+        r=expert.rank,
+        lora_alpha=expert.rank,
+        lora_dropout=0.0,
+        target_modules=targets,
+        modules_to_save=["classifier"],
+        task_type="SEQ_CLS",
+        bias="none",
+    )
+    peft_model = get_peft_model(model, config)
+    head = load_file(str(artifact.path(artifact.task(task)["head"])))
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            target = name.split(f"{model.base_model_prefix}.", 1)[-1]
+            if target in targets and hasattr(module, "lora_A"):
+                b, a = expert.factors[f"{target}.weight"]
+                module.lora_A["default"].weight.copy_(a)
+                module.lora_B["default"].weight.copy_(b)
+        saved = peft_model.base_model.model.classifier.modules_to_save["default"]
+        saved.weight.copy_(head["classifier.weight"])
+        saved.bias.copy_(head["classifier.bias"])
+    peft_model.peft_config["default"].base_model_name_or_path = str(artifact.backbone.resolve())
+    with staged_directory(out, overwrite) as tmp:
+        peft_model.save_pretrained(tmp)
     return Path(out)

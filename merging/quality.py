@@ -142,8 +142,15 @@ def individual_row(zoo: Zoo, max_length: int) -> Row:
         for split in scores:
             texts, labels = task_texts(name, split)
             scores[split][name] = accuracy(predict(model, tokenizer, texts, max_length), labels)
-    return Row("individual fine-tuned models", {}, scores["validation"], scores["test"], 100.0,
-               None, "each task is a whole model")
+    return Row(
+        "individual fine-tuned models",
+        {},
+        scores["validation"],
+        scores["test"],
+        100.0,
+        None,
+        "each task is a whole model",
+    )
 
 
 @torch.no_grad()
