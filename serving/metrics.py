@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from merging.runtime import Prediction, StageTimings
@@ -100,3 +103,26 @@ class ServerMetrics:
                 time.sleep(seconds)
 
         threading.Thread(target=loop, name="freemerge-memory-gauges", daemon=True).start()
+
+
+def scrape(url: str, timeout: float = 10.0) -> dict[str, Metric]:
+    """Metric families on a Prometheus text endpoint, by name (counters without ``_total``)."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        text = response.read().decode()
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def histogram_quantile(family: Metric, quantile: float, **labels: str) -> float | None:
+    """The upper bound of the bucket holding ``quantile`` of the observations (summed over
+    replicas), as Prometheus' histogram_quantile would estimate it without interpolation."""
+    buckets: dict[float, float] = {}
+    for sample in family.samples:
+        if sample.name.endswith("_bucket") and all(
+            sample.labels.get(k) == v for k, v in labels.items()
+        ):
+            bound = float(sample.labels["le"])
+            buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    if not buckets or max(buckets.values()) == 0:
+        return None
+    total = buckets[max(buckets)]
+    return next(bound for bound in sorted(buckets) if buckets[bound] >= quantile * total)

@@ -8,7 +8,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from merging.artifact import open_artifact
 from merging.config import parse_config
@@ -17,6 +16,7 @@ from merging.merge import run_merge
 from merging.runtime import StageTimings
 from serving.engine import ClassifyRequest, MergedEngine
 from serving.local import start_local, stop_local
+from serving.metrics import scrape
 
 
 def free_port():
@@ -195,11 +195,6 @@ EXPECTED_METRICS = {
     "ray_freemerge_backbone_bytes": "gauge",
     "ray_freemerge_resident_expert_bytes": "gauge",
 }
-
-
-def scrape(metrics_url):
-    with urllib.request.urlopen(metrics_url, timeout=10) as response:
-        return {f.name: f for f in text_string_to_metric_families(response.read().decode())}
 
 
 def labels_of(families, name, label):
