@@ -184,7 +184,8 @@ def _bench_quality(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_bench_commands(subparsers: argparse._SubParsersAction) -> None:
+def add_bench_commands(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add ``bench`` with ``quality``; returns its subcommands so upper layers can add more."""
     bench = subparsers.add_parser("bench", help="benchmarks: quality table")
     kinds = bench.add_subparsers(dest="bench_command", required=True)
     quality = kinds.add_parser("quality", help="the merge quality table on the zoo")
@@ -193,6 +194,7 @@ def add_bench_commands(subparsers: argparse._SubParsersAction) -> None:
     quality.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     quality.add_argument("--quick", action="store_true", help="one candidate per row")
     quality.set_defaults(handler=_bench_quality)
+    return kinds
 
 
 def add_artifact_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -5,6 +5,7 @@ Importable for Ray's own tooling: ``serve run serving.app:build_app artifact=DIR
 """
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -146,6 +147,7 @@ class ClassifierServer:
         return {
             "ready": True,
             "artifact_version": self.engine.version,
+            "pid": os.getpid(),
             "memory": self.engine.memory(),
         }
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
 from merging.cli import add_artifact_commands, add_bench_commands, add_zoo_commands
 from merging.datasets import UnknownTaskError
-from merging.sources import SourceError
-from merging.zoo import ZooError
-from serving.demo import run_demo
+from merging.sources import SourceError, default_cache_dir
+from merging.zoo import ZooError, cached_zoo, write_json_atomically
+from serving.bench_load import LoadPlan, load_markdown, load_plots, run_load_bench
+from serving.demo import cached_artifact, run_demo
 from serving.engine import RequestError
 from serving.local import serve_until_signalled
 
@@ -26,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_zoo_commands(commands)
     add_artifact_commands(commands)
-    add_bench_commands(commands)
+    add_load_bench(add_bench_commands(commands))
     serve = commands.add_parser("serve", help="serve an artifact over HTTP on a local Ray")
     serve.add_argument("artifact", type=Path)
     _add_serving_options(serve)
@@ -83,6 +85,37 @@ def _serve(args: argparse.Namespace, source: dict) -> int:
         "expert_cache_size": args.expert_cache_size,
     }
     return serve_until_signalled(options, args.host, args.port, args.metrics_port)
+
+
+def _bench_load(args: argparse.Namespace) -> int:
+    cache_dir = args.cache_dir or default_cache_dir()
+    zoo = args.zoo or cached_zoo(cache_dir=cache_dir).root
+    artifact = args.artifact or cached_artifact(Path("configs/free.yaml"), cache_dir)
+    plan = LoadPlan.quick() if args.quick else LoadPlan()
+    result = run_load_bench(artifact, zoo, plan)
+    command = "freemerge " + shlex.join(sys.argv[1:])
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "load_quick" if args.quick else "load"
+    write_json_atomically(args.out / f"{name}.json", result)
+    (args.out / f"{name}.md").write_text(load_markdown(result, command))
+    load_plots(result, args.out, prefix=f"{name}_")
+    print(load_markdown(result, command))
+    return 0
+
+
+def add_load_bench(kinds: argparse._SubParsersAction) -> None:
+    load = kinds.add_parser("load", help="load test: merged server against separate models")
+    load.add_argument(
+        "--artifact",
+        type=Path,
+        default=None,
+        help="default: configs/free.yaml merged over the cached zoo",
+    )
+    load.add_argument("--zoo", type=Path, default=None, help="default: the cached zoo")
+    load.add_argument("--cache-dir", type=Path, default=None)
+    load.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    load.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
+    load.set_defaults(handler=_bench_load)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,524 @@
+"""``freemerge bench load``: the merged server against N separate models, side by side.
+
+Each contender is started in turn on a local Ray with the same settings and driven over HTTP
+from a separate process: closed loop at several concurrencies, Punica's task mixes, tagged
+and untagged traffic, and open loop at Poisson rates. Also: replica memory against the number
+of tasks, and the costs of expert apply, routing and one forward. Writes JSON, markdown and
+PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from merging.artifact import open_artifact
+from merging.evaluate import task_texts
+from merging.experts import LowRankExpert, SparseExpert
+from merging.machine import describe_machine, machine_line
+from merging.runtime import MergedClassifier
+from serving.demo import free_port
+from serving.loadgen import LoadSpec, run_load_in_process
+from serving.local import start_local, stop_local
+
+SERVER_SETTINGS = {
+    "device": "auto",
+    "max_batch_size": 16,
+    "batch_wait_timeout_s": 0.005,
+    "cpus_per_replica": 2,
+}
+
+
+@dataclass
+class LoadPlan:
+    concurrencies: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    mixes: list[str] = field(default_factory=lambda: ["identical", "uniform", "skewed", "distinct"])
+    mix_concurrency: int = 16
+    rates: list[float] = field(default_factory=lambda: [5.0, 10.0, 20.0, 40.0])
+    requests: int = 300
+    max_seconds: float = 60.0
+    memory_tasks: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 16, 64, 128])
+    separate_measured_up_to: int = 16
+
+    @classmethod
+    def quick(cls) -> LoadPlan:
+        return cls(
+            concurrencies=[1, 8],
+            mixes=["uniform", "distinct"],
+            mix_concurrency=8,
+            rates=[5.0],
+            requests=40,
+            max_seconds=20.0,
+            memory_tasks=[1, 6, 16],
+            separate_measured_up_to=6,
+        )
+
+
+def pss_bytes(pid: int) -> int | None:
+    """Proportional set size of a process (Linux), or None where it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def replica_memory(base_url: str) -> dict:
+    with urllib.request.urlopen(f"{base_url}/readyz", timeout=30) as response:
+        ready = json.loads(response.read())
+    memory = dict(ready["memory"])
+    memory["pss_bytes"] = pss_bytes(ready["pid"])
+    return memory
+
+
+def bench_contender(
+    name: str,
+    options: dict,
+    tasks: list[str],
+    texts: dict[str, list[str]],
+    plan: LoadPlan,
+    routed: bool,
+) -> dict:
+    """Start one contender, run every load scenario against it, stop it."""
+    port, metrics_port = free_port(), free_port()
+    start_local({**SERVER_SETTINGS, **options}, port=port, metrics_port=metrics_port)
+    base = f"http://127.0.0.1:{port}"
+    url = f"{base}/v1/classify"
+    runs = []
+    try:
+
+        def load(**kwargs: object) -> None:
+            kwargs.setdefault("tagged", True)
+            spec = LoadSpec(
+                url=url,
+                tasks=tasks,
+                texts=texts,
+                requests=plan.requests,
+                max_seconds=plan.max_seconds,
+                **kwargs,
+            )
+            summary = run_load_in_process(spec).summary()
+            runs.append({**kwargs, **summary})
+            brief = {k: v for k, v in summary.items() if k != "latencies_ms"}
+            print(f"  {name} {kwargs}: {brief}", flush=True)
+
+        load(mode="closed", concurrency=1, mix="identical")  # warm-up, also the floor's scenario
+        runs.clear()
+        for concurrency in plan.concurrencies:
+            load(
+                mode="closed",
+                concurrency=concurrency,
+                mix="uniform" if len(tasks) > 1 else "identical",
+            )
+        if len(tasks) > 1:
+            for mix in plan.mixes:
+                load(mode="closed", concurrency=plan.mix_concurrency, mix=mix)
+            if routed:
+                load(mode="closed", concurrency=plan.mix_concurrency, mix="uniform", tagged=False)
+        for rate in plan.rates:
+            load(mode="open", rate=rate, mix="uniform" if len(tasks) > 1 else "identical")
+        load(mode="closed", concurrency=1, mix="identical")
+        memory = replica_memory(base)
+    finally:
+        stop_local()
+    return {"name": name, "options": options, "tasks": tasks, "runs": runs, "memory": memory}
+
+
+def _measure_memory_child(
+    kind: str, n: int, artifact: str, zoo: str, queue: multiprocessing.Queue
+) -> None:
+    from serving.engine import process_resident_bytes
+
+    torch.set_num_threads(1)
+    before = process_resident_bytes()
+    if kind == "merged":
+        model = MergedClassifier(open_artifact(artifact))
+        real = [e for e in model.experts.values() if e is not None]
+        for i in range(len(model.experts), n):  # synthetic experts of the same kind and shapes
+            model.experts[f"synthetic_{i}"] = _synthetic_like(real[i % len(real)], seed=i)
+        experts = list(model.experts.values())[:n]
+        weights = sum(p.numel() * p.element_size() for p in model.parameters.values())
+        weights += sum(e.nbytes() for e in experts if e is not None)
+    else:
+        from transformers import AutoModelForSequenceClassification
+
+        names = json.loads((Path(zoo) / "zoo.json").read_text())["tasks"]
+        models = [
+            AutoModelForSequenceClassification.from_pretrained(
+                Path(zoo) / "tasks" / names[i % len(names)]
+            )
+            for i in range(n)
+        ]
+        weights = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+    queue.put(
+        {
+            "kind": kind,
+            "tasks": n,
+            "weights_bytes": weights,
+            "rss_bytes": process_resident_bytes(),
+            "rss_growth_bytes": process_resident_bytes() - before,
+        }
+    )
+
+
+def _synthetic_like(
+    expert: LowRankExpert | SparseExpert, seed: int
+) -> LowRankExpert | SparseExpert:
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(expert, LowRankExpert):
+        copy = LowRankExpert(expert.rank, expert.vectors, expert.skip)
+        copy.factors = {
+            n: (
+                torch.randn(b.shape, generator=generator) * 1e-3,
+                torch.randn(a.shape, generator=generator),
+            )
+            for n, (b, a) in expert.factors.items()
+        }
+        return copy
+    copy = SparseExpert(expert.density, expert.granularity, expert.rescale)
+    copy.entries = {
+        n: (i.clone(), torch.randn(v.shape, generator=generator) * 1e-3)
+        for n, (i, v) in expert.entries.items()
+    }
+    return copy
+
+
+def measure_memory(kind: str, n: int, artifact: Path, zoo: Path) -> dict:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(
+        target=_measure_memory_child, args=(kind, n, str(artifact), str(zoo), queue)
+    )
+    process.start()
+    result = queue.get(timeout=900)
+    process.join(timeout=60)
+    return result
+
+
+def memory_scaling(artifact: Path, zoo: Path, plan: LoadPlan) -> list[dict]:
+    rows = []
+    per_model = None
+    for n in plan.memory_tasks:
+        merged = measure_memory("merged", n, artifact, zoo)
+        if n <= plan.separate_measured_up_to:
+            separate = {**measure_memory("separate", n, artifact, zoo), "computed": False}
+            per_model = separate["weights_bytes"] / n
+        else:
+            separate = {
+                "kind": "separate",
+                "tasks": n,
+                "weights_bytes": per_model * n,
+                "rss_bytes": None,
+                "computed": True,
+            }
+        rows += [merged | {"computed": False}, separate]
+        print(
+            f"  memory N={n}: merged {merged['weights_bytes'] / 2**20:.0f} MiB, "
+            f"separate {separate['weights_bytes'] / 2**20:.0f} MiB",
+            flush=True,
+        )
+    return rows
+
+
+@torch.no_grad()
+def costs(artifact: Path, texts: list[str], repeats: int = 20) -> dict:
+    """Expert apply+restore against one forward at batch 1 and 32; router against tagged."""
+    model = MergedClassifier(open_artifact(artifact), row_adapters=False)
+    task = model.tasks[0]
+    out = {}
+    for batch_size in (1, 32):
+        batch = model.encode((texts * 32)[:batch_size], 128).batch
+        model.backbone(**batch)
+        forward = _timed(lambda batch=batch: model.backbone(**batch), repeats)
+        apply = _timed(lambda: _enter_and_exit(model.expert_applied(task)), repeats)
+        out[f"batch_{batch_size}"] = {
+            "forward_ms": forward * 1000,
+            "expert_apply_restore_ms": apply * 1000,
+            "apply_share_of_forward": apply / forward,
+        }
+    one = texts[:1]
+    tagged = _timed(lambda: model.classify(one, task=task), repeats)
+    if model.router is not None:
+        routed = _timed(lambda: model.classify(one), repeats)
+        out["router"] = {
+            "tagged_ms": tagged * 1000,
+            "untagged_ms": routed * 1000,
+            "router_overhead_ms": (routed - tagged) * 1000,
+        }
+    return out
+
+
+def _enter_and_exit(context: object) -> None:
+    with context:
+        pass
+
+
+def _timed(call: object, repeats: int) -> float:
+    """Median seconds of ``call()`` over ``repeats`` runs (after one warm-up run)."""
+    call()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    return float(np.median(seconds))
+
+
+def contender_texts(tasks: list[str], count: int = 50) -> dict[str, list[str]]:
+    return {task: [t[:1000] for t in task_texts(task, "test")[0][:count]] for task in tasks}
+
+
+def run_load_bench(artifact: Path, zoo: Path, plan: LoadPlan) -> dict:
+    """Every contender, memory scaling and costs; the JSON-able result."""
+    start = time.perf_counter()
+    tasks = list(open_artifact(artifact).tasks)
+    texts = contender_texts(tasks)
+    contenders = [
+        bench_contender("merged", {"artifact": str(artifact)}, tasks, texts, plan, routed=True),
+        bench_contender(
+            "separate (all loaded)", {"zoo": str(zoo)}, tasks, texts, plan, routed=False
+        ),
+        bench_contender(
+            "one model alone (floor)",
+            {"zoo": str(zoo), "tasks": [tasks[0]]},
+            tasks[:1],
+            {tasks[0]: texts[tasks[0]]},
+            plan,
+            routed=False,
+        ),
+    ]
+    print("== memory against the number of tasks", flush=True)
+    scaling = memory_scaling(artifact, zoo, plan)
+    print("== costs", flush=True)
+    cost = costs(artifact, texts[tasks[0]])
+    return {
+        "machine": describe_machine(),
+        "settings": SERVER_SETTINGS,
+        "plan": plan.__dict__,
+        "artifact": str(artifact),
+        "contenders": contenders,
+        "memory_scaling": scaling,
+        "costs": cost,
+        "wall_seconds": round(time.perf_counter() - start),
+    }
+
+
+def _run(contender: dict, **match: object) -> dict | None:
+    for run in contender["runs"]:
+        if all(run.get(k) == v for k, v in match.items()):
+            return run
+    return None
+
+
+def targets(result: dict) -> list[tuple[str, str, bool | None]]:
+    """(target, measured, met) rows for the report."""
+    merged, separate, floor = result["contenders"]
+    rows = []
+    ratio = merged["memory"]["process_resident_bytes"] / floor["memory"]["process_resident_bytes"]
+    weights = (
+        merged["memory"]["backbone_bytes"] + merged["memory"]["resident_expert_bytes"]
+    ) / floor["memory"]["backbone_bytes"]
+    rows.append(
+        (
+            "replica memory for all tasks <= 1.15x one model",
+            f"resident {ratio:.2f}x, weights {weights:.2f}x",
+            weights <= 1.15,
+        )
+    )
+    m = _run(merged, mode="closed", mix="uniform", concurrency=result["plan"]["mix_concurrency"])
+    sep = _run(
+        separate, mode="closed", mix="uniform", concurrency=result["plan"]["mix_concurrency"]
+    )
+    if m and sep:
+        rows.append(
+            (
+                "throughput >= the all-loaded separate models (uniform mix)",
+                f"{m['throughput_rps']:.1f} vs {sep['throughput_rps']:.1f} req/s",
+                m["throughput_rps"] >= sep["throughput_rps"],
+            )
+        )
+    rows.append(
+        (
+            "throughput >= 3x the thrashing multiplexed setup",
+            "not measured (no multiplexed contender yet)",
+            None,
+        )
+    )
+    m1 = _run(merged, mode="closed", mix="identical", concurrency=1)
+    f1 = _run(floor, mode="closed", mix="identical", concurrency=1)
+    if m1 and f1:
+        rows.append(
+            (
+                "tagged p50 within 1.10x of one plain model (concurrency 1)",
+                f"{m1['p50_ms']:.1f} vs {f1['p50_ms']:.1f} ms ({m1['p50_ms'] / f1['p50_ms']:.2f}x)",
+                m1["p50_ms"] <= 1.10 * f1["p50_ms"],
+            )
+        )
+    share = result["costs"]["batch_1"]["apply_share_of_forward"]
+    rows.append(
+        ("expert apply (+ restore) < 5% of a batch-1 forward", f"{100 * share:.1f}%", share < 0.05)
+    )
+    return rows
+
+
+def load_markdown(result: dict, command: str) -> str:
+    mib = 2**20
+    lines = [
+        "# Load test: merged server against separate models",
+        "",
+        f"Machine: {machine_line(result['machine'])}. "
+        f"Whole run: {result['wall_seconds'] / 60:.0f} min.",
+        f"Server settings (every contender): `{json.dumps(result['settings'])}`.",
+        "",
+        f"Command: `{command}`",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+    for target, measured, met in targets(result):
+        lines.append(
+            f"| {target} | {measured} | {'yes' if met else 'no' if met is False else '-'} |"
+        )
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "| contender | mode | concurrency / rate | mix | tagged | requests | errors | req/s "
+        "| p50 ms | p90 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for contender in result["contenders"]:
+        for run in contender["runs"]:
+            level = run.get("concurrency") if run["mode"] == "closed" else f"{run.get('rate')}/s"
+            lines.append(
+                f"| {contender['name']} | {run['mode']} | {level} | {run['mix']} "
+                f"| {run.get('tagged', True)} | {run['requests']} | {run['errors']} "
+                f"| {run['throughput_rps']:.1f} | {run['p50_ms']:.1f} "
+                f"| {run['p90_ms']:.1f} | {run['p99_ms']:.1f} |"
+            )
+    lines += [
+        "",
+        "## Replica memory",
+        "",
+        "| contender | resident (RSS) MiB | PSS MiB | weights MiB |",
+        "|---|---|---|---|",
+    ]
+    for contender in result["contenders"]:
+        memory = contender["memory"]
+        pss = "-" if memory.get("pss_bytes") is None else f"{memory['pss_bytes'] / mib:.0f}"
+        weights = (memory["backbone_bytes"] + memory["resident_expert_bytes"]) / mib
+        lines.append(
+            f"| {contender['name']} | {memory['process_resident_bytes'] / mib:.0f} | {pss} "
+            f"| {weights:.1f} |"
+        )
+    lines += [
+        "",
+        "## Memory against the number of tasks",
+        "",
+        "| tasks | merged weights MiB | merged RSS MiB | separate weights MiB | separate RSS MiB |",
+        "|---|---|---|---|---|",
+    ]
+    scaling = result["memory_scaling"]
+    for merged, separate in zip(scaling[::2], scaling[1::2], strict=True):
+        rss = "-" if separate["rss_bytes"] is None else f"{separate['rss_bytes'] / mib:.0f}"
+        mark = " (computed from per-model bytes)" if separate["computed"] else ""
+        lines.append(
+            f"| {merged['tasks']} | {merged['weights_bytes'] / mib:.1f} "
+            f"| {merged['rss_bytes'] / mib:.0f} "
+            f"| {separate['weights_bytes'] / mib:.1f}{mark} | {rss} |"
+        )
+    cost = result["costs"]
+    lines += ["", "## Costs", "", "| what | ms |", "|---|---|"]
+    for batch in ("batch_1", "batch_32"):
+        lines.append(f"| forward, {batch.replace('_', ' ')} | {cost[batch]['forward_ms']:.2f} |")
+        lines.append(
+            f"| expert apply + restore, {batch.replace('_', ' ')} "
+            f"| {cost[batch]['expert_apply_restore_ms']:.2f} |"
+        )
+    if "router" in cost:
+        lines.append(f"| one text, tagged | {cost['router']['tagged_ms']:.2f} |")
+        lines.append(
+            f"| one text, untagged (router + forward) | {cost['router']['untagged_ms']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def load_plots(result: dict, out_dir: Path, prefix: str = "load_") -> list[Path]:
+    """Throughput against concurrency, and memory against the number of tasks (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for contender in result["contenders"]:
+        runs = [
+            r
+            for r in contender["runs"]
+            if r["mode"] == "closed"
+            and r.get("tagged", True)
+            and r["mix"] in ("uniform", "identical")
+            and r.get("concurrency")
+        ]
+        points = sorted({r["concurrency"]: r["throughput_rps"] for r in runs[:-1] or runs}.items())
+        axis.plot(
+            [p[0] for p in points], [p[1] for p in points], marker="o", label=contender["name"]
+        )
+    axis.set(xscale="log", xlabel="concurrent clients", ylabel="requests / s", title="Throughput")
+    axis.legend()
+    figure.tight_layout()
+    paths.append(out_dir / f"{prefix}throughput.png")
+    figure.savefig(paths[-1], dpi=120)
+    figure, axis = plt.subplots(figsize=(6, 4))
+    level = result["plan"]["mix_concurrency"]
+    for contender in result["contenders"]:
+        run = _run(contender, mode="closed", concurrency=level, mix="uniform", tagged=True) or _run(
+            contender, mode="closed", concurrency=level, mix="identical", tagged=True
+        )
+        if run and run["latencies_ms"]:
+            values = np.sort(run["latencies_ms"])
+            axis.plot(values, np.arange(1, len(values) + 1) / len(values), label=contender["name"])
+    axis.set(
+        xlabel="latency (ms)",
+        ylabel="fraction of requests",
+        title=f"Latency CDF, {level} concurrent clients",
+    )
+    axis.legend()
+    figure.tight_layout()
+    paths.append(out_dir / f"{prefix}latency_cdf.png")
+    figure.savefig(paths[-1], dpi=120)
+    figure, axis = plt.subplots(figsize=(6, 4))
+    scaling = result["memory_scaling"]
+    for kind in ("merged", "separate"):
+        rows = [r for r in scaling if r["kind"] == kind]
+        axis.plot(
+            [r["tasks"] for r in rows],
+            [r["weights_bytes"] / 2**20 for r in rows],
+            marker="o",
+            label=f"{kind} (weights)",
+        )
+    axis.set(
+        xscale="log",
+        yscale="log",
+        xlabel="tasks N",
+        ylabel="MiB",
+        title="Weights held against tasks",
+    )
+    axis.legend()
+    figure.tight_layout()
+    paths.append(out_dir / f"{prefix}memory_scaling.png")
+    figure.savefig(paths[-1], dpi=120)
+    plt.close("all")
+    return paths

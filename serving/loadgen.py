@@ -1,0 +1,159 @@
+"""HTTP load generator for the benchmarks: closed loop (fixed concurrency) or open loop
+(Poisson arrivals at a fixed rate), bounded in requests and time, run in its own process so the
+client never competes with the server for the same interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+MIXES = ("identical", "uniform", "skewed", "distinct")
+
+
+@dataclass
+class LoadSpec:
+    url: str
+    tasks: list[str]
+    texts: dict[str, list[str]]
+    mix: str = "uniform"
+    tagged: bool = True
+    mode: str = "closed"  # closed | open
+    concurrency: int = 1  # closed loop
+    rate: float = 10.0  # open loop, requests per second
+    requests: int = 200
+    max_seconds: float = 60.0
+    seed: int = 0
+    zipf_a: float = 1.2
+
+
+@dataclass
+class LoadResult:
+    spec: dict
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        lat = np.array(self.latencies) if self.latencies else np.array([np.nan])
+        return {
+            "requests": len(self.latencies) + self.errors,
+            "errors": self.errors,
+            "seconds": round(self.seconds, 3),
+            "throughput_rps": len(self.latencies) / self.seconds if self.seconds else 0.0,
+            "p50_ms": float(np.percentile(lat, 50) * 1000),
+            "p90_ms": float(np.percentile(lat, 90) * 1000),
+            "p99_ms": float(np.percentile(lat, 99) * 1000),
+            "latencies_ms": [round(x * 1000, 3) for x in self.latencies],
+        }
+
+
+def task_sequence(
+    tasks: list[str], mix: str, count: int, seed: int, zipf_a: float = 1.2
+) -> list[str]:
+    """Punica's popularity mixes: one task, uniform, Zipf-skewed, or a new task every request."""
+    rng = np.random.default_rng(seed)
+    if mix == "identical":
+        return [tasks[0]] * count
+    if mix == "uniform":
+        return [tasks[i] for i in rng.integers(len(tasks), size=count)]
+    if mix == "skewed":
+        weights = 1.0 / np.arange(1, len(tasks) + 1) ** zipf_a
+        return [tasks[i] for i in rng.choice(len(tasks), size=count, p=weights / weights.sum())]
+    if mix == "distinct":
+        return [tasks[i % len(tasks)] for i in range(count)]
+    raise ValueError(f"unknown mix {mix!r}; allowed: {', '.join(MIXES)}")
+
+
+def _bodies(spec: LoadSpec) -> Iterator[bytes]:
+    rng = np.random.default_rng(spec.seed + 1)
+    for task in task_sequence(spec.tasks, spec.mix, spec.requests, spec.seed, spec.zipf_a):
+        pool = spec.texts[task]
+        body = {"inputs": [pool[int(rng.integers(len(pool)))]]}
+        if spec.tagged:
+            body["task"] = task
+        yield json.dumps(body).encode()
+
+
+def _send(url: str, body: bytes) -> bool:
+    request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            response.read()
+            return response.status == 200
+    except (urllib.error.URLError, TimeoutError, ConnectionError):
+        return False
+
+
+def run_load(spec: LoadSpec) -> LoadResult:
+    """Drive the load in this process (threads); stops after ``requests`` or ``max_seconds``."""
+    result = LoadResult(asdict(spec) | {"texts": None})
+    bodies = list(_bodies(spec))
+    lock = threading.Lock()
+    start = time.perf_counter()
+    deadline = start + spec.max_seconds
+
+    def one(body: bytes) -> None:
+        sent = time.perf_counter()
+        ok = _send(spec.url, body)
+        with lock:
+            if ok:
+                result.latencies.append(time.perf_counter() - sent)
+            else:
+                result.errors += 1
+
+    if spec.mode == "closed":
+        queue = iter(bodies)
+
+        def worker() -> None:
+            while time.perf_counter() < deadline:
+                with lock:
+                    body = next(queue, None)
+                if body is None:
+                    return
+                one(body)
+
+        threads = [threading.Thread(target=worker) for _ in range(spec.concurrency)]
+        for thread in threads:
+            thread.start()
+    elif spec.mode == "open":
+        gaps = np.random.default_rng(spec.seed + 2).exponential(1.0 / spec.rate, len(bodies))
+        threads = []
+        due = start
+        for body, gap in zip(bodies, gaps, strict=True):
+            due += gap
+            if due > deadline:
+                break
+            time.sleep(max(0.0, due - time.perf_counter()))
+            thread = threading.Thread(target=one, args=(body,))
+            thread.start()
+            threads.append(thread)
+    else:
+        raise ValueError(f"unknown load mode {spec.mode!r}; allowed: closed, open")
+    for thread in threads:
+        thread.join(timeout=max(1.0, deadline - time.perf_counter() + 60))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _child(spec: LoadSpec, queue: multiprocessing.Queue) -> None:
+    queue.put(run_load(spec))
+
+
+def run_load_in_process(spec: LoadSpec) -> LoadResult:
+    """:func:`run_load` in a separate process (spawned), so client and server do not share a GIL."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(spec, queue))
+    process.start()
+    result = queue.get(timeout=spec.max_seconds + 180)
+    process.join(timeout=30)
+    return result

@@ -1,0 +1,77 @@
+"""The load harness runs end to end on a tiny artifact and its output parses (no timing goals)."""
+
+import json
+
+import pytest
+
+from merging.config import parse_config
+from merging.merge import run_merge
+from serving.bench_load import LoadPlan, load_markdown, load_plots, run_load_bench, targets
+from serving.loadgen import task_sequence
+
+TINY_PLAN = LoadPlan(
+    concurrencies=[1, 2],
+    mixes=["uniform", "distinct"],
+    mix_concurrency=2,
+    rates=[5.0],
+    requests=6,
+    max_seconds=20.0,
+    memory_tasks=[1, 4],
+    separate_measured_up_to=3,
+)
+
+
+def test_task_mixes():
+    tasks = ["a", "b", "c"]
+    assert task_sequence(tasks, "identical", 4, 0) == ["a"] * 4
+    assert task_sequence(tasks, "distinct", 5, 0) == ["a", "b", "c", "a", "b"]
+    skewed = task_sequence(tasks, "skewed", 3000, 0)
+    assert skewed.count("a") > skewed.count("b") > skewed.count("c") > 0
+    uniform = task_sequence(tasks, "uniform", 3000, 0)
+    assert all(800 < uniform.count(t) < 1200 for t in tasks)
+    with pytest.raises(ValueError, match="unknown mix 'zipf'"):
+        task_sequence(tasks, "zipf", 3, 0)
+
+
+def test_load_harness_runs_and_its_output_parses(tiny_zoo, tmp_path):
+    artifact = tmp_path / "art"
+    run_merge(
+        parse_config(
+            {
+                "zoo": str(tiny_zoo.root),
+                "method": "free",
+                "parameters": {
+                    "experts": {
+                        "kind": "lowrank",
+                        "rank": 2,
+                        "vectors": "skip",
+                        "skip": "embeddings\\.",
+                    }
+                },
+                "router": {"examples_per_task": 30, "epochs": 5},
+            }
+        ),
+        artifact,
+        show_progress=False,
+    )
+    result = json.loads(json.dumps(run_load_bench(artifact, tiny_zoo.root, TINY_PLAN)))
+    names = [c["name"] for c in result["contenders"]]
+    assert names == ["merged", "separate (all loaded)", "one model alone (floor)"]
+    for contender in result["contenders"]:
+        assert contender["runs"] and all(run["errors"] == 0 for run in contender["runs"])
+        assert contender["memory"]["process_resident_bytes"] > 0
+    assert any(not run["tagged"] for run in result["contenders"][0]["runs"])
+    scaling = result["memory_scaling"]
+    assert [(r["kind"], r["tasks"], r["computed"]) for r in scaling] == [
+        ("merged", 1, False),
+        ("separate", 1, False),
+        ("merged", 4, False),
+        ("separate", 4, True),
+    ]
+    assert scaling[3]["weights_bytes"] > 3 * scaling[2]["weights_bytes"]
+    assert result["costs"]["batch_1"]["forward_ms"] > 0
+    assert len(targets(result)) == 5
+    markdown = load_markdown(result, "freemerge bench load")
+    assert "## Targets" in markdown and "| merged | closed |" in markdown
+    paths = load_plots(result, tmp_path)
+    assert all(p.stat().st_size > 1000 for p in paths) and len(paths) == 3
