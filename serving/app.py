@@ -157,7 +157,8 @@ def build_app(args: dict[str, Any]) -> Application:
 
     Keys: ``artifact`` or ``zoo`` (+ ``tasks``), ``device`` (auto|cpu|cuda), ``replicas``,
     ``cpus_per_replica``, ``max_batch_size``, ``batch_wait_timeout_s``, ``max_items``,
-    ``max_chars``, ``mixing`` (argmax|softmax), ``expert_cache_size``.
+    ``max_chars``, ``mixing`` (argmax|softmax), ``expert_cache_size``, ``autoscaling`` (Serve's
+    ``autoscaling_config``; replaces ``replicas``).
     """
     options = dict(args)
     if options.get("mixing", "argmax") not in MIXING_MODES:
@@ -172,8 +173,13 @@ def build_app(args: dict[str, Any]) -> Application:
         else 0
     )
     options.setdefault("threads", max(1, int(cpus)))
-    deployment = ClassifierServer.options(
-        num_replicas=int(options.get("replicas", 1)),
-        ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
-    )
+    actor = {"num_cpus": cpus, "num_gpus": gpus}
+    if options.get("autoscaling"):  # Serve's autoscaling_config: min/max replicas, delays, ...
+        deployment = ClassifierServer.options(
+            autoscaling_config=options["autoscaling"], ray_actor_options=actor
+        )
+    else:
+        deployment = ClassifierServer.options(
+            num_replicas=int(options.get("replicas", 1)), ray_actor_options=actor
+        )
     return deployment.bind(options)

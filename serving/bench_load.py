@@ -42,8 +42,8 @@ class LoadPlan:
     mixes: list[str] = field(default_factory=lambda: ["identical", "uniform", "skewed", "distinct"])
     mix_concurrency: int = 16
     rates: list[float] = field(default_factory=lambda: [5.0, 10.0, 20.0, 40.0])
-    requests: int = 300
-    max_seconds: float = 60.0
+    requests: int = 200
+    max_seconds: float = 30.0
     memory_tasks: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 16, 64, 128])
     separate_measured_up_to: int = 16
 

@@ -11,6 +11,7 @@ from merging.cli import add_artifact_commands, add_bench_commands, add_zoo_comma
 from merging.datasets import UnknownTaskError
 from merging.sources import SourceError, default_cache_dir
 from merging.zoo import ZooError, cached_zoo, write_json_atomically
+from serving.bench_autoscale import autoscale_plot, run_autoscale_bench
 from serving.bench_load import LoadPlan, load_markdown, load_plots, run_load_bench
 from serving.demo import cached_artifact, run_demo
 from serving.engine import RequestError
@@ -103,6 +104,27 @@ def _bench_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_autoscale(args: argparse.Namespace) -> int:
+    cache_dir = args.cache_dir or default_cache_dir()
+    artifact = args.artifact or cached_artifact(Path("configs/free.yaml"), cache_dir)
+    new_artifact = args.new_artifact or cached_artifact(Path("configs/free_sparse.yaml"), cache_dir)
+    result = run_autoscale_bench(artifact, new_artifact, load_seconds=args.load_seconds)
+    result["command"] = "freemerge " + shlex.join(sys.argv[1:])
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(args.out / "autoscale.json", result)
+    autoscale_plot(result, args.out / "autoscale_timeline.png")
+    scale, update = result["scale"], result["rolling_update"]
+    print(
+        f"max replicas under load: {scale['max_replicas_seen']}; back to one after: "
+        f"{scale['back_to_one']}; answers: {scale['answers']}"
+    )
+    print(
+        f"rolling update: answers {update['answers']}; last answer from the new version: "
+        f"{update['last_version'] == update['new_version']}"
+    )
+    return 0
+
+
 def add_load_bench(kinds: argparse._SubParsersAction) -> None:
     load = kinds.add_parser("load", help="load test: merged server against separate models")
     load.add_argument(
@@ -116,6 +138,23 @@ def add_load_bench(kinds: argparse._SubParsersAction) -> None:
     load.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     load.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
     load.set_defaults(handler=_bench_load)
+    scale = kinds.add_parser("autoscale", help="autoscaling 1->2->1 and a rolling update, locally")
+    scale.add_argument(
+        "--artifact",
+        type=Path,
+        default=None,
+        help="default: configs/free.yaml merged over the cached zoo",
+    )
+    scale.add_argument(
+        "--new-artifact",
+        type=Path,
+        default=None,
+        help="the version rolled out (default: configs/free_sparse.yaml merged)",
+    )
+    scale.add_argument("--load-seconds", type=float, default=40.0)
+    scale.add_argument("--cache-dir", type=Path, default=None)
+    scale.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    scale.set_defaults(handler=_bench_autoscale)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ class LoadSpec:
     max_seconds: float = 60.0
     seed: int = 0
     zipf_a: float = 1.2
+    bodies: list[dict] | None = None  # explicit request bodies, cycled, instead of a mix
 
 
 @dataclass
@@ -41,6 +42,9 @@ class LoadResult:
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
     seconds: float = 0.0
+    # Per request: seconds since start when sent, latency, HTTP status (0: no answer), the
+    # artifact version answered and the labels, in the order sent.
+    records: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict:
         lat = np.array(self.latencies) if self.latencies else np.array([np.nan])
@@ -74,6 +78,10 @@ def task_sequence(
 
 
 def _bodies(spec: LoadSpec) -> Iterator[bytes]:
+    if spec.bodies:
+        for i in range(spec.requests):
+            yield json.dumps(spec.bodies[i % len(spec.bodies)]).encode()
+        return
     rng = np.random.default_rng(spec.seed + 1)
     for task in task_sequence(spec.tasks, spec.mix, spec.requests, spec.seed, spec.zipf_a):
         pool = spec.texts[task]
@@ -83,14 +91,16 @@ def _bodies(spec: LoadSpec) -> Iterator[bytes]:
         yield json.dumps(body).encode()
 
 
-def _send(url: str, body: bytes) -> bool:
+def _send(url: str, body: bytes) -> tuple[int, dict | None]:
+    """HTTP status (0 when no answer came) and the JSON answer of one request."""
     request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            response.read()
-            return response.status == 200
-    except (urllib.error.URLError, TimeoutError, ConnectionError):
-        return False
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, None
+    except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError):
+        return 0, None
 
 
 def run_load(spec: LoadSpec) -> LoadResult:
@@ -101,25 +111,36 @@ def run_load(spec: LoadSpec) -> LoadResult:
     start = time.perf_counter()
     deadline = start + spec.max_seconds
 
-    def one(body: bytes) -> None:
+    def one(body: bytes, index: int) -> None:
         sent = time.perf_counter()
-        ok = _send(spec.url, body)
+        status, answer = _send(spec.url, body)
+        latency = time.perf_counter() - sent
         with lock:
-            if ok:
-                result.latencies.append(time.perf_counter() - sent)
+            if status == 200:
+                result.latencies.append(latency)
             else:
                 result.errors += 1
+            result.records.append(
+                {
+                    "index": index,
+                    "sent": sent - start,
+                    "latency": latency,
+                    "status": status,
+                    "version": answer and answer["artifact_version"],
+                    "labels": answer and [r["label"] for r in answer["results"]],
+                }
+            )
 
     if spec.mode == "closed":
-        queue = iter(bodies)
+        queue = iter(enumerate(bodies))
 
         def worker() -> None:
             while time.perf_counter() < deadline:
                 with lock:
-                    body = next(queue, None)
-                if body is None:
+                    item = next(queue, None)
+                if item is None:
                     return
-                one(body)
+                one(item[1], item[0])
 
         threads = [threading.Thread(target=worker) for _ in range(spec.concurrency)]
         for thread in threads:
@@ -128,12 +149,12 @@ def run_load(spec: LoadSpec) -> LoadResult:
         gaps = np.random.default_rng(spec.seed + 2).exponential(1.0 / spec.rate, len(bodies))
         threads = []
         due = start
-        for body, gap in zip(bodies, gaps, strict=True):
+        for index, (body, gap) in enumerate(zip(bodies, gaps, strict=True)):
             due += gap
             if due > deadline:
                 break
             time.sleep(max(0.0, due - time.perf_counter()))
-            thread = threading.Thread(target=one, args=(body,))
+            thread = threading.Thread(target=one, args=(body, index))
             thread.start()
             threads.append(thread)
     else:
