@@ -123,17 +123,20 @@ def run_merge(
     removed_energy: dict[str, dict[str, float]] = {}
     for name in tqdm(shared, desc=f"merge ({config.method})", disable=not show_progress):
         theta0 = base.tensor(name)
-        thetas = [model.tensor(name) for model in models.values()]
+        # tau_t computed in place: N tensors of this one name are held, never N models.
+        taus = [model.tensor(name).sub_(theta0) for model in models.values()]
         stats: dict = {}
         params = _merge_params(config, name, task_weights)
         if config.method in ("fr", "free"):
             params["stats"] = stats
-        merged[name] = method(theta0, [theta - theta0 for theta in thetas], **params).contiguous()
+        merged[name] = method(theta0, taus, **params).contiguous()
         if "removed_energy" in stats:
             removed_energy[name] = dict(zip(models, stats["removed_energy"], strict=True))
-        for task, theta in zip(models, thetas, strict=True):
-            if task in experts:
-                experts[task].add(name, theta - merged[name])
+        if experts:
+            shift = merged[name] - theta0  # theta_t - theta_m = tau_t - (theta_m - theta_0)
+            for task, tau in zip(models, taus, strict=True):
+                experts[task].add(name, tau.sub_(shift))
+        del taus
 
     with staged_directory(out, overwrite) as tmp:
         backbone = tmp / "backbone"

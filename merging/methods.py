@@ -60,7 +60,7 @@ def get_method(name: str) -> MergeMethod:
 @merge_method("average")
 def average(base: torch.Tensor, task_vectors: list[torch.Tensor]) -> torch.Tensor:
     """theta_m = mean_t theta_t = theta_0 + mean_t tau_t."""
-    return base + torch.stack(task_vectors).mean(0)
+    return base + weighted_sum(task_vectors) / len(task_vectors)
 
 
 @merge_method("task_arithmetic")
@@ -68,7 +68,15 @@ def task_arithmetic(
     base: torch.Tensor, task_vectors: list[torch.Tensor], *, scaling: float = 0.3
 ) -> torch.Tensor:
     """theta_m = theta_0 + lambda * sum_t tau_t (Ilharco et al., 2023)."""
-    return base + scaling * torch.stack(task_vectors).sum(0)
+    return base + scaling * weighted_sum(task_vectors)
+
+
+def weighted_sum(tensors: list[torch.Tensor], weights: list[float] | None = None) -> torch.Tensor:
+    """sum_t w_t x_t, accumulated in place: one extra tensor, never a stack of N."""
+    total = torch.zeros_like(tensors[0])
+    for i, tensor in enumerate(tensors):
+        total.add_(tensor, alpha=1.0 if weights is None else weights[i])
+    return total
 
 
 def keep_top_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
@@ -122,8 +130,7 @@ def frequency_filtered(
     """
     weights = task_weights or [1.0] * len(task_vectors)
     if base.ndim != 2 or high_pass is None:
-        filtered = [w * tau for w, tau in zip(weights, task_vectors, strict=True)]
-        return base + scaling * torch.stack(filtered).sum(0)
+        return base + scaling * weighted_sum(task_vectors, weights)
     filtered_sum = torch.zeros_like(base)
     removed = []
     for weight, tau in zip(weights, task_vectors, strict=True):
@@ -133,7 +140,7 @@ def frequency_filtered(
     if stats is not None:
         stats["removed_energy"] = removed
     if magnitude_alignment:
-        plain = torch.stack([w * tau for w, tau in zip(weights, task_vectors, strict=True)]).sum(0)
+        plain = weighted_sum(task_vectors, weights)
         norm = filtered_sum.norm()
         if norm > 0:
             filtered_sum *= plain.norm() / norm

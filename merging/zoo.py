@@ -154,8 +154,9 @@ def build_zoo(
     (root / "tasks").mkdir(parents=True, exist_ok=True)
     if not (root / "base" / "model.safetensors").is_file():
         _copy_dir_atomically(backbone, root / "base")
-    machine = describe_machine()
+    previous = _read_index(root)
     tasks = {}
+    trained = False
     for name in names:
         target = root / "tasks" / name
         if not force and (target / "task.json").is_file():
@@ -165,7 +166,9 @@ def build_zoo(
                 continue
         task = load_task(name, cache_dir)
         tasks[name] = _train_task(task, root / "base", recipe, target, show_progress)
-    previous = _read_index(root)
+        trained = True
+    # The machine (and date) of the last build that trained something; a cache hit keeps it.
+    machine = previous.machine if previous and not trained else describe_machine()
     merged = {**(previous.tasks if previous else {}), **tasks}
     write_json_atomically(
         root / "zoo.json",
@@ -244,6 +247,8 @@ def zoo_report(zoo: Zoo, command: str) -> str:
         "one shared recipe; accuracy on the fixed test split, the majority baseline predicts the "
         "train split's most frequent class.\n\n"
         f"{zoo_table(zoo)}\n\n"
+        f"Fine-tuning, all tasks: {sum(t.build_seconds for t in zoo.tasks.values()) / 60:.1f} min "
+        "(reading data and evaluating come on top).\n\n"
         f"Recipe: {recipe}.\n\n"
         f"Machine: {machine_line(zoo.machine)}.\n\nCommand: `{command}`\n\n"
         f"Sources:\n{sources}\n"
