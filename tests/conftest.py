@@ -9,7 +9,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
+from merging.config import parse_config
 from merging.finetune import Recipe
+from merging.merge import run_merge
 from merging.sources import backbone_dir, default_cache_dir
 from merging.zoo import Zoo, build_zoo
 
@@ -67,3 +69,22 @@ def tiny_zoo(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> Z
         backbone=tiny_backbone,
         show_progress=False,
     )
+
+
+LINEAR_LOWRANK = {"kind": "lowrank", "rank": 4, "vectors": "skip", "skip": "embeddings\\."}
+
+
+@pytest.fixture(scope="session")
+def tiny_routed_artifact(tiny_zoo: Zoo, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FREE merge of the tiny zoo: rank-4 experts on the linear layers, and a router."""
+    out = tmp_path_factory.mktemp("routed") / "art"
+    config = parse_config(
+        {
+            "zoo": str(tiny_zoo.root),
+            "method": "free",
+            "parameters": {"experts": LINEAR_LOWRANK},
+            "router": {"examples_per_task": 60, "epochs": 20},
+        }
+    )
+    run_merge(config, out, show_progress=False)
+    return out

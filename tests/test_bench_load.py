@@ -4,8 +4,6 @@ import json
 
 import pytest
 
-from merging.config import parse_config
-from merging.merge import run_merge
 from serving.bench_load import LoadPlan, load_markdown, load_plots, run_load_bench, targets
 from serving.loadgen import task_sequence
 
@@ -33,27 +31,8 @@ def test_task_mixes():
         task_sequence(tasks, "zipf", 3, 0)
 
 
-def test_load_harness_runs_and_its_output_parses(tiny_zoo, tmp_path):
-    artifact = tmp_path / "art"
-    run_merge(
-        parse_config(
-            {
-                "zoo": str(tiny_zoo.root),
-                "method": "free",
-                "parameters": {
-                    "experts": {
-                        "kind": "lowrank",
-                        "rank": 2,
-                        "vectors": "skip",
-                        "skip": "embeddings\\.",
-                    }
-                },
-                "router": {"examples_per_task": 30, "epochs": 5},
-            }
-        ),
-        artifact,
-        show_progress=False,
-    )
+def test_load_harness_runs_and_its_output_parses(tiny_zoo, tiny_routed_artifact, tmp_path):
+    artifact = tiny_routed_artifact
     result = json.loads(json.dumps(run_load_bench(artifact, tiny_zoo.root, TINY_PLAN)))
     names = [c["name"] for c in result["contenders"]]
     assert names == ["merged", "separate (all loaded)", "one model alone (floor)"]

@@ -11,8 +11,6 @@ from merging.merge import run_merge
 from merging.runtime import MergedClassifier, StageTimings
 from serving.engine import ClassifyRequest, Limits, MergedEngine, RequestError, SeparateEngine
 
-LOWRANK = {"kind": "lowrank", "rank": 4, "vectors": "skip", "skip": "embeddings\\."}
-
 
 def merge(zoo, out, experts, router=True):
     raw = {
@@ -27,10 +25,10 @@ def merge(zoo, out, experts, router=True):
 
 
 @pytest.fixture(scope="module")
-def artifacts(tiny_zoo, tmp_path_factory):
+def artifacts(tiny_zoo, tiny_routed_artifact, tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
     return {
-        "lowrank": merge(tiny_zoo, root / "lowrank", LOWRANK),
+        "lowrank": tiny_routed_artifact,
         "sparse": merge(tiny_zoo, root / "sparse", {"density": 0.05}),
         "norouter": merge(tiny_zoo, root / "norouter", {"density": 0.05}, router=False),
     }

@@ -10,9 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from merging.artifact import open_artifact
-from merging.config import parse_config
 from merging.evaluate import task_texts
-from merging.merge import run_merge
 from merging.runtime import StageTimings
 from serving.engine import ClassifyRequest, MergedEngine
 from serving.local import start_local, stop_local
@@ -36,28 +34,8 @@ def call(url, body=None, raw=None):
 
 
 @pytest.fixture(scope="module")
-def artifact(tiny_zoo, tmp_path_factory):
-    out = tmp_path_factory.mktemp("served") / "art"
-    run_merge(
-        parse_config(
-            {
-                "zoo": str(tiny_zoo.root),
-                "method": "free",
-                "parameters": {
-                    "experts": {
-                        "kind": "lowrank",
-                        "rank": 4,
-                        "vectors": "skip",
-                        "skip": "embeddings\\.",
-                    }
-                },
-                "router": {"examples_per_task": 60, "epochs": 20},
-            }
-        ),
-        out,
-        show_progress=False,
-    )
-    return out
+def artifact(tiny_routed_artifact):
+    return tiny_routed_artifact
 
 
 @pytest.fixture(scope="module")
