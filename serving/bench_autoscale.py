@@ -23,10 +23,9 @@ from merging.evaluate import task_texts
 from merging.machine import describe_machine
 from merging.runtime import StageTimings
 from serving.app import build_app
-from serving.demo import free_port
 from serving.engine import ClassifyRequest, MergedEngine
 from serving.loadgen import LoadSpec, run_load_in_process
-from serving.local import APP_NAME, start_local, stop_local
+from serving.local import APP_NAME, free_port, start_local, stop_local
 
 AUTOSCALING = {
     "min_replicas": 1,

@@ -24,9 +24,8 @@ from merging.evaluate import task_texts
 from merging.experts import LowRankExpert, SparseExpert
 from merging.machine import describe_machine, machine_line
 from merging.runtime import MergedClassifier
-from serving.demo import free_port
 from serving.loadgen import LoadSpec, run_load_in_process
-from serving.local import start_local, stop_local
+from serving.local import free_port, start_local, stop_local
 
 SERVER_SETTINGS = {
     "device": "auto",

@@ -125,26 +125,25 @@ def _bench_autoscale(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_load_bench(kinds: argparse._SubParsersAction) -> None:
-    load = kinds.add_parser("load", help="load test: merged server against separate models")
-    load.add_argument(
+def _add_bench_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--artifact",
         type=Path,
         default=None,
         help="default: configs/free.yaml merged over the cached zoo",
     )
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+
+
+def add_load_bench(kinds: argparse._SubParsersAction) -> None:
+    load = kinds.add_parser("load", help="load test: merged server against separate models")
+    _add_bench_options(load)
     load.add_argument("--zoo", type=Path, default=None, help="default: the cached zoo")
-    load.add_argument("--cache-dir", type=Path, default=None)
-    load.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     load.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
     load.set_defaults(handler=_bench_load)
     scale = kinds.add_parser("autoscale", help="autoscaling 1->2->1 and a rolling update, locally")
-    scale.add_argument(
-        "--artifact",
-        type=Path,
-        default=None,
-        help="default: configs/free.yaml merged over the cached zoo",
-    )
+    _add_bench_options(scale)
     scale.add_argument(
         "--new-artifact",
         type=Path,
@@ -152,8 +151,6 @@ def add_load_bench(kinds: argparse._SubParsersAction) -> None:
         help="the version rolled out (default: configs/free_sparse.yaml merged)",
     )
     scale.add_argument("--load-seconds", type=float, default=40.0)
-    scale.add_argument("--cache-dir", type=Path, default=None)
-    scale.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     scale.set_defaults(handler=_bench_autoscale)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -20,14 +19,8 @@ from merging.evaluate import task_texts
 from merging.merge import run_merge
 from merging.sources import default_cache_dir
 from merging.zoo import build_zoo, zoo_table
-from serving.local import start_local, stop_local
+from serving.local import free_port, start_local, stop_local
 from serving.metrics import histogram_quantile, scrape
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def post_json(url: str, body: dict) -> dict:

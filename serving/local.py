@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 from typing import Any
 
@@ -13,6 +14,13 @@ from ray import serve
 from serving.app import build_app
 
 APP_NAME = "freemerge"
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that is free now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def start_local(

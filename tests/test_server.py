@@ -1,7 +1,6 @@
 """End to end: Ray Serve on the CPU with a tiny artifact, over HTTP, and the metrics port."""
 
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -13,14 +12,8 @@ from merging.artifact import open_artifact
 from merging.evaluate import task_texts
 from merging.runtime import StageTimings
 from serving.engine import ClassifyRequest, MergedEngine
-from serving.local import start_local, stop_local
+from serving.local import free_port, start_local, stop_local
 from serving.metrics import scrape
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(url, body=None, raw=None):
