@@ -4,12 +4,17 @@ As in PEFT's LoRA layer, the adapter math wraps the base layer:
 ``result = base(x) + (x A_t^T) B_t^T`` for the rows whose task is t (PEFT's mixed-batch
 forward), so one forward pass serves a batch that mixes tasks, and the base weights are never
 written. Equal to applying theta_m + B_t A_t in place up to float rounding.
+
+The caller puts each task's rows next to each other, so a task's rows are a slice of the batch:
+the update is two small matmuls on a view and one in-place ``addmm_``, with no gather or
+scatter of rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import groupby
 
 import torch
 
@@ -17,14 +22,18 @@ from merging.experts import Expert, LowRankExpert
 
 
 class RowTasks:
-    """Which batch rows belong to which task during one forward pass (shared by all layers)."""
+    """Which batch rows belong to which task during one forward pass (shared by all layers):
+    ``segments`` holds ``(task, start, stop)`` for each run of consecutive rows of one task.
+    """
 
     def __init__(self) -> None:
-        self.groups: list[tuple[str, torch.Tensor]] = []
+        self.segments: list[tuple[str, int, int]] = []
 
 
 class LowRankLinear(torch.nn.Module):
-    """A linear layer plus one (B, A) adapter per task, applied to that task's rows only."""
+    """A linear layer plus one adapter per task, applied to that task's rows only; the
+    adapters are kept as ``(A^T, B^T)``, contiguous, ready for the row-major matmuls.
+    """
 
     def __init__(self, base: torch.nn.Linear, rows: RowTasks) -> None:
         super().__init__()
@@ -34,10 +43,14 @@ class LowRankLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        for task, rows in self.rows.groups:
+        flat_result = result.view(-1, result.shape[-1])
+        flat_x = x.reshape(-1, x.shape[-1])
+        per_row = flat_x.shape[0] // x.shape[0]  # tokens per batch row
+        for task, start, stop in self.rows.segments:
             if task in self.adapters:
-                b, a = self.adapters[task]
-                result.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T)
+                a_t, b_t = self.adapters[task]
+                rows = slice(start * per_row, stop * per_row)
+                flat_result[rows].addmm_(flat_x[rows] @ a_t, b_t)
         return result
 
 
@@ -68,18 +81,26 @@ def install_row_adapters(
                 parent = backbone.get_submodule(parent_path) if parent_path else backbone
                 wrapped[path] = LowRankLinear(getattr(parent, child), rows)
                 setattr(parent, child, wrapped[path])
-            wrapped[path].adapters[task] = (b.to(device), a.to(device))
+            wrapped[path].adapters[task] = (
+                a.T.contiguous().to(device),
+                b.T.contiguous().to(device),
+            )
     return rows
 
 
 @contextmanager
-def rows_assigned(rows: RowTasks, tasks: list[str], device: torch.device) -> Iterator[None]:
-    """During the block, row i of the batch runs with task ``tasks[i]``'s adapters."""
-    rows.groups = [
-        (task, torch.tensor([i for i, t in enumerate(tasks) if t == task], device=device))
-        for task in dict.fromkeys(tasks)
-    ]
+def rows_assigned(rows: RowTasks, tasks: list[str]) -> Iterator[None]:
+    """During the block, row i of the batch runs with task ``tasks[i]``'s adapters.
+
+    Any order works; rows of one task that sit together cost one update per layer.
+    """
+    start = 0
+    rows.segments = []
+    for task, run in groupby(tasks):
+        stop = start + len(list(run))
+        rows.segments.append((task, start, stop))
+        start = stop
     try:
         yield
     finally:
-        rows.groups = []
+        rows.segments = []

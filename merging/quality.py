@@ -192,7 +192,7 @@ def _pooler_features(model: MergedClassifier, texts: list[str]) -> torch.Tensor:
     """The merged backbone's pooled output (no expert applied), in the order of ``texts``."""
     out = torch.zeros(len(texts), model.backbone.config.hidden_size)
     for rows in length_sorted_batches(texts, 64):
-        batch = model.encode([texts[i] for i in rows], 128).batch
+        batch = model.encode([texts[i] for i in rows], 128)
         out[torch.from_numpy(rows)] = model.pooled(None, batch).float().cpu()
     return out
 

@@ -21,6 +21,7 @@ from transformers import AutoModel, AutoTokenizer, BatchEncoding
 
 from merging.adapters import RowTasks, install_row_adapters, rows_assigned, supports_row_adapters
 from merging.artifact import Artifact
+from merging.batching import Tokenized, default_pass_overhead, plan_passes
 from merging.experts import Expert, load_expert
 from merging.router import load_router, mean_pooled
 
@@ -90,12 +91,6 @@ class StageTimings:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
 
-@dataclass
-class Encoded:
-    batch: BatchEncoding
-    truncated: list[bool]
-
-
 class MergedClassifier:
     """Backbone loaded once; ``logits(task, texts)`` runs task ``task``'s model on ``texts``."""
 
@@ -105,9 +100,14 @@ class MergedClassifier:
         device: str | torch.device = "cpu",
         expert_cache_size: int = 8,
         row_adapters: bool = True,
+        pass_overhead: int | None = None,
     ) -> None:
         self.artifact = artifact
         self.device = torch.device(device)
+        # the fixed cost of one forward pass in tokens, for cutting batches by length
+        self.pass_overhead = (
+            default_pass_overhead(self.device) if pass_overhead is None else pass_overhead
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(artifact.backbone)
         self.backbone = AutoModel.from_pretrained(artifact.backbone).to(self.device).eval()
         self.parameters = dict(self.backbone.named_parameters())
@@ -145,15 +145,13 @@ class MergedClassifier:
     def labels(self, task: str) -> list[str]:
         return self.artifact.task(task)["labels"]
 
-    def encode(self, texts: list[str], max_length: int | None = None) -> Encoded:
-        """Tokenize with padding; texts longer than the limit are truncated and flagged."""
-        limit = min(max_length or self.max_length, self.max_length)
-        batch = self.tokenizer(
-            texts, truncation=True, max_length=limit, padding=True, return_tensors="pt"
-        )
-        # A fast tokenizer keeps what truncation cut off in each encoding's ``overflowing``.
-        truncated = [bool(encoding.overflowing) for encoding in batch.encodings]
-        return Encoded(batch.to(self.device), truncated)
+    def _limit(self, max_length: int | None) -> int:
+        return min(max_length or self.max_length, self.max_length)
+
+    def encode(self, texts: list[str], max_length: int | None = None) -> BatchEncoding:
+        """All texts in one padded batch on the device (truncated to the token limit)."""
+        tokens = Tokenized(self.tokenizer, texts, self._limit(max_length))
+        return tokens.padded(list(range(len(texts))), self.device)
 
     @contextmanager
     def expert_applied(self, task: str | None) -> Iterator[None]:
@@ -192,8 +190,8 @@ class MergedClassifier:
                 "this artifact has no router, so a task is required; "
                 f"tasks: {', '.join(self.tasks)}"
             )
-        encoded = self.encode(texts, self.router_max_length)
-        return torch.softmax(self.router(mean_pooled(self.backbone, encoded.batch)), dim=-1)
+        batch = self.encode(texts, self.router_max_length)
+        return torch.softmax(self.router(mean_pooled(self.backbone, batch)), dim=-1)
 
     @torch.no_grad()
     def classify(
@@ -218,9 +216,9 @@ class MergedClassifier:
     ) -> list[Prediction]:
         """Answer each text with its own task; rows whose task is None are routed.
 
-        All rows of one task run as one group with that task's expert applied, so a batch that
-        mixes tasks and untagged rows costs one router pass plus one forward per task; with
-        row adapters (low-rank experts on linear layers) all of them share one forward. With
+        Untagged rows cost one router pass. The rows are then cut into forward passes by token
+        length; with row adapters (low-rank experts on linear layers) rows of any tasks share
+        a pass, otherwise each pass holds one task with its expert applied in place. With
         ``mixing="softmax"`` each routed row runs alone with the router-weighted mix of all
         experts and the most probable task's head.
         """
@@ -240,31 +238,13 @@ class MergedClassifier:
             for row, p in zip(routed, probabilities, strict=True):
                 chosen[row] = self.router_tasks[int(p.argmax())]
                 confidence[row] = float(p.max())
+        tokens = Tokenized(self.tokenizer, texts, self._limit(max_length))
         answers: list[Prediction | None] = [None] * len(texts)
-        groups: list[tuple[str, list[int], dict[str, float] | None]] = []
-        mixed_rows = set(routed) if mixing == "softmax" else set()
-        for task in dict.fromkeys(chosen):
-            rows = [i for i, t in enumerate(chosen) if t == task and i not in mixed_rows]
-            if rows:
-                groups.append((task, rows, None))
-        for position, row in enumerate(routed):
-            if row in mixed_rows:
-                weights = dict(
-                    zip(self.router_tasks, probabilities[position].tolist(), strict=True)
-                )
-                groups.append((chosen[row], [row], weights))
-        passes: list[tuple[list[str], list[int], dict[str, float] | None]] = [
-            ([task] * len(rows), rows, weights) for task, rows, weights in groups
-        ]
-        if self.row_adapters is not None:  # every plain group in one LoRA-style pass
-            plain = [(task, rows) for task, rows, weights in groups if weights is None]
-            rows = [row for _, group in plain for row in group]
-            passes = [p for p in passes if p[2] is not None]
-            if rows:
-                passes.insert(0, ([chosen[row] for row in rows], rows, None))
-        for row_tasks, rows, weights in passes:
-            encoded = self.encode([texts[i] for i in rows], max_length)
-            pooled = self._pooled_timed(row_tasks, weights, encoded.batch, timings)
+        for row_tasks, rows, weights in self._passes(
+            chosen, routed, probabilities, mixing, tokens.lengths
+        ):
+            batch = tokens.padded(rows, self.device)
+            pooled = self._pooled_timed(row_tasks, weights, batch, timings)
             for task in dict.fromkeys(row_tasks):
                 picked = [i for i, t in enumerate(row_tasks) if t == task]
                 scores = torch.softmax(self.heads[task](pooled[picked]), dim=-1).cpu()
@@ -278,9 +258,44 @@ class MergedClassifier:
                         label=labels[best],
                         score=float(score[best]),
                         scores=dict(zip(labels, score.tolist(), strict=True)),
-                        truncated=encoded.truncated[i],
+                        truncated=tokens.truncated[rows[i]],
                     )
         return answers
+
+    def _passes(
+        self,
+        chosen: list[str],
+        routed: list[int],
+        probabilities: torch.Tensor | None,
+        mixing: str,
+        lengths: list[int],
+    ) -> list[tuple[list[str], list[int], dict[str, float] | None]]:
+        """Forward passes as ``(task per row, rows, mixture weights or None)``.
+
+        Rows are cut into passes by token length (:func:`plan_passes`). With row adapters any
+        tasks share a pass, their rows put next to each other; otherwise each pass holds one
+        task. With softmax mixing each routed row is a pass of its own.
+        """
+        mixed = set(routed) if mixing == "softmax" else set()
+        order = {task: k for k, task in enumerate(dict.fromkeys(chosen))}
+        plain = [i for i in range(len(chosen)) if i not in mixed]
+        groups = (
+            [plain]
+            if self.row_adapters is not None
+            else [[i for i in plain if chosen[i] == task] for task in order]
+        )
+        passes = []
+        for group in groups:
+            for cut in plan_passes([lengths[i] for i in group], self.pass_overhead):
+                rows = sorted((group[k] for k in cut), key=lambda i: (order[chosen[i]], i))
+                passes.append(([chosen[i] for i in rows], rows, None))
+        for position, row in enumerate(routed):
+            if row in mixed:
+                weights = dict(
+                    zip(self.router_tasks, probabilities[position].tolist(), strict=True)
+                )
+                passes.append(([chosen[row]], [row], weights))
+        return passes
 
     def _pooled_timed(
         self,
@@ -297,7 +312,7 @@ class MergedClassifier:
         if weights:
             context = self.mixture_applied(weights)
         elif self.row_adapters is not None:
-            context = rows_assigned(self.row_adapters, row_tasks, self.device)
+            context = rows_assigned(self.row_adapters, row_tasks)
             self.expert_cache.hits += len(set(row_tasks))  # row adapters are device-resident
         else:
             context = self.expert_applied(row_tasks[0])
@@ -318,5 +333,5 @@ class MergedClassifier:
 
     @torch.no_grad()
     def logits(self, task: str, texts: list[str], max_length: int | None = None) -> torch.Tensor:
-        pooled = self.pooled(task, self.encode(texts, max_length).batch)
+        pooled = self.pooled(task, self.encode(texts, max_length))
         return self.heads[task](pooled)

@@ -2,11 +2,17 @@
 
 Importable for Ray's own tooling: ``serve run serving.app:build_app artifact=DIR`` (or
 ``zoo=DIR`` for the separate-models baseline); ``deploy/serve_config.yaml`` is an example.
+
+The baseline has a second shape, ``zoo=DIR models_per_replica=K``: the ingress only checks
+requests and hands each to a :class:`MultiplexedModels` deployment through Ray Serve model
+multiplexing (the task is the model id), whose replicas hold at most K models each, loading
+on demand and evicting the least recently used.
 """
 
 import asyncio
 import os
 import time
+import weakref
 from typing import Any
 
 import torch
@@ -16,6 +22,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, StrictStr
 from ray import serve
 from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
 
 from merging.runtime import MIXING_MODES, StageTimings
 from serving.engine import (
@@ -25,6 +32,11 @@ from serving.engine import (
     MergedEngine,
     RequestError,
     SeparateEngine,
+    TaskModel,
+    ZooTasks,
+    classify_by_task,
+    pick_device,
+    separate_memory,
 )
 from serving.metrics import ServerMetrics
 
@@ -68,8 +80,18 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
     return JSONResponse({"error": f"invalid request: {problems}"}, status_code=400)
 
 
+def build_limits(options: dict[str, Any]) -> Limits:
+    return Limits(int(options.get("max_items", 64)), int(options.get("max_chars", 10_000)))
+
+
+def task_list(options: dict[str, Any]) -> list[str] | None:
+    """``tasks`` as a list (a comma-separated string from ``serve run`` arguments)."""
+    tasks = options.get("tasks")
+    return tasks.split(",") if isinstance(tasks, str) else tasks
+
+
 def build_engine(options: dict[str, Any]) -> Engine:
-    limits = Limits(int(options.get("max_items", 64)), int(options.get("max_chars", 10_000)))
+    limits = build_limits(options)
     device = options.get("device", "auto")
     if options.get("artifact"):
         return MergedEngine(
@@ -80,27 +102,47 @@ def build_engine(options: dict[str, Any]) -> Engine:
             int(options.get("expert_cache_size", 8)),
         )
     if options.get("zoo"):
-        tasks = options.get("tasks")
-        return SeparateEngine(
-            options["zoo"], device, limits, tasks.split(",") if isinstance(tasks, str) else tasks
-        )
+        return SeparateEngine(options["zoo"], device, limits, task_list(options))
     raise ValueError("the app needs `artifact` (a merged artifact) or `zoo` (separate models)")
+
+
+async def answer_batch(
+    classify: Any, requests: list[ClassifyRequest], metrics: ServerMetrics
+) -> list[list[Any]]:
+    """Run ``classify(requests, timings)`` on one batch and record its metrics.
+
+    The model runs off the event loop so new requests keep queueing for the next batch;
+    batches never overlap (one at a time), so in-place expert swaps cannot interleave.
+    """
+    started = time.perf_counter()
+    timings = StageTimings()
+    answers = await asyncio.to_thread(classify, requests, timings)
+    metrics.batch([started - r.arrived for r in requests], timings, answers)
+    return answers
+
+
+def set_batching(method: Any, options: dict[str, Any]) -> None:
+    method.set_max_batch_size(int(options.get("max_batch_size", 16)))
+    method.set_batch_wait_timeout_s(float(options.get("batch_wait_timeout_s", 0.005)))
 
 
 @serve.deployment(max_ongoing_requests=128, health_check_period_s=10)
 @serve.ingress(api)
 class ClassifierServer:
-    """One replica: the engine loaded once, requests batched by ``@serve.batch``."""
+    """One replica: the engine loaded once, requests batched by ``@serve.batch``. Given a
+    handle to :class:`MultiplexedModels`, it only checks requests and forwards them.
+    """
 
-    def __init__(self, options: dict[str, Any]) -> None:
+    def __init__(self, options: dict[str, Any], models: DeploymentHandle | None = None) -> None:
         torch.set_num_threads(max(1, int(options.get("threads", 1))))
-        self.engine = build_engine(options)
         self.metrics = ServerMetrics()
-        self.metrics.refresh_memory_every(2.0, self.engine.memory)
-        self.classify_batch.set_max_batch_size(int(options.get("max_batch_size", 16)))
-        self.classify_batch.set_batch_wait_timeout_s(
-            float(options.get("batch_wait_timeout_s", 0.005))
-        )
+        self.models = models
+        if models is None:
+            self.engine: Engine | ZooTasks = build_engine(options)
+            self.metrics.refresh_memory_every(2.0, self.engine.memory)
+            set_batching(self.classify_batch, options)
+        else:
+            self.engine = ZooTasks(options["zoo"], build_limits(options), task_list(options))
 
     @api.post(
         "/v1/classify",
@@ -113,18 +155,18 @@ class ClassifierServer:
         except RequestError as err:
             self.metrics.request(body.task, err.status)
             return JSONResponse({"error": str(err)}, status_code=err.status)
-        answers = await self.classify_batch(request)
+        if self.models is None:
+            answers = await self.classify_batch(request)
+        else:
+            answers = await self.models.options(multiplexed_model_id=request.task).classify.remote(
+                request
+            )
         self.metrics.request(body.task, 200, time.perf_counter() - request.arrived)
         return {"artifact_version": self.engine.version, "results": [vars(a) for a in answers]}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def classify_batch(self, requests: list[ClassifyRequest]) -> list[list[Any]]:
-        started = time.perf_counter()
-        timings = StageTimings()
-        # The model runs off the event loop so new requests keep queueing for the next batch;
-        # batches never overlap (one at a time), so in-place expert swaps cannot interleave.
-        answers = await asyncio.to_thread(self.engine.classify_requests, requests, timings)
-        self.metrics.batch([started - r.arrived for r in requests], timings, answers)
+        answers = await answer_batch(self.engine.classify_requests, requests, self.metrics)
         cache = getattr(getattr(self.engine, "model", None), "expert_cache", None)
         if cache is not None:
             self.metrics.cache(cache.hits, cache.misses)
@@ -144,26 +186,87 @@ class ClassifierServer:
 
     @api.get("/readyz")
     async def readyz(self) -> dict:
+        """Ready, with the memory of the replica that runs the models (for multiplexed
+        models, one of their replicas)."""
+        if self.models is None:
+            pid, memory = os.getpid(), self.engine.memory()
+        else:
+            pid, memory = await self.models.memory.remote()
         return {
             "ready": True,
             "artifact_version": self.engine.version,
-            "pid": os.getpid(),
-            "memory": self.engine.memory(),
+            "pid": pid,
+            "memory": memory,
         }
+
+
+@serve.deployment(max_ongoing_requests=128, health_check_period_s=10)
+class MultiplexedModels:
+    """Separate fine-tuned models through Ray Serve model multiplexing: the task is the model
+    id, a replica holds at most ``models_per_replica`` of them, loading on demand and evicting
+    the least recently used; Serve routes a task's requests to a replica that holds its model.
+    """
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        torch.set_num_threads(max(1, int(options.get("threads", 1))))
+        self.device = pick_device(options.get("device", "auto"))
+        self.zoo = ZooTasks(options["zoo"], build_limits(options), task_list(options))
+        self.metrics = ServerMetrics()
+        self.loaded: weakref.WeakValueDictionary[str, TaskModel] = weakref.WeakValueDictionary()
+
+        async def load_model(task: str) -> TaskModel:
+            start = time.perf_counter()
+            model = await asyncio.to_thread(TaskModel, self.zoo.path(task), task, self.device)
+            self.metrics.model_loaded(task, time.perf_counter() - start)
+            self.loaded[task] = model
+            return model
+
+        per_replica = int(options["models_per_replica"])
+        self.load_model = serve.multiplexed(max_num_models_per_replica=per_replica)(load_model)
+        self.metrics.refresh_memory_every(2.0, self.memory_figures)
+        set_batching(self.classify_batch, options)
+
+    async def classify(self, request: ClassifyRequest) -> list[Any]:
+        request.arrived = time.perf_counter()  # this process's clock, for the queue stage
+        return await self.classify_batch(request)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def classify_batch(self, requests: list[ClassifyRequest]) -> list[list[Any]]:
+        """Serve splits batches by model id, so every request here is for one task."""
+        model = await self.load_model(serve.get_multiplexed_model_id())
+        return await answer_batch(
+            lambda batch, timings: classify_by_task(batch, lambda _: model, timings),
+            requests,
+            self.metrics,
+        )
+
+    def memory_figures(self) -> dict[str, int]:
+        return separate_memory(list(self.loaded.values()), self.device)
+
+    async def memory(self) -> tuple[int, dict[str, int]]:
+        return os.getpid(), self.memory_figures()
 
 
 def build_app(args: dict[str, Any]) -> Application:
     """App builder for ``serve run serving.app:build_app artifact=DIR [key=value ...]``.
 
-    Keys: ``artifact`` or ``zoo`` (+ ``tasks``), ``device`` (auto|cpu|cuda), ``replicas``,
-    ``cpus_per_replica``, ``max_batch_size``, ``batch_wait_timeout_s``, ``max_items``,
-    ``max_chars``, ``mixing`` (argmax|softmax), ``expert_cache_size``, ``autoscaling`` (Serve's
-    ``autoscaling_config``; replaces ``replicas``).
+    Keys: ``artifact`` or ``zoo`` (+ ``tasks``, ``models_per_replica``), ``device``
+    (auto|cpu|cuda), ``replicas``, ``cpus_per_replica``, ``max_batch_size``,
+    ``batch_wait_timeout_s``, ``max_items``, ``max_chars``, ``mixing`` (argmax|softmax),
+    ``expert_cache_size``, ``autoscaling`` (Serve's ``autoscaling_config``; replaces
+    ``replicas``). With ``models_per_replica`` the replicas, CPUs and autoscaling apply to the
+    multiplexed model deployment, and one light ingress replica fronts it.
     """
     options = dict(args)
     if options.get("mixing", "argmax") not in MIXING_MODES:
         raise ValueError(
             f"unknown mixing {options['mixing']!r}; allowed: {', '.join(MIXING_MODES)}"
+        )
+    multiplexed = options.get("models_per_replica") is not None
+    if multiplexed and (not options.get("zoo") or int(options["models_per_replica"]) < 1):
+        raise ValueError(
+            "models_per_replica (multiplexed separate models) needs `zoo` and a value >= 1, "
+            f"got zoo={options.get('zoo')!r}, models_per_replica={options['models_per_replica']!r}"
         )
     cpus = float(options.get("cpus_per_replica", 1))
     gpus = (
@@ -174,12 +277,14 @@ def build_app(args: dict[str, Any]) -> Application:
     )
     options.setdefault("threads", max(1, int(cpus)))
     actor = {"num_cpus": cpus, "num_gpus": gpus}
+    worker = MultiplexedModels if multiplexed else ClassifierServer
     if options.get("autoscaling"):  # Serve's autoscaling_config: min/max replicas, delays, ...
-        deployment = ClassifierServer.options(
-            autoscaling_config=options["autoscaling"], ray_actor_options=actor
-        )
+        worker = worker.options(autoscaling_config=options["autoscaling"], ray_actor_options=actor)
     else:
-        deployment = ClassifierServer.options(
+        worker = worker.options(
             num_replicas=int(options.get("replicas", 1)), ray_actor_options=actor
         )
-    return deployment.bind(options)
+    if not multiplexed:
+        return worker.bind(options)
+    ingress = ClassifierServer.options(num_replicas=1, ray_actor_options={"num_cpus": 0})
+    return ingress.bind({**options, "threads": 1}, worker.bind(options))

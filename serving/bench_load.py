@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from merging.adapters import rows_assigned
 from merging.artifact import open_artifact
 from merging.evaluate import task_texts
 from merging.experts import LowRankExpert, SparseExpert
@@ -26,6 +27,9 @@ from merging.machine import describe_machine, machine_line
 from merging.runtime import MergedClassifier
 from serving.loadgen import LoadSpec, run_load_in_process
 from serving.local import free_port, start_local, stop_local
+from serving.metrics import bucket_counts, quantile_of_buckets, scrape
+
+METRICS_INTERVAL_MS = 1000  # Ray's metrics export interval during the bench
 
 SERVER_SETTINGS = {
     "device": "auto",
@@ -45,6 +49,7 @@ class LoadPlan:
     max_seconds: float = 30.0
     memory_tasks: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 16, 64, 128])
     separate_measured_up_to: int = 16
+    models_per_replica: int = 2  # the multiplexed contender holds this many of the N models
 
     @classmethod
     def quick(cls) -> LoadPlan:
@@ -80,18 +85,30 @@ def replica_memory(base_url: str) -> dict:
 
 
 def bench_contender(
+    key: str,
     name: str,
     options: dict,
     tasks: list[str],
     texts: dict[str, list[str]],
     plan: LoadPlan,
     routed: bool,
+    full: bool = True,
 ) -> dict:
-    """Start one contender, run every load scenario against it, stop it."""
+    """Start one contender, run the load scenarios against it, stop it.
+
+    ``full=False`` runs the closed-loop uniform and skewed mixes and one client only (for a
+    contender whose every scenario would take the whole time budget, e.g. a thrashing one).
+    """
     port, metrics_port = free_port(), free_port()
-    start_local({**SERVER_SETTINGS, **options}, port=port, metrics_port=metrics_port)
+    start_local(
+        {**SERVER_SETTINGS, **options},
+        port=port,
+        metrics_port=metrics_port,
+        metrics_interval_ms=METRICS_INTERVAL_MS,
+    )
     base = f"http://127.0.0.1:{port}"
     url = f"{base}/v1/classify"
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     runs = []
     try:
 
@@ -105,31 +122,91 @@ def bench_contender(
                 max_seconds=plan.max_seconds,
                 **kwargs,
             )
+            before = scrape(metrics_url)
             summary = run_load_in_process(spec).summary()
-            runs.append({**kwargs, **summary})
+            server = server_side(before, metrics_url, answered=len(summary["latencies_ms"]))
+            runs.append({**kwargs, **summary, "server": server})
             brief = {k: v for k, v in summary.items() if k != "latencies_ms"}
-            print(f"  {name} {kwargs}: {brief}", flush=True)
+            print(f"  {name} {kwargs}: {brief}, server {server}", flush=True)
 
         load(mode="closed", concurrency=1, mix="identical")  # warm-up, also the floor's scenario
         runs.clear()
-        for concurrency in plan.concurrencies:
-            load(
-                mode="closed",
-                concurrency=concurrency,
-                mix="uniform" if len(tasks) > 1 else "identical",
-            )
-        if len(tasks) > 1:
-            for mix in plan.mixes:
+        if full:
+            for concurrency in plan.concurrencies:
+                load(
+                    mode="closed",
+                    concurrency=concurrency,
+                    mix="uniform" if len(tasks) > 1 else "identical",
+                )
+            if len(tasks) > 1:
+                for mix in plan.mixes:
+                    load(mode="closed", concurrency=plan.mix_concurrency, mix=mix)
+                if routed:
+                    load(
+                        mode="closed", concurrency=plan.mix_concurrency, mix="uniform", tagged=False
+                    )
+            for rate in plan.rates:
+                load(mode="open", rate=rate, mix="uniform" if len(tasks) > 1 else "identical")
+            load(mode="closed", concurrency=1, mix="identical")
+        else:
+            load(mode="closed", concurrency=1, mix="uniform")
+            for mix in ("uniform", "skewed"):
                 load(mode="closed", concurrency=plan.mix_concurrency, mix=mix)
-            if routed:
-                load(mode="closed", concurrency=plan.mix_concurrency, mix="uniform", tagged=False)
-        for rate in plan.rates:
-            load(mode="open", rate=rate, mix="uniform" if len(tasks) > 1 else "identical")
-        load(mode="closed", concurrency=1, mix="identical")
         memory = replica_memory(base)
     finally:
         stop_local()
-    return {"name": name, "options": options, "tasks": tasks, "runs": runs, "memory": memory}
+    return {
+        "key": key,
+        "name": name,
+        "options": options,
+        "tasks": tasks,
+        "runs": runs,
+        "memory": memory,
+    }
+
+
+def _counter_total(families: dict, name: str) -> float:
+    family = families.get(name)
+    return sum(s.value for s in family.samples if s.name.endswith("_total")) if family else 0.0
+
+
+def _histogram_delta(before: dict, after: dict, name: str) -> tuple[dict[float, float], float]:
+    """Bucket counts and sum of a histogram's observations between two scrapes."""
+    old = bucket_counts(before[name]) if name in before else {}
+    new = bucket_counts(after[name]) if name in after else {}
+
+    def total(families: dict) -> float:
+        family = families.get(name)
+        return sum(s.value for s in family.samples if s.name.endswith("_sum")) if family else 0.0
+
+    return {b: new[b] - old.get(b, 0.0) for b in new}, total(after) - total(before)
+
+
+def server_side(before: dict, metrics_url: str, answered: int, wait_s: float = 15.0) -> dict:
+    """What the server's Prometheus metrics saw during one run (after minus before): requests
+    answered, latency quantiles (bucket upper bounds), mean batch size and model loads. Waits
+    until Ray has exported every answered request, at most ``wait_s``.
+    """
+    name = "ray_freemerge_request_latency_seconds"
+    deadline = time.time() + wait_s
+    while True:
+        after = scrape(metrics_url)
+        latency, _ = _histogram_delta(before, after, name)
+        seen = max(latency.values(), default=0.0)
+        if seen >= answered or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    batches, texts = _histogram_delta(before, after, "ray_freemerge_batch_size")
+    batch_count = max(batches.values(), default=0.0)
+    p50, p99 = quantile_of_buckets(latency, 0.5), quantile_of_buckets(latency, 0.99)
+    loads = "ray_freemerge_model_loads"
+    return {
+        "requests": int(seen),
+        "p50_ms_bucket": None if p50 is None else p50 * 1000,
+        "p99_ms_bucket": None if p99 is None else p99 * 1000,
+        "mean_batch_texts": texts / batch_count if batch_count else None,
+        "model_loads": int(_counter_total(after, loads) - _counter_total(before, loads)),
+    }
 
 
 def _measure_memory_child(
@@ -229,31 +306,66 @@ def memory_scaling(artifact: Path, zoo: Path, plan: LoadPlan) -> list[dict]:
 
 
 @torch.no_grad()
-def costs(artifact: Path, texts: list[str], repeats: int = 20) -> dict:
-    """Expert apply+restore against one forward at batch 1 and 32; router against tagged."""
-    model = MergedClassifier(open_artifact(artifact), row_adapters=False)
-    task = model.tasks[0]
+def costs(artifact: Path, texts: list[str], repeats: int = 30) -> dict:
+    """Against one forward at batch 1 and 32: the expert applied in place and restored (the
+    path for sparse experts) and, where the artifact has them, row adapters (the path the
+    server takes for low-rank experts: their cost is the forward with the task's adapters
+    minus the forward without). Also the router against a tagged request.
+    """
+    in_place = MergedClassifier(open_artifact(artifact), row_adapters=False)
+    served = MergedClassifier(open_artifact(artifact))
+    task = in_place.tasks[0]
     out = {}
     for batch_size in (1, 32):
-        batch = model.encode((texts * 32)[:batch_size], 128).batch
-        model.backbone(**batch)
-        forward = _timed(lambda batch=batch: model.backbone(**batch), repeats)
-        apply = _timed(lambda: _enter_and_exit(model.expert_applied(task)), repeats)
-        out[f"batch_{batch_size}"] = {
+        batch = in_place.encode((texts * 32)[:batch_size], 128)
+        in_place.backbone(**batch)
+        forward = _timed(lambda batch=batch: in_place.backbone(**batch), repeats)
+        apply = _timed(lambda: _enter_and_exit(in_place.expert_applied(task)), repeats)
+        figures = {
             "forward_ms": forward * 1000,
             "expert_apply_restore_ms": apply * 1000,
             "apply_share_of_forward": apply / forward,
         }
+        if served.row_adapters is not None:
+            bare, adapted = _timed_pair(
+                lambda batch=batch: served.backbone(**batch),
+                lambda batch=batch: _adapted_forward(served, task, batch),
+                repeats,
+            )
+            figures |= {
+                "row_adapter_forward_ms": adapted * 1000,
+                "row_adapter_share_of_forward": (adapted - bare) / bare,
+            }
+        out[f"batch_{batch_size}"] = figures
     one = texts[:1]
-    tagged = _timed(lambda: model.classify(one, task=task), repeats)
-    if model.router is not None:
-        routed = _timed(lambda: model.classify(one), repeats)
+    tagged = _timed(lambda: in_place.classify(one, task=task), repeats)
+    if in_place.router is not None:
+        routed = _timed(lambda: in_place.classify(one), repeats)
         out["router"] = {
             "tagged_ms": tagged * 1000,
             "untagged_ms": routed * 1000,
             "router_overhead_ms": (routed - tagged) * 1000,
         }
     return out
+
+
+def _adapted_forward(model: MergedClassifier, task: str, batch: object) -> None:
+    with rows_assigned(model.row_adapters, [task] * len(batch["input_ids"])):
+        model.backbone(**batch)
+
+
+def _timed_pair(first: object, second: object, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``first()`` and of ``second()``, run alternately so that the
+    machine's drift hits both alike."""
+    first()
+    second()
+    seconds: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for call, out in ((first, seconds[0]), (second, seconds[1])):
+            start = time.perf_counter()
+            call()
+            out.append(time.perf_counter() - start)
+    return float(np.median(seconds[0])), float(np.median(seconds[1]))
 
 
 def _enter_and_exit(context: object) -> None:
@@ -281,12 +393,32 @@ def run_load_bench(artifact: Path, zoo: Path, plan: LoadPlan) -> dict:
     start = time.perf_counter()
     tasks = list(open_artifact(artifact).tasks)
     texts = contender_texts(tasks)
+    per_replica = min(plan.models_per_replica, len(tasks))
     contenders = [
-        bench_contender("merged", {"artifact": str(artifact)}, tasks, texts, plan, routed=True),
         bench_contender(
-            "separate (all loaded)", {"zoo": str(zoo)}, tasks, texts, plan, routed=False
+            "merged", "merged", {"artifact": str(artifact)}, tasks, texts, plan, routed=True
         ),
         bench_contender(
+            "separate",
+            "separate (all loaded)",
+            {"zoo": str(zoo)},
+            tasks,
+            texts,
+            plan,
+            routed=False,
+        ),
+        bench_contender(
+            "multiplexed",
+            f"separate, multiplexed ({per_replica} of {len(tasks)} per replica)",
+            {"zoo": str(zoo), "models_per_replica": per_replica},
+            tasks,
+            texts,
+            plan,
+            routed=False,
+            full=False,
+        ),
+        bench_contender(
+            "floor",
             "one model alone (floor)",
             {"zoo": str(zoo), "tasks": [tasks[0]]},
             tasks[:1],
@@ -320,7 +452,9 @@ def _run(contender: dict, **match: object) -> dict | None:
 
 def targets(result: dict) -> list[tuple[str, str, bool | None]]:
     """(target, measured, met) rows for the report."""
-    merged, separate, floor = result["contenders"]
+    by_key = {contender["key"]: contender for contender in result["contenders"]}
+    merged, separate = by_key["merged"], by_key["separate"]
+    multiplexed, floor = by_key["multiplexed"], by_key["floor"]
     rows = []
     ratio = merged["memory"]["process_resident_bytes"] / floor["memory"]["process_resident_bytes"]
     weights = (
@@ -345,13 +479,19 @@ def targets(result: dict) -> list[tuple[str, str, bool | None]]:
                 m["throughput_rps"] >= sep["throughput_rps"],
             )
         )
-    rows.append(
-        (
-            "throughput >= 3x the thrashing multiplexed setup",
-            "not measured (no multiplexed contender yet)",
-            None,
-        )
+    mux = _run(
+        multiplexed, mode="closed", mix="uniform", concurrency=result["plan"]["mix_concurrency"]
     )
+    if m and mux:
+        rows.append(
+            (
+                "throughput >= 3x the thrashing multiplexed setup (uniform mix)",
+                f"{m['throughput_rps']:.1f} vs {mux['throughput_rps']:.1f} req/s "
+                f"({m['throughput_rps'] / mux['throughput_rps']:.1f}x; "
+                f"{mux['server']['model_loads']} model loads in {mux['requests']} requests)",
+                m["throughput_rps"] >= 3 * mux["throughput_rps"],
+            )
+        )
     m1 = _run(merged, mode="closed", mix="identical", concurrency=1)
     f1 = _run(floor, mode="closed", mix="identical", concurrency=1)
     if m1 and f1:
@@ -362,10 +502,17 @@ def targets(result: dict) -> list[tuple[str, str, bool | None]]:
                 m1["p50_ms"] <= 1.10 * f1["p50_ms"],
             )
         )
-    share = result["costs"]["batch_1"]["apply_share_of_forward"]
-    rows.append(
-        ("expert apply (+ restore) < 5% of a batch-1 forward", f"{100 * share:.1f}%", share < 0.05)
-    )
+    batch_1 = result["costs"]["batch_1"]
+    if "row_adapter_share_of_forward" in batch_1:  # the path the server takes
+        share = batch_1["row_adapter_share_of_forward"]
+        measured = (
+            f"row adapters (served): {100 * share:.1f}%; in place + restore (sparse path): "
+            f"{100 * batch_1['apply_share_of_forward']:.1f}%"
+        )
+    else:
+        share = batch_1["apply_share_of_forward"]
+        measured = f"in place + restore: {100 * share:.1f}%"
+    rows.append(("expert apply (+ restore) < 5% of a batch-1 forward", measured, share < 0.05))
     return rows
 
 
@@ -393,18 +540,24 @@ def load_markdown(result: dict, command: str) -> str:
         "",
         "## Runs",
         "",
+        "Client side, and what the server's Prometheus metrics saw (p50 as the histogram "
+        "bucket's upper bound, mean texts per batch, models loaded).",
+        "",
         "| contender | mode | concurrency / rate | mix | tagged | requests | errors | req/s "
-        "| p50 ms | p90 ms | p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| p50 ms | p90 ms | p99 ms | server p50 ms <= | batch | loads |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for contender in result["contenders"]:
         for run in contender["runs"]:
             level = run.get("concurrency") if run["mode"] == "closed" else f"{run.get('rate')}/s"
+            server = run["server"]
             lines.append(
                 f"| {contender['name']} | {run['mode']} | {level} | {run['mix']} "
                 f"| {run.get('tagged', True)} | {run['requests']} | {run['errors']} "
                 f"| {run['throughput_rps']:.1f} | {run['p50_ms']:.1f} "
-                f"| {run['p90_ms']:.1f} | {run['p99_ms']:.1f} |"
+                f"| {run['p90_ms']:.1f} | {run['p99_ms']:.1f} "
+                f"| {_figure(server['p50_ms_bucket'], '.0f')} "
+                f"| {_figure(server['mean_batch_texts'], '.1f')} | {server['model_loads']} |"
             )
     lines += [
         "",
@@ -442,15 +595,24 @@ def load_markdown(result: dict, command: str) -> str:
     for batch in ("batch_1", "batch_32"):
         lines.append(f"| forward, {batch.replace('_', ' ')} | {cost[batch]['forward_ms']:.2f} |")
         lines.append(
-            f"| expert apply + restore, {batch.replace('_', ' ')} "
+            f"| expert apply + restore in place, {batch.replace('_', ' ')} "
             f"| {cost[batch]['expert_apply_restore_ms']:.2f} |"
         )
+        if "row_adapter_forward_ms" in cost[batch]:
+            lines.append(
+                f"| forward with row adapters, {batch.replace('_', ' ')} "
+                f"| {cost[batch]['row_adapter_forward_ms']:.2f} |"
+            )
     if "router" in cost:
         lines.append(f"| one text, tagged | {cost['router']['tagged_ms']:.2f} |")
         lines.append(
             f"| one text, untagged (router + forward) | {cost['router']['untagged_ms']:.2f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _figure(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def load_plots(result: dict, out_dir: Path, prefix: str = "load_") -> list[Path]:
@@ -463,15 +625,12 @@ def load_plots(result: dict, out_dir: Path, prefix: str = "load_") -> list[Path]
     paths = []
     figure, axis = plt.subplots(figsize=(6, 4))
     for contender in result["contenders"]:
-        runs = [
-            r
-            for r in contender["runs"]
-            if r["mode"] == "closed"
-            and r.get("tagged", True)
-            and r["mix"] in ("uniform", "identical")
-            and r.get("concurrency")
-        ]
-        points = sorted({r["concurrency"]: r["throughput_rps"] for r in runs[:-1] or runs}.items())
+        mix = "uniform" if len(contender["tasks"]) > 1 else "identical"
+        points: dict[int, float] = {}
+        for r in contender["runs"]:  # the first run per concurrency (the floor repeats c=1)
+            if r["mode"] == "closed" and r.get("tagged", True) and r["mix"] == mix:
+                points.setdefault(r["concurrency"], r["throughput_rps"])
+        points = sorted(points.items())
         axis.plot(
             [p[0] for p in points], [p[1] for p in points], marker="o", label=contender["name"]
         )

@@ -39,9 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     separate.add_argument("zoo", type=Path, help="a zoo folder (see `freemerge zoo path`)")
     separate.add_argument("--tasks", nargs="+", default=None, help="default: every zoo task")
+    separate.add_argument(
+        "--models-per-replica",
+        type=int,
+        default=None,
+        help="serve through Ray Serve model multiplexing with at most this many models per "
+        "replica, loaded on demand (default: every model loaded in each replica)",
+    )
     _add_serving_options(separate)
     separate.set_defaults(
-        handler=lambda args: _serve(args, {"zoo": str(args.zoo), "tasks": args.tasks})
+        handler=lambda args: _serve(
+            args,
+            {
+                "zoo": str(args.zoo),
+                "tasks": args.tasks,
+                "models_per_replica": args.models_per_replica,
+            },
+        )
     )
     demo = commands.add_parser("demo", help="zoo, merge and classify end to end")
     demo.add_argument("--config", type=Path, default=Path("configs/free.yaml"))

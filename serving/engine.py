@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +20,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from merging.artifact import open_artifact
+from merging.batching import Tokenized, default_pass_overhead, plan_passes
 from merging.runtime import MergedClassifier, Prediction, StageTimings
 
 
@@ -178,8 +180,122 @@ class MergedEngine:
         }
 
 
+class ZooTasks:
+    """The zoo's task list and labels, read without loading a model: what a front end needs to
+    check requests and describe the tasks of N separately served models.
+    """
+
+    def __init__(
+        self, zoo_dir: Path, limits: Limits | None = None, tasks: list[str] | None = None
+    ) -> None:
+        self.root = Path(zoo_dir)
+        self.limits = limits or Limits()
+        index = json.loads((self.root / "zoo.json").read_text())
+        self.labels: dict[str, list[str]] = {}
+        for name in tasks or index["tasks"]:
+            path = self.root / "tasks" / name
+            if not (path / "config.json").is_file():
+                raise ValueError(
+                    f"zoo {zoo_dir} has no task {name!r}; it has: {', '.join(index['tasks'])}"
+                )
+            config = json.loads((path / "config.json").read_text())
+            self.labels[name] = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+        self.version = f"separate:{','.join(self.labels)}"
+
+    def path(self, task: str) -> Path:
+        return self.root / "tasks" / task
+
+    def tasks_info(self) -> list[dict]:
+        return [
+            {"task": name, "labels": labels, "expert_bytes": 0, "expert_kind": None}
+            for name, labels in self.labels.items()
+        ]
+
+    def check(self, task: str | None, inputs: object) -> ClassifyRequest:
+        if task is None:
+            raise RequestError(
+                400, f"separate models need a `task`; known tasks: {', '.join(self.labels)}"
+            )
+        if task not in self.labels:
+            raise RequestError(404, f"unknown task {task!r}; known tasks: {', '.join(self.labels)}")
+        return ClassifyRequest(task, check_inputs(inputs, self.limits), time.perf_counter())
+
+
+class TaskModel:
+    """One fine-tuned model and its tokenizer, as the separate-models baseline serves it."""
+
+    def __init__(self, path: Path, task: str, device: torch.device) -> None:
+        self.task = task
+        self.device = device
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        self.max_length = min(
+            self.tokenizer.model_max_length, self.model.config.max_position_embeddings
+        )
+        self.pass_overhead = default_pass_overhead(device)
+
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    @torch.no_grad()
+    def classify(self, texts: list[str], timings: StageTimings) -> list[Prediction]:
+        """Every text with this model, cut into passes by token length like the merged
+        engine's (:func:`plan_passes`), so both sides pay the same padding.
+        """
+        tokens = Tokenized(self.tokenizer, texts, self.max_length)
+        answers: list[Prediction | None] = [None] * len(texts)
+        for rows in plan_passes(tokens.lengths, self.pass_overhead):
+            batch = tokens.padded(rows, self.device)
+            start = time.perf_counter()
+            scores = torch.softmax(self.model(**batch).logits, -1).cpu()
+            timings.add("forward", time.perf_counter() - start)
+            for row, score in zip(rows, scores, strict=True):
+                best = int(score.argmax())
+                answers[row] = Prediction(
+                    task=self.task,
+                    routed=False,
+                    router_confidence=None,
+                    label=self.labels[best],
+                    score=float(score[best]),
+                    scores=dict(zip(self.labels, score.tolist(), strict=True)),
+                    truncated=tokens.truncated[row],
+                )
+        return answers
+
+
+def separate_memory(models: list[TaskModel], device: torch.device) -> dict[str, int]:
+    """Memory figures of a replica holding ``models`` (their weights count as backbone)."""
+    return {
+        "process_resident_bytes": process_resident_bytes(),
+        "device_allocated_bytes": torch.cuda.memory_allocated() if device.type == "cuda" else 0,
+        "backbone_bytes": sum(model.nbytes() for model in models),
+        "resident_expert_bytes": 0,
+    }
+
+
+def classify_by_task(
+    requests: list[ClassifyRequest],
+    model_for: Callable[[str], TaskModel],
+    timings: StageTimings,
+) -> list[list[Prediction]]:
+    """All rows of all requests, each task's rows through ``model_for(task)``."""
+    texts = [text for request in requests for text in request.inputs]
+    tasks = [request.task for request in requests for _ in request.inputs]
+    answers: list[Prediction | None] = [None] * len(texts)
+    for task in dict.fromkeys(tasks):
+        rows = [i for i, t in enumerate(tasks) if t == task]
+        for row, answer in zip(
+            rows, model_for(task).classify([texts[i] for i in rows], timings), strict=True
+        ):
+            answers[row] = answer
+    return split_by_request(answers, requests)
+
+
 class SeparateEngine:
-    """The baseline: N fine-tuned models, each whole, behind the same interface."""
+    """The baseline: N fine-tuned models, each whole and all loaded, behind the same
+    interface; each task's rows run through its own model.
+    """
 
     def __init__(
         self,
@@ -189,89 +305,23 @@ class SeparateEngine:
         tasks: list[str] | None = None,
     ) -> None:
         self.device = pick_device(device)
-        self.limits = limits or Limits()
-        index = json.loads((Path(zoo_dir) / "zoo.json").read_text())
-        names = tasks or index["tasks"]
-        self.models = {}
-        self.tokenizers = {}
-        for name in names:
-            path = Path(zoo_dir) / "tasks" / name
-            if not (path / "config.json").is_file():
-                raise ValueError(
-                    f"zoo {zoo_dir} has no task {name!r}; it has: {', '.join(index['tasks'])}"
-                )
-            self.models[name] = (
-                AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
-            )
-            self.tokenizers[name] = AutoTokenizer.from_pretrained(path)
-        self.version = f"separate:{','.join(self.models)}"
+        self.zoo = ZooTasks(zoo_dir, limits, tasks)
+        self.limits = self.zoo.limits
+        self.version = self.zoo.version
+        self.models = {
+            task: TaskModel(self.zoo.path(task), task, self.device) for task in self.zoo.labels
+        }
 
     def tasks_info(self) -> list[dict]:
-        return [
-            {
-                "task": name,
-                "labels": list(model.config.id2label.values()),
-                "expert_bytes": 0,
-                "expert_kind": None,
-            }
-            for name, model in self.models.items()
-        ]
+        return self.zoo.tasks_info()
 
     def check(self, task: str | None, inputs: object) -> ClassifyRequest:
-        if task is None:
-            raise RequestError(
-                400, f"separate models need a `task`; known tasks: {', '.join(self.models)}"
-            )
-        if task not in self.models:
-            raise RequestError(404, f"unknown task {task!r}; known tasks: {', '.join(self.models)}")
-        return ClassifyRequest(task, check_inputs(inputs, self.limits), time.perf_counter())
+        return self.zoo.check(task, inputs)
 
-    @torch.no_grad()
     def classify_requests(
         self, requests: list[ClassifyRequest], timings: StageTimings
     ) -> list[list[Prediction]]:
-        """All rows of all requests: one forward per task, through that task's own model."""
-        texts = [text for request in requests for text in request.inputs]
-        tasks = [request.task for request in requests for _ in request.inputs]
-        answers: list[Prediction | None] = [None] * len(texts)
-        for task in dict.fromkeys(tasks):
-            rows = [i for i, t in enumerate(tasks) if t == task]
-            model, tokenizer = self.models[task], self.tokenizers[task]
-            limit = min(tokenizer.model_max_length, model.config.max_position_embeddings)
-            batch = tokenizer(
-                [texts[i] for i in rows],
-                truncation=True,
-                max_length=limit,
-                padding=True,
-                return_tensors="pt",
-            )
-            truncated = [bool(e.overflowing) for e in batch.encodings]
-            start = time.perf_counter()
-            scores = torch.softmax(model(**batch.to(self.device)).logits, -1).cpu()
-            timings.add("forward", time.perf_counter() - start)
-            labels = list(model.config.id2label.values())
-            for row, score, cut in zip(rows, scores, truncated, strict=True):
-                best = int(score.argmax())
-                answers[row] = Prediction(
-                    task,
-                    False,
-                    None,
-                    labels[best],
-                    float(score[best]),
-                    dict(zip(labels, score.tolist(), strict=True)),
-                    cut,
-                )
-        return split_by_request(answers, requests)
+        return classify_by_task(requests, self.models.__getitem__, timings)
 
     def memory(self) -> dict[str, int]:
-        weights = sum(
-            p.numel() * p.element_size() for m in self.models.values() for p in m.parameters()
-        )
-        return {
-            "process_resident_bytes": process_resident_bytes(),
-            "device_allocated_bytes": torch.cuda.memory_allocated()
-            if self.device.type == "cuda"
-            else 0,
-            "backbone_bytes": weights,
-            "resident_expert_bytes": 0,
-        }
+        return separate_memory(list(self.models.values()), self.device)

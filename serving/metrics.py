@@ -55,6 +55,14 @@ class ServerMetrics:
         self.confidence = Histogram(
             "freemerge_router_confidence", "Router top probability", CONFIDENCE_BOUNDARIES
         )
+        self.model_loads = Counter(
+            "freemerge_model_loads_total",
+            "Separate models loaded by a multiplexed replica",
+            tag_keys=("task",),
+        )
+        self.model_load = Histogram(
+            "freemerge_model_load_seconds", "Seconds to load one separate model", LATENCY_BOUNDARIES
+        )
         self.memory = {
             name: Gauge(f"freemerge_{name}", name.replace("_", " ")) for name in MEMORY_GAUGES
         }
@@ -65,6 +73,10 @@ class ServerMetrics:
         self.requests.inc(tags={"task": tag, "status": str(status)})
         if seconds is not None:
             self.latency.observe(seconds, tags={"task": tag})
+
+    def model_loaded(self, task: str, seconds: float) -> None:
+        self.model_loads.inc(tags={"task": task})
+        self.model_load.observe(seconds)
 
     def batch(
         self, queue_seconds: list[float], timings: StageTimings, answers: list[list[Prediction]]
@@ -112,9 +124,9 @@ def scrape(url: str, timeout: float = 10.0) -> dict[str, Metric]:
     return {family.name: family for family in text_string_to_metric_families(text)}
 
 
-def histogram_quantile(family: Metric, quantile: float, **labels: str) -> float | None:
-    """The upper bound of the bucket holding ``quantile`` of the observations (summed over
-    replicas), as Prometheus' histogram_quantile would estimate it without interpolation."""
+def bucket_counts(family: Metric, **labels: str) -> dict[float, float]:
+    """Cumulative observations per bucket upper bound of a histogram, summed over replicas
+    and over the labels not given."""
     buckets: dict[float, float] = {}
     for sample in family.samples:
         if sample.name.endswith("_bucket") and all(
@@ -122,7 +134,18 @@ def histogram_quantile(family: Metric, quantile: float, **labels: str) -> float 
         ):
             bound = float(sample.labels["le"])
             buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    return buckets
+
+
+def quantile_of_buckets(buckets: dict[float, float], quantile: float) -> float | None:
+    """The upper bound of the bucket holding ``quantile`` of the observations, as
+    Prometheus' histogram_quantile would estimate it without interpolation."""
     if not buckets or max(buckets.values()) == 0:
         return None
     total = buckets[max(buckets)]
     return next(bound for bound in sorted(buckets) if buckets[bound] >= quantile * total)
+
+
+def histogram_quantile(family: Metric, quantile: float, **labels: str) -> float | None:
+    """:func:`quantile_of_buckets` of a histogram family (summed over replicas)."""
+    return quantile_of_buckets(bucket_counts(family, **labels), quantile)

@@ -35,10 +35,23 @@ def test_load_harness_runs_and_its_output_parses(tiny_zoo, tiny_routed_artifact,
     artifact = tiny_routed_artifact
     result = json.loads(json.dumps(run_load_bench(artifact, tiny_zoo.root, TINY_PLAN)))
     names = [c["name"] for c in result["contenders"]]
-    assert names == ["merged", "separate (all loaded)", "one model alone (floor)"]
+    assert names == [
+        "merged",
+        "separate (all loaded)",
+        "separate, multiplexed (2 of 3 per replica)",
+        "one model alone (floor)",
+    ]
     for contender in result["contenders"]:
         assert contender["runs"] and all(run["errors"] == 0 for run in contender["runs"])
         assert contender["memory"]["process_resident_bytes"] > 0
+        for run in contender["runs"]:  # the server's metrics saw every answered request
+            assert run["server"]["requests"] == len(run["latencies_ms"])
+    multiplexed = result["contenders"][2]
+    assert (
+        multiplexed["memory"]["backbone_bytes"]
+        <= 2 * result["contenders"][3]["memory"]["backbone_bytes"] * 1.01
+    )
+    assert sum(run["server"]["model_loads"] for run in multiplexed["runs"]) > 0
     assert any(not run["tagged"] for run in result["contenders"][0]["runs"])
     scaling = result["memory_scaling"]
     assert [(r["kind"], r["tasks"], r["computed"]) for r in scaling] == [

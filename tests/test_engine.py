@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from merging.adapters import rows_assigned
 from merging.artifact import open_artifact
 from merging.config import parse_config
 from merging.evaluate import task_texts
@@ -171,3 +172,15 @@ def test_separate_engine_matches_each_fine_tuned_model(tiny_zoo, texts):
     assert err.value.status == 400
     one_model = sum(p.numel() * p.element_size() for p in model.parameters())
     assert 2.99 < engine.memory()["backbone_bytes"] / one_model < 3.01
+
+
+def test_row_adapters_follow_the_task_of_each_row_in_any_order(artifacts, texts):
+    model = MergedClassifier(open_artifact(artifacts["lowrank"]))
+    rows = [texts["sms_spam"][0], texts["debate_party"][0], texts["sms_spam"][1]]
+    tasks = ["sms_spam", "debate_party", "sms_spam"]
+    batch = model.encode(rows)
+    with torch.no_grad(), rows_assigned(model.row_adapters, tasks):
+        together = model.backbone(**batch).pooler_output
+    for i, (text, task) in enumerate(zip(rows, tasks, strict=True)):
+        alone = model.pooled(task, model.encode([text]))
+        assert torch.allclose(together[i], alone[0], atol=1e-5)

@@ -67,7 +67,7 @@ def test_routed_answer_equals_the_tagged_answer_for_the_routed_task(routed_model
 
 def test_softmax_mixing_with_one_hot_weights_is_the_single_expert(routed_model):
     texts = task_texts("debate_party", "test")[0][:8]
-    batch = routed_model.encode(texts).batch
+    batch = routed_model.encode(texts)
     with routed_model.mixture_applied({"debate_party": 1.0, "sms_spam": 0.0, "bbc_topic": 0.0}):
         mixed = routed_model.backbone(**batch).pooler_output
     single = routed_model.pooled("debate_party", batch)

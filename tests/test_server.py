@@ -2,28 +2,16 @@
 
 import json
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from live_server import call, live_server
 
 from merging.artifact import open_artifact
 from merging.evaluate import task_texts
 from merging.runtime import StageTimings
 from serving.engine import ClassifyRequest, MergedEngine
-from serving.local import free_port, start_local, stop_local
 from serving.metrics import scrape
-
-
-def call(url, body=None, raw=None):
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +21,7 @@ def artifact(tiny_routed_artifact):
 
 @pytest.fixture(scope="module")
 def server(artifact):
-    port, metrics_port = free_port(), free_port()
-    start_local(
+    with live_server(
         {
             "artifact": str(artifact),
             "device": "cpu",
@@ -42,16 +29,9 @@ def server(artifact):
             "batch_wait_timeout_s": 0.01,
             "max_items": 8,
             "max_chars": 5000,
-        },
-        port=port,
-        metrics_port=metrics_port,
-        num_cpus=2,
-        metrics_interval_ms=500,
-    )
-    try:
-        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
-    finally:
-        stop_local()
+        }
+    ) as urls:
+        yield urls
 
 
 @pytest.fixture(scope="module")

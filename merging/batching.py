@@ -1,0 +1,70 @@
+"""How the rows of one batch are cut into forward passes.
+
+A pass pads every row to its longest, so one pass over short and long texts together spends
+most of its work on padding. :func:`plan_passes` sorts the rows by token length and cuts the
+sorted list where that pays, minimising (dynamic programming over the cut points)
+
+    sum over passes k of  overhead + rows_k * longest_k
+
+where ``overhead`` is the fixed cost of one pass in token-equivalents. On a CPU a pass costs
+little beyond its tokens (small overhead, many passes); on a GPU the fixed cost dominates
+(large overhead, few passes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import BatchEncoding, PreTrainedTokenizerBase
+
+PASS_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 4096}
+
+
+def default_pass_overhead(device: torch.device) -> int:
+    """The fixed cost of one forward pass in tokens, by device type."""
+    return PASS_OVERHEAD_TOKENS.get(device.type, PASS_OVERHEAD_TOKENS["cuda"])
+
+
+def plan_passes(lengths: list[int], overhead: int) -> list[list[int]]:
+    """Row indices per pass, each pass in ascending length, minimising padded tokens plus
+    ``overhead`` per pass (see the module docstring). ``overhead`` must be >= 0.
+    """
+    if overhead < 0:
+        raise ValueError(f"pass overhead must be >= 0 tokens, got {overhead}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sorted_lengths = np.array([lengths[i] for i in order], dtype=np.int64)
+    n = len(order)
+    cost = np.zeros(n + 1, dtype=np.int64)
+    cut = np.zeros(n + 1, dtype=np.int64)  # the pass ending at row j starts at cut[j]
+    for j in range(1, n + 1):
+        starts = np.arange(j)
+        # rows starts..j-1 in one pass, padded to sorted_lengths[j - 1]
+        candidates = cost[:j] + overhead + (j - starts) * sorted_lengths[j - 1]
+        cut[j] = int(np.argmin(candidates))
+        cost[j] = candidates[cut[j]]
+    passes = []
+    stop = n
+    while stop > 0:
+        passes.append(order[cut[stop] : stop])
+        stop = int(cut[stop])
+    return passes[::-1]
+
+
+class Tokenized:
+    """Texts tokenized once, unpadded; :meth:`padded` pads any subset of rows into tensors.
+
+    Texts longer than ``max_length`` tokens are truncated and flagged in ``truncated`` (a fast
+    tokenizer keeps what truncation cut off in each encoding's ``overflowing``).
+    """
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.encoding = tokenizer(texts, truncation=True, max_length=max_length)
+        self.truncated = [bool(encoding.overflowing) for encoding in self.encoding.encodings]
+        self.lengths = [len(ids) for ids in self.encoding["input_ids"]]
+
+    def padded(self, rows: list[int], device: torch.device) -> BatchEncoding:
+        subset = {key: [values[i] for i in rows] for key, values in self.encoding.items()}
+        return self.tokenizer.pad(subset, return_tensors="pt").to(device)
