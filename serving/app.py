@@ -13,7 +13,9 @@ import asyncio
 import os
 import time
 import weakref
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import torch
 from fastapi import FastAPI, Request
@@ -39,6 +41,8 @@ from serving.engine import (
     separate_memory,
 )
 from serving.metrics import ServerMetrics
+
+T = TypeVar("T")
 
 api = FastAPI(
     title="freemerge",
@@ -106,17 +110,38 @@ def build_engine(options: dict[str, Any]) -> Engine:
     raise ValueError("the app needs `artifact` (a merged artifact) or `zoo` (separate models)")
 
 
-async def answer_batch(
-    classify: Any, requests: list[ClassifyRequest], metrics: ServerMetrics
-) -> list[list[Any]]:
-    """Run ``classify(requests, timings)`` on one batch and record its metrics.
+class ModelThread:
+    """The one thread that does a replica's torch work, loading and batches alike.
 
-    The model runs off the event loop so new requests keep queueing for the next batch;
-    batches never overlap (one at a time), so in-place expert swaps cannot interleave.
+    The model runs off the event loop so new requests keep queueing for the next batch, and
+    always on this same thread: PyTorch's OpenMP pool belongs to the calling thread, and a
+    second pool beside it on a few cores slowed every forward (~25% on 2 cores). Batches
+    never overlap, so in-place expert swaps cannot interleave.
     """
+
+    def __init__(self, threads: int) -> None:
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="freemerge-model")
+        self.call(torch.set_num_threads, max(1, threads))
+
+    def call(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` on the model thread, waiting for it (for ``__init__``)."""
+        return self.executor.submit(function, *args).result()
+
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` on the model thread without blocking the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+
+
+async def answer_batch(
+    model_thread: ModelThread,
+    classify: Callable[[list[ClassifyRequest], StageTimings], list[list[Any]]],
+    requests: list[ClassifyRequest],
+    metrics: ServerMetrics,
+) -> list[list[Any]]:
+    """Run ``classify(requests, timings)`` on one batch on the model thread; record metrics."""
     started = time.perf_counter()
     timings = StageTimings()
-    answers = await asyncio.to_thread(classify, requests, timings)
+    answers = await model_thread.run(classify, requests, timings)
     metrics.batch([started - r.arrived for r in requests], timings, answers)
     return answers
 
@@ -134,11 +159,11 @@ class ClassifierServer:
     """
 
     def __init__(self, options: dict[str, Any], models: DeploymentHandle | None = None) -> None:
-        torch.set_num_threads(max(1, int(options.get("threads", 1))))
         self.metrics = ServerMetrics()
         self.models = models
         if models is None:
-            self.engine: Engine | ZooTasks = build_engine(options)
+            self.model_thread = ModelThread(int(options.get("threads", 1)))
+            self.engine: Engine | ZooTasks = self.model_thread.call(build_engine, options)
             self.metrics.refresh_memory_every(2.0, self.engine.memory)
             set_batching(self.classify_batch, options)
         else:
@@ -166,7 +191,9 @@ class ClassifierServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def classify_batch(self, requests: list[ClassifyRequest]) -> list[list[Any]]:
-        answers = await answer_batch(self.engine.classify_requests, requests, self.metrics)
+        answers = await answer_batch(
+            self.model_thread, self.engine.classify_requests, requests, self.metrics
+        )
         cache = getattr(getattr(self.engine, "model", None), "expert_cache", None)
         if cache is not None:
             self.metrics.cache(cache.hits, cache.misses)
@@ -208,7 +235,7 @@ class MultiplexedModels:
     """
 
     def __init__(self, options: dict[str, Any]) -> None:
-        torch.set_num_threads(max(1, int(options.get("threads", 1))))
+        self.model_thread = ModelThread(int(options.get("threads", 1)))
         self.device = pick_device(options.get("device", "auto"))
         self.zoo = ZooTasks(options["zoo"], build_limits(options), task_list(options))
         self.metrics = ServerMetrics()
@@ -216,7 +243,7 @@ class MultiplexedModels:
 
         async def load_model(task: str) -> TaskModel:
             start = time.perf_counter()
-            model = await asyncio.to_thread(TaskModel, self.zoo.path(task), task, self.device)
+            model = await self.model_thread.run(TaskModel, self.zoo.path(task), task, self.device)
             self.metrics.model_loaded(task, time.perf_counter() - start)
             self.loaded[task] = model
             return model
@@ -235,6 +262,7 @@ class MultiplexedModels:
         """Serve splits batches by model id, so every request here is for one task."""
         model = await self.load_model(serve.get_multiplexed_model_id())
         return await answer_batch(
+            self.model_thread,
             lambda batch, timings: classify_by_task(batch, lambda _: model, timings),
             requests,
             self.metrics,

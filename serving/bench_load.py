@@ -170,41 +170,36 @@ def _counter_total(families: dict, name: str) -> float:
     return sum(s.value for s in family.samples if s.name.endswith("_total")) if family else 0.0
 
 
-def _histogram_delta(before: dict, after: dict, name: str) -> tuple[dict[float, float], float]:
-    """Bucket counts and sum of a histogram's observations between two scrapes."""
+def _histogram_delta(before: dict, after: dict, name: str) -> dict[float, float]:
+    """Bucket counts of a histogram's observations between two scrapes. (Ray exports a
+    histogram's ``_sum`` from bucket midpoints, so only the buckets are exact.)"""
     old = bucket_counts(before[name]) if name in before else {}
     new = bucket_counts(after[name]) if name in after else {}
-
-    def total(families: dict) -> float:
-        family = families.get(name)
-        return sum(s.value for s in family.samples if s.name.endswith("_sum")) if family else 0.0
-
-    return {b: new[b] - old.get(b, 0.0) for b in new}, total(after) - total(before)
+    return {b: new[b] - old.get(b, 0.0) for b in new}
 
 
 def server_side(before: dict, metrics_url: str, answered: int, wait_s: float = 15.0) -> dict:
     """What the server's Prometheus metrics saw during one run (after minus before): requests
-    answered, latency quantiles (bucket upper bounds), mean batch size and model loads. Waits
+    answered, latency and batch-size medians (bucket upper bounds) and model loads. Waits
     until Ray has exported every answered request, at most ``wait_s``.
     """
     name = "ray_freemerge_request_latency_seconds"
     deadline = time.time() + wait_s
     while True:
         after = scrape(metrics_url)
-        latency, _ = _histogram_delta(before, after, name)
+        latency = _histogram_delta(before, after, name)
         seen = max(latency.values(), default=0.0)
         if seen >= answered or time.time() > deadline:
             break
         time.sleep(0.5)
-    batches, texts = _histogram_delta(before, after, "ray_freemerge_batch_size")
-    batch_count = max(batches.values(), default=0.0)
+    batches = _histogram_delta(before, after, "ray_freemerge_batch_size")
     p50, p99 = quantile_of_buckets(latency, 0.5), quantile_of_buckets(latency, 0.99)
     loads = "ray_freemerge_model_loads"
     return {
         "requests": int(seen),
         "p50_ms_bucket": None if p50 is None else p50 * 1000,
         "p99_ms_bucket": None if p99 is None else p99 * 1000,
-        "mean_batch_texts": texts / batch_count if batch_count else None,
+        "batch_p50_texts_bucket": quantile_of_buckets(batches, 0.5),
         "model_loads": int(_counter_total(after, loads) - _counter_total(before, loads)),
     }
 
@@ -541,10 +536,10 @@ def load_markdown(result: dict, command: str) -> str:
         "## Runs",
         "",
         "Client side, and what the server's Prometheus metrics saw (p50 as the histogram "
-        "bucket's upper bound, mean texts per batch, models loaded).",
+        "bucket's upper bound, texts per batch at the median, models loaded).",
         "",
         "| contender | mode | concurrency / rate | mix | tagged | requests | errors | req/s "
-        "| p50 ms | p90 ms | p99 ms | server p50 ms <= | batch | loads |",
+        "| p50 ms | p90 ms | p99 ms | server p50 ms <= | batch p50 <= | loads |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for contender in result["contenders"]:
@@ -557,7 +552,7 @@ def load_markdown(result: dict, command: str) -> str:
                 f"| {run['throughput_rps']:.1f} | {run['p50_ms']:.1f} "
                 f"| {run['p90_ms']:.1f} | {run['p99_ms']:.1f} "
                 f"| {_figure(server['p50_ms_bucket'], '.0f')} "
-                f"| {_figure(server['mean_batch_texts'], '.1f')} | {server['model_loads']} |"
+                f"| {_figure(server['batch_p50_texts_bucket'], '.0f')} | {server['model_loads']} |"
             )
     lines += [
         "",
