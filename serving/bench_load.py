@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class LoadPlan:
     memory_tasks: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 16, 64, 128])
     separate_measured_up_to: int = 16
     models_per_replica: int = 2  # the multiplexed contender holds this many of the N models
+    merge_methods: list[str] = field(default_factory=lambda: list(MERGE_METHODS))
 
     @classmethod
     def quick(cls) -> LoadPlan:
@@ -62,6 +64,7 @@ class LoadPlan:
             max_seconds=20.0,
             memory_tasks=[1, 6, 16],
             separate_measured_up_to=6,
+            merge_methods=["task arithmetic", "FREE, low-rank experts rank 4"],
         )
 
 
@@ -363,6 +366,74 @@ def _timed_pair(first: object, second: object, repeats: int) -> tuple[float, flo
     return float(np.median(seconds[0])), float(np.median(seconds[1]))
 
 
+# Merge methods for the cost table, each with its parameters as picked on validation
+# (benchmarks/results/merge_quality.md); the FREE rows without a router.
+FR_PARAMETERS = {"scaling": 0.5, "filter": {"mode": "reference", "ratio": 0.5}}
+MERGE_METHODS = {
+    "average": ("average", {}),
+    "task arithmetic": ("task_arithmetic", {"scaling": 0.3}),
+    "TIES": ("ties", {"scaling": 1.0, "ties": {"density": 0.2}}),
+    "FR (reference filter)": ("fr", FR_PARAMETERS),
+    "FREE, sparse experts 1%": (
+        "free",
+        {**FR_PARAMETERS, "experts": {"kind": "sparse", "density": 0.01}},
+    ),
+    "FREE, low-rank experts rank 4": (
+        "free",
+        {
+            **FR_PARAMETERS,
+            "experts": {"kind": "lowrank", "rank": 4, "vectors": "skip", "skip": "embeddings\\."},
+        },
+    ),
+}
+
+
+def _merge_child(zoo: str, method: str, parameters: dict, out: str, queue: object) -> None:
+    from merging.config import parse_config
+    from merging.merge import run_merge
+    from serving.engine import process_resident_bytes
+
+    imported = process_resident_bytes()  # the interpreter with torch and transformers
+    config = parse_config({"zoo": zoo, "method": method, "parameters": parameters})
+    summary = run_merge(config, Path(out), show_progress=False)
+    artifact = open_artifact(Path(out))
+    heads = {t: artifact.path(e["head"]).stat().st_size for t, e in artifact.tasks.items()}
+    queue.put(
+        {
+            "wall_seconds": summary.wall_seconds,
+            "peak_rss_bytes": int(summary.peak_rss_mib * 2**20),
+            "rss_after_imports_bytes": imported,
+            "backbone_bytes": summary.backbone_bytes,
+            "per_task_bytes": {t: summary.expert_bytes.get(t, 0) + heads[t] for t in heads},
+            "artifact_bytes": sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file()),
+        }
+    )
+
+
+def merge_costs(zoo: Path, names: list[str], scratch: Path) -> list[dict]:
+    """Wall time, peak resident memory and artifact bytes of each merge method, every merge
+    in a fresh process (so the peak is that merge's own)."""
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for name in names:
+        method, parameters = MERGE_METHODS[name]
+        queue = context.Queue()
+        out = scratch / name.replace(" ", "_").replace(",", "")
+        process = context.Process(
+            target=_merge_child, args=(str(zoo), method, parameters, str(out), queue)
+        )
+        process.start()
+        row = {"name": name, "method": method, "parameters": parameters, **queue.get(timeout=1800)}
+        process.join(timeout=60)
+        rows.append(row)
+        print(
+            f"  merge {name}: {row['wall_seconds']:.1f} s, "
+            f"peak {row['peak_rss_bytes'] / 2**20:.0f} MiB",
+            flush=True,
+        )
+    return rows
+
+
 def _enter_and_exit(context: object) -> None:
     with context:
         pass
@@ -426,6 +497,9 @@ def run_load_bench(artifact: Path, zoo: Path, plan: LoadPlan) -> dict:
     scaling = memory_scaling(artifact, zoo, plan)
     print("== costs", flush=True)
     cost = costs(artifact, texts[tasks[0]])
+    print("== merge costs", flush=True)
+    with tempfile.TemporaryDirectory(prefix="freemerge-merge-costs-") as scratch:
+        merges = merge_costs(zoo, plan.merge_methods, Path(scratch))
     return {
         "machine": describe_machine(),
         "settings": SERVER_SETTINGS,
@@ -434,6 +508,7 @@ def run_load_bench(artifact: Path, zoo: Path, plan: LoadPlan) -> dict:
         "contenders": contenders,
         "memory_scaling": scaling,
         "costs": cost,
+        "merge_costs": merges,
         "wall_seconds": round(time.perf_counter() - start),
     }
 
@@ -602,6 +677,23 @@ def load_markdown(result: dict, command: str) -> str:
         lines.append(f"| one text, tagged | {cost['router']['tagged_ms']:.2f} |")
         lines.append(
             f"| one text, untagged (router + forward) | {cost['router']['untagged_ms']:.2f} |"
+        )
+    lines += [
+        "",
+        "## Merge costs",
+        "",
+        "Each merge in a fresh process; peak resident memory includes the interpreter with "
+        "torch and transformers (the last column). Artifact bytes per task: expert + head.",
+        "",
+        "| method | wall s | peak RSS MiB | artifact MiB | per task KiB | RSS after imports MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result["merge_costs"]:
+        per_task = max(row["per_task_bytes"].values()) / 1024
+        lines.append(
+            f"| {row['name']} | {row['wall_seconds']:.1f} | {row['peak_rss_bytes'] / mib:.0f} "
+            f"| {row['artifact_bytes'] / mib:.1f} | {per_task:.0f} "
+            f"| {row['rss_after_imports_bytes'] / mib:.0f} |"
         )
     return "\n".join(lines) + "\n"
 

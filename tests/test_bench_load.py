@@ -16,6 +16,7 @@ TINY_PLAN = LoadPlan(
     max_seconds=20.0,
     memory_tasks=[1, 4],
     separate_measured_up_to=3,
+    merge_methods=["task arithmetic", "FREE, low-rank experts rank 4"],
 )
 
 
@@ -62,8 +63,14 @@ def test_load_harness_runs_and_its_output_parses(tiny_zoo, tiny_routed_artifact,
     ]
     assert scaling[3]["weights_bytes"] > 3 * scaling[2]["weights_bytes"]
     assert result["costs"]["batch_1"]["forward_ms"] > 0
+    assert result["costs"]["batch_1"]["row_adapter_forward_ms"] > 0
+    plain, free = result["merge_costs"]
+    assert plain["wall_seconds"] > 0 and plain["peak_rss_bytes"] > plain["rss_after_imports_bytes"]
+    # experts make the artifact bigger per task; heads alone are tiny
+    assert min(free["per_task_bytes"].values()) > max(plain["per_task_bytes"].values()) > 0
     assert len(targets(result)) == 5
     markdown = load_markdown(result, "freemerge bench load")
     assert "## Targets" in markdown and "| merged | closed |" in markdown
+    assert "| FREE, low-rank experts rank 4 |" in markdown
     paths = load_plots(result, tmp_path)
     assert all(p.stat().st_size > 1000 for p in paths) and len(paths) == 3
