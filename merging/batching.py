@@ -20,9 +20,14 @@ from transformers import BatchEncoding, PreTrainedTokenizerBase
 PASS_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 4096}
 
 
-def default_pass_overhead(device: torch.device) -> int:
-    """The fixed cost of one forward pass in tokens, by device type."""
-    return PASS_OVERHEAD_TOKENS.get(device.type, PASS_OVERHEAD_TOKENS["cuda"])
+def pass_overhead(device: torch.device, tokens: int | None = None) -> int:
+    """The fixed cost of one forward pass in tokens: ``tokens`` when given, else the
+    device type's default (:data:`PASS_OVERHEAD_TOKENS`)."""
+    if tokens is None:
+        return PASS_OVERHEAD_TOKENS.get(device.type, PASS_OVERHEAD_TOKENS["cuda"])
+    if tokens < 0:
+        raise ValueError(f"pass overhead must be >= 0 tokens, got {tokens}")
+    return tokens
 
 
 def plan_passes(lengths: list[int], overhead: int) -> list[list[int]]:

@@ -21,7 +21,7 @@ from transformers import AutoModel, AutoTokenizer, BatchEncoding
 
 from merging.adapters import RowTasks, install_row_adapters, rows_assigned, supports_row_adapters
 from merging.artifact import Artifact
-from merging.batching import Tokenized, default_pass_overhead, plan_passes
+from merging.batching import Tokenized, pass_overhead, plan_passes
 from merging.experts import Expert, load_expert
 from merging.router import load_router, mean_pooled
 
@@ -100,14 +100,12 @@ class MergedClassifier:
         device: str | torch.device = "cpu",
         expert_cache_size: int = 8,
         row_adapters: bool = True,
-        pass_overhead: int | None = None,
+        pass_overhead_tokens: int | None = None,
     ) -> None:
         self.artifact = artifact
         self.device = torch.device(device)
         # the fixed cost of one forward pass in tokens, for cutting batches by length
-        self.pass_overhead = (
-            default_pass_overhead(self.device) if pass_overhead is None else pass_overhead
-        )
+        self.pass_overhead = pass_overhead(self.device, pass_overhead_tokens)
         self.tokenizer = AutoTokenizer.from_pretrained(artifact.backbone)
         self.backbone = AutoModel.from_pretrained(artifact.backbone).to(self.device).eval()
         self.parameters = dict(self.backbone.named_parameters())

@@ -94,6 +94,12 @@ def task_list(options: dict[str, Any]) -> list[str] | None:
     return tasks.split(",") if isinstance(tasks, str) else tasks
 
 
+def pass_overhead_tokens(options: dict[str, Any]) -> int | None:
+    """``pass_overhead_tokens`` as an int; None (absent) means the device's default."""
+    tokens = options.get("pass_overhead_tokens")
+    return None if tokens is None else int(tokens)
+
+
 def build_engine(options: dict[str, Any]) -> Engine:
     limits = build_limits(options)
     device = options.get("device", "auto")
@@ -104,9 +110,12 @@ def build_engine(options: dict[str, Any]) -> Engine:
             limits,
             options.get("mixing", "argmax"),
             int(options.get("expert_cache_size", 8)),
+            pass_overhead_tokens(options),
         )
     if options.get("zoo"):
-        return SeparateEngine(options["zoo"], device, limits, task_list(options))
+        return SeparateEngine(
+            options["zoo"], device, limits, task_list(options), pass_overhead_tokens(options)
+        )
     raise ValueError("the app needs `artifact` (a merged artifact) or `zoo` (separate models)")
 
 
@@ -243,7 +252,9 @@ class MultiplexedModels:
 
         async def load_model(task: str) -> TaskModel:
             start = time.perf_counter()
-            model = await self.model_thread.run(TaskModel, self.zoo.path(task), task, self.device)
+            model = await self.model_thread.run(
+                TaskModel, self.zoo.path(task), task, self.device, pass_overhead_tokens(options)
+            )
             self.metrics.model_loaded(task, time.perf_counter() - start)
             self.loaded[task] = model
             return model
@@ -281,9 +292,11 @@ def build_app(args: dict[str, Any]) -> Application:
     Keys: ``artifact`` or ``zoo`` (+ ``tasks``, ``models_per_replica``), ``device``
     (auto|cpu|cuda), ``replicas``, ``cpus_per_replica``, ``max_batch_size``,
     ``batch_wait_timeout_s``, ``max_items``, ``max_chars``, ``mixing`` (argmax|softmax),
-    ``expert_cache_size``, ``autoscaling`` (Serve's ``autoscaling_config``; replaces
-    ``replicas``). With ``models_per_replica`` the replicas, CPUs and autoscaling apply to the
-    multiplexed model deployment, and one light ingress replica fronts it.
+    ``expert_cache_size``, ``pass_overhead_tokens`` (the fixed cost of a forward pass in
+    tokens, for cutting batches by length; default by device), ``autoscaling`` (Serve's
+    ``autoscaling_config``; replaces ``replicas``). With ``models_per_replica`` the replicas,
+    CPUs and autoscaling apply to the multiplexed model deployment, and one light ingress
+    replica fronts it.
     """
     options = dict(args)
     if options.get("mixing", "argmax") not in MIXING_MODES:

@@ -84,6 +84,13 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
         default=8,
         help="experts kept on the GPU at once (least recently used out first)",
     )
+    parser.add_argument(
+        "--pass-overhead-tokens",
+        type=int,
+        default=None,
+        help="fixed cost of one forward pass in tokens, for cutting batches into passes by "
+        "length (default: 64 on the CPU, 4096 on a GPU; 0 cuts at every length)",
+    )
 
 
 def _serve(args: argparse.Namespace, source: dict) -> int:
@@ -98,6 +105,7 @@ def _serve(args: argparse.Namespace, source: dict) -> int:
         "max_chars": args.max_chars,
         "mixing": args.mixing,
         "expert_cache_size": args.expert_cache_size,
+        "pass_overhead_tokens": args.pass_overhead_tokens,
     }
     return serve_until_signalled(options, args.host, args.port, args.metrics_port)
 

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from merging.artifact import open_artifact
-from merging.batching import Tokenized, default_pass_overhead, plan_passes
+from merging.batching import Tokenized, pass_overhead, plan_passes
 from merging.runtime import MergedClassifier, Prediction, StageTimings
 
 
@@ -122,9 +122,15 @@ class MergedEngine:
         limits: Limits | None = None,
         mixing: str = "argmax",
         expert_cache_size: int = 8,
+        pass_overhead_tokens: int | None = None,
     ) -> None:
         artifact = open_artifact(artifact_dir)
-        self.model = MergedClassifier(artifact, pick_device(device), expert_cache_size)
+        self.model = MergedClassifier(
+            artifact,
+            pick_device(device),
+            expert_cache_size,
+            pass_overhead_tokens=pass_overhead_tokens,
+        )
         self.version = artifact.version
         self.limits = limits or Limits()
         self.mixing = mixing
@@ -224,7 +230,9 @@ class ZooTasks:
 class TaskModel:
     """One fine-tuned model and its tokenizer, as the separate-models baseline serves it."""
 
-    def __init__(self, path: Path, task: str, device: torch.device) -> None:
+    def __init__(
+        self, path: Path, task: str, device: torch.device, pass_overhead_tokens: int | None = None
+    ) -> None:
         self.task = task
         self.device = device
         self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
@@ -233,7 +241,7 @@ class TaskModel:
         self.max_length = min(
             self.tokenizer.model_max_length, self.model.config.max_position_embeddings
         )
-        self.pass_overhead = default_pass_overhead(device)
+        self.pass_overhead = pass_overhead(device, pass_overhead_tokens)
 
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -303,13 +311,15 @@ class SeparateEngine:
         device: str = "auto",
         limits: Limits | None = None,
         tasks: list[str] | None = None,
+        pass_overhead_tokens: int | None = None,
     ) -> None:
         self.device = pick_device(device)
         self.zoo = ZooTasks(zoo_dir, limits, tasks)
         self.limits = self.zoo.limits
         self.version = self.zoo.version
         self.models = {
-            task: TaskModel(self.zoo.path(task), task, self.device) for task in self.zoo.labels
+            task: TaskModel(self.zoo.path(task), task, self.device, pass_overhead_tokens)
+            for task in self.zoo.labels
         }
 
     def tasks_info(self) -> list[dict]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from merging.batching import Tokenized, plan_passes
+from merging.batching import Tokenized, pass_overhead, plan_passes
 
 
 def padded_cost(passes, lengths, overhead):
@@ -61,3 +61,11 @@ def test_padded_subset_equals_tokenizing_the_subset(tiny_backbone):
     batch = tokens.padded(subset, torch.device("cpu"))
     assert batch.keys() == expected.keys()
     assert all(torch.equal(batch[k], expected[k]) for k in expected)
+
+
+def test_pass_overhead_defaults_by_device_and_checks_its_value():
+    assert pass_overhead(torch.device("cpu")) == 64
+    assert pass_overhead(torch.device("cuda")) == 4096
+    assert pass_overhead(torch.device("cpu"), 0) == 0
+    with pytest.raises(ValueError, match=">= 0 tokens, got -1"):
+        pass_overhead(torch.device("cpu"), -1)

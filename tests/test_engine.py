@@ -184,3 +184,19 @@ def test_row_adapters_follow_the_task_of_each_row_in_any_order(artifacts, texts)
     for i, (text, task) in enumerate(zip(rows, tasks, strict=True)):
         alone = model.pooled(task, model.encode([text]))
         assert torch.allclose(together[i], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "sparse"])
+def test_answers_do_not_depend_on_how_the_batch_is_cut_into_passes(artifacts, texts, kind):
+    requests = [
+        request("sms_spam", texts["sms_spam"]),
+        request("bbc_topic", texts["bbc_topic"]),
+        request(None, texts["debate_party"]),
+    ]
+    every_length = MergedEngine(artifacts[kind], "cpu", pass_overhead_tokens=0)
+    one_pass = MergedEngine(artifacts[kind], "cpu", pass_overhead_tokens=10**9)
+    cut = every_length.classify_requests(requests, StageTimings())
+    whole = one_pass.classify_requests(requests, StageTimings())
+    for a, b in zip(sum(cut, []), sum(whole, []), strict=True):
+        assert (a.task, a.label, a.truncated) == (b.task, b.label, b.truncated)
+        assert a.scores == pytest.approx(b.scores, abs=1e-5)
