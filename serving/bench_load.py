@@ -28,7 +28,7 @@ from merging.machine import describe_machine, machine_line
 from merging.runtime import MergedClassifier
 from serving.loadgen import LoadSpec, run_load_in_process
 from serving.local import free_port, start_local, stop_local
-from serving.metrics import bucket_counts, quantile_of_buckets, scrape
+from serving.metrics import bucket_counts, counter_total, quantile_of_buckets, scrape
 
 METRICS_INTERVAL_MS = 1000  # Ray's metrics export interval during the bench
 
@@ -168,11 +168,6 @@ def bench_contender(
     }
 
 
-def _counter_total(families: dict, name: str) -> float:
-    family = families.get(name)
-    return sum(s.value for s in family.samples if s.name.endswith("_total")) if family else 0.0
-
-
 def _histogram_delta(before: dict, after: dict, name: str) -> dict[float, float]:
     """Bucket counts of a histogram's observations between two scrapes. (Ray exports a
     histogram's ``_sum`` from bucket midpoints, so only the buckets are exact.)"""
@@ -203,7 +198,7 @@ def server_side(before: dict, metrics_url: str, answered: int, wait_s: float = 1
         "p50_ms_bucket": None if p50 is None else p50 * 1000,
         "p99_ms_bucket": None if p99 is None else p99 * 1000,
         "batch_p50_texts_bucket": quantile_of_buckets(batches, 0.5),
-        "model_loads": int(_counter_total(after, loads) - _counter_total(before, loads)),
+        "model_loads": int(counter_total(after, loads) - counter_total(before, loads)),
     }
 
 

@@ -20,7 +20,7 @@ from merging.merge import run_merge
 from merging.sources import default_cache_dir
 from merging.zoo import build_zoo, zoo_table
 from serving.local import free_port, start_local, stop_local
-from serving.metrics import histogram_quantile, scrape
+from serving.metrics import counter_total, histogram_quantile, scrape
 
 
 def post_json(url: str, body: dict) -> dict:
@@ -56,37 +56,65 @@ def print_answers(title: str, texts: list[str], reply: dict) -> None:
         print(f"  {result['task']:>16} {label:>40} {snippet}")
 
 
-def print_metrics(metrics_url: str) -> None:
-    """Wait for the replica's metrics to be exported, then print a summary."""
-    deadline = time.time() + 30
-    families = scrape(metrics_url)
-    while "ray_freemerge_resident_expert_bytes" not in families and time.time() < deadline:
-        time.sleep(1)
+def metrics_summary(metrics_url: str, sent: int, wait_s: float = 30.0) -> dict[str, float | None]:
+    """The server's metrics once Ray has exported all ``sent`` requests (at most ``wait_s``):
+    requests answered, latency medians (bucket bounds) and memory gauges."""
+    deadline = time.time() + wait_s
+    while True:
         families = scrape(metrics_url)
-    requests = (
-        sum(
-            s.value
-            for s in families.get("ray_freemerge_requests", []).samples
-            if s.name.endswith("_total")
-        )
-        if "ray_freemerge_requests" in families
-        else 0
-    )
-    print(f"\nmetrics from {metrics_url}:")
-    print(f"  requests answered: {requests:.0f}")
-    if "ray_freemerge_request_latency_seconds" in families:
-        p50 = histogram_quantile(families["ray_freemerge_request_latency_seconds"], 0.5)
-        print(f"  request latency p50 <= {p50} s (bucket bound)")
+        answered = counter_total(families, "ray_freemerge_requests")
+        memory = "ray_freemerge_resident_expert_bytes" in families
+        if (answered >= sent and memory) or time.time() > deadline:
+            break
+        time.sleep(1)
+    summary: dict[str, float | None] = {"requests answered": answered}
+    latency = families.get("ray_freemerge_request_latency_seconds")
+    summary["request latency p50 <= s"] = histogram_quantile(latency, 0.5) if latency else None
+    stages = families.get("ray_freemerge_stage_latency_seconds")
     for stage in ("queue", "route", "expert_apply", "forward"):
-        if "ray_freemerge_stage_latency_seconds" in families:
-            p50 = histogram_quantile(
-                families["ray_freemerge_stage_latency_seconds"], 0.5, stage=stage
-            )
-            print(f"  stage {stage:>12}: p50 <= {p50} s")
+        p50 = histogram_quantile(stages, 0.5, stage=stage) if stages else None
+        summary[f"stage {stage} p50 <= s"] = p50
     for gauge in ("process_resident_bytes", "backbone_bytes", "resident_expert_bytes"):
         family = families.get(f"ray_freemerge_{gauge}")
-        if family and family.samples:
-            print(f"  {gauge}: {family.samples[0].value / 2**20:.1f} MiB")
+        value = family.samples[0].value / 2**20 if family and family.samples else None
+        summary[f"{gauge.replace('_bytes', '')} MiB"] = value
+    return summary
+
+
+def serve_and_ask(artifact_dir: Path, cache_dir: Path | None, examples: int) -> dict:
+    """Serve the artifact on a local Ray, send tagged requests for every task and one untagged
+    request (when it has a router), print the answers; the metrics summary, server stopped."""
+    artifact = open_artifact(artifact_dir)
+    port, metrics_port = free_port(), free_port()
+    start_local(
+        {"artifact": str(artifact_dir), "device": "auto"},
+        port=port,
+        metrics_port=metrics_port,
+        metrics_interval_ms=1000,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/v1/classify"
+        untagged, sent = [], 0
+        for task in artifact.tasks:
+            texts = [t[:2000] for t in task_texts(task, "test", cache_dir)[0][:examples]]
+            print_answers(
+                f"task {task} (tagged):", texts, post_json(url, {"task": task, "inputs": texts})
+            )
+            untagged.append(texts[0])
+            sent += 1
+        if artifact.manifest.get("router"):
+            reply = post_json(url, {"inputs": untagged})
+            print_answers("\nno task given (the router picks):", untagged, reply)
+            sent += 1
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        summary = metrics_summary(metrics_url, sent)
+        print(f"\nmetrics from {metrics_url}:")
+        for name, value in summary.items():
+            print(f"  {name}: {'-' if value is None else f'{value:.4g}'}")
+    finally:
+        stop_local()
+        print("\nserver stopped")
+    return {"sent": sent, **summary}
 
 
 def run_demo(config_path: Path, cache_dir: Path | None = None, examples: int = 2) -> int:
@@ -107,29 +135,5 @@ def run_demo(config_path: Path, cache_dir: Path | None = None, examples: int = 2
         )
 
     print("\n== 3. serve it on a local Ray and send requests")
-    port, metrics_port = free_port(), free_port()
-    start_local(
-        {"artifact": str(out), "device": "auto"},
-        port=port,
-        metrics_port=metrics_port,
-        metrics_interval_ms=1000,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}/v1/classify"
-        untagged, sent = [], 0
-        for task in artifact.tasks:
-            texts = [t[:2000] for t in task_texts(task, "test", cache_dir)[0][:examples]]
-            print_answers(
-                f"task {task} (tagged):", texts, post_json(url, {"task": task, "inputs": texts})
-            )
-            untagged.append(texts[0])
-            sent += 1
-        if artifact.manifest.get("router"):
-            reply = post_json(url, {"inputs": untagged})
-            print_answers("\nno task given (the router picks):", untagged, reply)
-            sent += 1
-        print_metrics(f"http://127.0.0.1:{metrics_port}/metrics", sent)
-    finally:
-        stop_local()
-        print("\nserver stopped")
+    serve_and_ask(out, cache_dir, examples)
     return 0

@@ -124,6 +124,12 @@ def scrape(url: str, timeout: float = 10.0) -> dict[str, Metric]:
     return {family.name: family for family in text_string_to_metric_families(text)}
 
 
+def counter_total(families: dict[str, Metric], name: str) -> float:
+    """A counter's value summed over replicas and labels (0 while it is not exported)."""
+    family = families.get(name)
+    return sum(s.value for s in family.samples if s.name.endswith("_total")) if family else 0.0
+
+
 def bucket_counts(family: Metric, **labels: str) -> dict[float, float]:
     """Cumulative observations per bucket upper bound of a histogram, summed over replicas
     and over the labels not given."""

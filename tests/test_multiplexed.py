@@ -10,7 +10,7 @@ from merging.evaluate import task_texts
 from merging.runtime import StageTimings
 from serving.app import build_app
 from serving.engine import ClassifyRequest, SeparateEngine
-from serving.metrics import scrape
+from serving.metrics import counter_total, scrape
 
 TASKS = ["sms_spam", "bbc_topic", "debate_party"]
 
@@ -68,9 +68,7 @@ def test_one_model_per_replica_reloads_and_holds_one_model(server, tiny_zoo, tex
     deadline = time.time() + 60
     loads = 0.0
     while loads < 6 and time.time() < deadline:
-        families = scrape(metrics_url)
-        family = families.get("ray_freemerge_model_loads")
-        loads = sum(s.value for s in family.samples if s.name.endswith("_total")) if family else 0
+        loads = counter_total(scrape(metrics_url), "ray_freemerge_model_loads")
         time.sleep(0.5)
     assert loads >= 6  # at least one load per request above
     status, info = call(f"{url}/v1/tasks")
