@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from merging.atomic import replaced_directory
 from merging.sources import sha256_file
 
 ARTIFACT_FORMAT = "freemerge-artifact"
@@ -34,19 +32,12 @@ class ArtifactError(ValueError):
 
 @contextmanager
 def staged_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; rename it to ``out`` only if the block succeeds."""
-    out = Path(out)
-    if out.exists() and not overwrite:
+    """Yield a temporary folder beside ``out``; rename it to ``out`` only if the block succeeds.
+    An existing ``out`` is an error unless ``overwrite``."""
+    if Path(out).exists() and not overwrite:
         raise ArtifactError(f"output {out} already exists; choose another path or overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-partial-"))
-    try:
+    with replaced_directory(out) as tmp:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def hash_files(root: Path) -> dict[str, str]:
@@ -110,8 +101,11 @@ def read_manifest(root: Path) -> tuple[dict, str]:
 
 def verify_artifact(root: Path) -> list[str]:
     """Problems found: files missing, altered (hash mismatch) or not listed; empty when intact."""
-    root = Path(root)
-    manifest, _ = read_manifest(root)
+    return _problems(Path(root), read_manifest(root)[0])
+
+
+def _problems(root: Path, manifest: dict) -> list[str]:
+    """:func:`verify_artifact` against a manifest already read."""
     expected: dict[str, str] = manifest.get("files", {})
     actual = hash_files(root)
     problems = [f"missing file: {name}" for name in sorted(set(expected) - set(actual))]
@@ -129,7 +123,7 @@ def open_artifact(root: Path, verify: bool = True) -> Artifact:
     root = Path(root)
     manifest, version = read_manifest(root)
     if verify:
-        problems = verify_artifact(root)
+        problems = _problems(root, manifest)
         if problems:
             raise ArtifactError(f"artifact {root} failed verification:\n  " + "\n  ".join(problems))
     return Artifact(root, manifest, version)

@@ -10,6 +10,7 @@ tensors outside the base model (``classifier.*``) are the task's head.
 from __future__ import annotations
 
 import json
+from collections.abc import KeysView
 from pathlib import Path
 
 import torch
@@ -37,7 +38,6 @@ class Checkpoint:
         self.config = json.loads(config_path.read_text())
         self.model_type = self.config.get("model_type")
         architecture = (self.config.get("architectures") or [None])[0]
-        self.architecture = architecture
         model_class = getattr(transformers, architecture or "", None)
         self.prefix = getattr(model_class, "base_model_prefix", "") or ""
         self._file_of: dict[str, Path] = {}
@@ -74,8 +74,9 @@ class Checkpoint:
         return stored[len(head) :] if self.prefix and stored.startswith(head) else stored
 
     @property
-    def names(self) -> list[str]:
-        return list(self._file_of)
+    def names(self) -> KeysView[str]:
+        """Canonical tensor names, in stored order (a view: membership tests are O(1))."""
+        return self._file_of.keys()
 
     def is_head(self, name: str) -> bool:
         """True for tensors outside the base model (stored without the base prefix)."""

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from merging.artifact import open_artifact, verify_artifact
+from merging.atomic import write_json_atomically
 from merging.config import load_config
 from merging.datasets import TASKS
 from merging.evaluate import SPLITS, evaluate_artifact
@@ -21,7 +22,6 @@ from merging.zoo import (
     build_zoo,
     cached_zoo,
     open_zoo,
-    write_json_atomically,
     zoo_report,
     zoo_table,
 )
@@ -179,8 +179,9 @@ def _bench_quality(args: argparse.Namespace) -> int:
     command = "freemerge " + shlex.join(sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomically(args.out / "merge_quality.json", result)
-    (args.out / "merge_quality.md").write_text(quality_markdown(result, command))
-    print(quality_markdown(result, command))
+    markdown = quality_markdown(result, command)
+    (args.out / "merge_quality.md").write_text(markdown)
+    print(markdown)
     return 0
 
 

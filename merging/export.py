@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from merging.artifact import Artifact, staged_directory
-from merging.experts import LowRankExpert
+from merging.experts import LowRankExpert, load_expert
 from merging.runtime import MergedClassifier
 
 
@@ -34,10 +34,7 @@ def export_task(artifact: Artifact, task: str, out: Path, overwrite: bool = Fals
     config.architectures = [type(model).__name__]
     with runtime.expert_applied(task):
         model.base_model.load_state_dict(runtime.backbone.state_dict())
-    head = load_file(str(artifact.path(artifact.task(task)["head"])))
-    model.classifier.load_state_dict(
-        {"weight": head["classifier.weight"], "bias": head["classifier.bias"]}
-    )
+    model.classifier.load_state_dict(runtime.heads[task].state_dict())
     with staged_directory(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         runtime.tokenizer.save_pretrained(tmp)
@@ -53,16 +50,15 @@ def export_peft(artifact: Artifact, task: str, out: Path, overwrite: bool = Fals
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise ValueError("--format peft needs the peft package: pip install peft") from None
-    runtime = MergedClassifier(artifact, row_adapters=False)
-    artifact.task(task)  # an unknown task fails with the list of known ones
-    expert = runtime.experts[task]
+    entry = artifact.task(task)  # an unknown task fails with the list of known ones
+    expert = load_expert(artifact.path(entry["expert"])) if entry.get("expert") else None
     if not isinstance(expert, LowRankExpert) or expert.full:
         raise ValueError(
             f"task {task!r} has no low-rank expert on linear layers only (kind "
             f"{getattr(expert, 'kind', None)!r}); PEFT LoRA export needs `kind: lowrank` with "
             "`vectors: skip` and the embeddings skipped"
         )
-    labels = artifact.task(task)["labels"]
+    labels = entry["labels"]
     model = AutoModelForSequenceClassification.from_pretrained(
         artifact.backbone,
         num_labels=len(labels),
@@ -80,7 +76,7 @@ def export_peft(artifact: Artifact, task: str, out: Path, overwrite: bool = Fals
         bias="none",
     )
     peft_model = get_peft_model(model, config)
-    head = load_file(str(artifact.path(artifact.task(task)["head"])))
+    head = load_file(str(artifact.path(entry["head"])))
     with torch.no_grad():
         for name, module in peft_model.named_modules():
             target = name.split(f"{model.base_model_prefix}.", 1)[-1]

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from merging.batching import Tokenized
 from merging.datasets import TaskData
 
 
@@ -81,12 +82,8 @@ def fine_tune(
         label2id={name: i for i, name in enumerate(task.label_names)},
     )
     texts, labels = task.subset(task.split()["train"])
-    lengths = np.array(
-        [
-            len(ids)
-            for ids in tokenizer(texts, truncation=True, max_length=recipe.max_length)["input_ids"]
-        ]
-    )
+    tokens = Tokenized(tokenizer, texts, recipe.max_length)  # once, padded per batch below
+    lengths = np.array(tokens.lengths)
     per_epoch = min(len(texts), recipe.max_train_examples)
     total_steps = recipe.epochs * math.ceil(per_epoch / recipe.batch_size)
     warmup = max(1, int(recipe.warmup_fraction * total_steps))
@@ -103,13 +100,7 @@ def fine_tune(
     with tqdm(total=total_steps, desc=f"fine-tune {task.name}", disable=not show_progress) as bar:
         for _ in range(recipe.epochs):
             for rows in _length_bucketed_batches(lengths, per_epoch, recipe.batch_size, rng):
-                encoded = tokenizer(
-                    [texts[i] for i in rows],
-                    truncation=True,
-                    max_length=recipe.max_length,
-                    padding=True,
-                    return_tensors="pt",
-                )
+                encoded = tokens.padded(rows, model.device)
                 loss = model(**encoded, labels=torch.from_numpy(labels[rows])).loss
                 loss.backward()
                 optimizer.step()

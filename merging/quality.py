@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from merging.artifact import open_artifact
+from merging.artifact import open_artifact, read_manifest
 from merging.config import parse_config
 from merging.evaluate import evaluate_artifact, task_texts
 from merging.finetune import accuracy, length_sorted_batches, predict
@@ -93,26 +93,16 @@ class QualityRun:
         scored = []
         for parameters in candidates:
             artifact, seconds = self.merge(method, parameters)
+            validation = self.evaluate(artifact, "validation")
             scored.append(
-                (
-                    self.evaluate(artifact, "validation")["mean"]["accuracy"],
-                    parameters,
-                    artifact,
-                    seconds,
-                )
+                (validation["mean"]["accuracy"], parameters, artifact, seconds, validation)
             )
             if self.show_progress:
                 print(f"  {name} {parameters}: validation {scored[-1][0]:.4f}", flush=True)
-        best_score, parameters, artifact, seconds = max(scored, key=lambda s: s[0])
-        if router:
+        _, parameters, artifact, seconds, validation = max(scored, key=lambda s: s[0])
+        if router:  # the same merge plus a router: tagged validation accuracy is unchanged
             artifact, seconds = self.merge(method, parameters, router)
-        manifest = open_artifact(artifact).manifest
-        extra = (
-            100
-            * max(t["expert_bytes"] for t in manifest["tasks"].values())
-            / manifest["backbone"]["bytes"]
-        )
-        validation = self.evaluate(artifact, "validation")
+        extra = 100 * _largest_expert_share(artifact)
         test = self.evaluate(artifact, "test", routed=router is not None)
         rows = [Row(name, parameters, _accuracies(validation), _accuracies(test), extra, seconds)]
         if router:
@@ -307,25 +297,24 @@ def run_quality(zoo: Zoo, grid: QualityGrid | None = None, show_progress: bool =
     }
 
 
+def _largest_expert_share(artifact: Path) -> float:
+    """The largest expert's bytes as a fraction of the backbone's (from the manifest)."""
+    manifest, _ = read_manifest(artifact)
+    largest = max(t["expert_bytes"] for t in manifest["tasks"].values())
+    return largest / manifest["backbone"]["bytes"]
+
+
 def _matched_density(run: QualityRun, parameters: dict, lowrank: dict) -> float:
     """The sparse density whose experts take the bytes of the low-rank ones (8 B an entry)."""
     artifact, _ = run.merge("free", {**parameters, "experts": lowrank})
-    manifest = open_artifact(artifact).manifest
+    share = _largest_expert_share(artifact)
     shutil.rmtree(artifact)
-    share = (
-        max(t["expert_bytes"] for t in manifest["tasks"].values()) / manifest["backbone"]["bytes"]
-    )
     return round(share * 4 / 8, 4)  # backbone is float32: 4 B a weight; a sparse entry 8 B
 
 
 def _ablation(run: QualityRun, method: str, parameters: dict, label: str) -> Row:
     artifact, seconds = run.merge(method, parameters)
-    manifest = open_artifact(artifact).manifest
-    extra = (
-        100
-        * max(t["expert_bytes"] for t in manifest["tasks"].values())
-        / manifest["backbone"]["bytes"]
-    )
+    extra = 100 * _largest_expert_share(artifact)
     row = Row(
         label,
         parameters,

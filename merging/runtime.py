@@ -45,6 +45,35 @@ class Prediction:
     truncated: bool
 
 
+def predictions(
+    task: str,
+    labels: list[str],
+    logits: torch.Tensor,
+    truncated: list[bool],
+    confidence: list[float | None] | None = None,
+) -> list[Prediction]:
+    """One answer per row of ``logits``: softmax scores and the best label; a row with a
+    router ``confidence`` was routed."""
+    confidence = confidence or [None] * len(logits)
+    answers = []
+    for score, cut, routed in zip(
+        torch.softmax(logits, dim=-1).cpu(), truncated, confidence, strict=True
+    ):
+        best = int(score.argmax())
+        answers.append(
+            Prediction(
+                task=task,
+                routed=routed is not None,
+                router_confidence=routed,
+                label=labels[best],
+                score=float(score[best]),
+                scores=dict(zip(labels, score.tolist(), strict=True)),
+                truncated=cut,
+            )
+        )
+    return answers
+
+
 class ExpertCache:
     """Experts live in host memory; on an accelerator the ``capacity`` most recently used
     ones are also kept on the device, least recently used out first. On the CPU the host
@@ -76,9 +105,14 @@ class ExpertCache:
         self.resident[task] = host.to(self.device)
         return self.resident[task]
 
+    def count_resident(self, lookups: int) -> None:
+        """Count ``lookups`` of experts that live on the device anyway (row adapters) as hits."""
+        self.hits += lookups
+
     def nbytes(self) -> int:
-        """Bytes of the device copies (zero on the CPU, where the host copies serve)."""
-        return sum(expert.nbytes() for expert in self.resident.values())
+        """Bytes of the device copies (zero on the CPU, where the host copies serve). Safe to
+        call from another thread while the cache changes (it reads a snapshot)."""
+        return sum(expert.nbytes() for expert in list(self.resident.values()))
 
 
 @dataclass
@@ -244,20 +278,20 @@ class MergedClassifier:
             batch = tokens.padded(rows, self.device)
             pooled = self._pooled_timed(row_tasks, weights, batch, timings)
             for task in dict.fromkeys(row_tasks):
-                picked = [i for i, t in enumerate(row_tasks) if t == task]
-                scores = torch.softmax(self.heads[task](pooled[picked]), dim=-1).cpu()
-                labels = self.labels(task)
-                for i, score in zip(picked, scores, strict=True):
-                    best = int(score.argmax())
-                    answers[rows[i]] = Prediction(
-                        task=task,
-                        routed=rows[i] in confidence,
-                        router_confidence=confidence.get(rows[i]),
-                        label=labels[best],
-                        score=float(score[best]),
-                        scores=dict(zip(labels, score.tolist(), strict=True)),
-                        truncated=tokens.truncated[rows[i]],
-                    )
+                positions = [i for i, t in enumerate(row_tasks) if t == task]
+                picked = [rows[i] for i in positions]
+                for row, answer in zip(
+                    picked,
+                    predictions(
+                        task,
+                        self.labels(task),
+                        self.heads[task](pooled[positions]),
+                        [tokens.truncated[row] for row in picked],
+                        [confidence.get(row) for row in picked],
+                    ),
+                    strict=True,
+                ):
+                    answers[row] = answer
         return answers
 
     def _passes(
@@ -311,7 +345,7 @@ class MergedClassifier:
             context = self.mixture_applied(weights)
         elif self.row_adapters is not None:
             context = rows_assigned(self.row_adapters, row_tasks)
-            self.expert_cache.hits += len(set(row_tasks))  # row adapters are device-resident
+            self.expert_cache.count_resident(len(set(row_tasks)))
         else:
             context = self.expert_applied(row_tasks[0])
         with context:

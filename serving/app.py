@@ -39,6 +39,7 @@ from serving.engine import (
     classify_by_task,
     pick_device,
     separate_memory,
+    wants_gpu,
 )
 from serving.metrics import ServerMetrics
 
@@ -124,8 +125,8 @@ class ModelThread:
 
     The model runs off the event loop so new requests keep queueing for the next batch, and
     always on this same thread: PyTorch's OpenMP pool belongs to the calling thread, and a
-    second pool beside it on a few cores slowed every forward (~25% on 2 cores). Batches
-    never overlap, so in-place expert swaps cannot interleave.
+    second pool beside it on a few cores slowed the forwards. Batches never overlap, so
+    in-place expert swaps cannot interleave.
     """
 
     def __init__(self, threads: int) -> None:
@@ -203,9 +204,9 @@ class ClassifierServer:
         answers = await answer_batch(
             self.model_thread, self.engine.classify_requests, requests, self.metrics
         )
-        cache = getattr(getattr(self.engine, "model", None), "expert_cache", None)
-        if cache is not None:
-            self.metrics.cache(cache.hits, cache.misses)
+        counts = self.engine.cache_counts()
+        if counts is not None:
+            self.metrics.cache(*counts)
         return answers
 
     @api.get("/v1/tasks")
@@ -213,7 +214,7 @@ class ClassifierServer:
         return {
             "artifact_version": self.engine.version,
             "tasks": self.engine.tasks_info(),
-            "router": getattr(getattr(self.engine, "model", None), "router", None) is not None,
+            "router": self.engine.has_router,
         }
 
     @api.get("/healthz")
@@ -253,7 +254,7 @@ class MultiplexedModels:
         async def load_model(task: str) -> TaskModel:
             start = time.perf_counter()
             model = await self.model_thread.run(
-                TaskModel, self.zoo.path(task), task, self.device, pass_overhead_tokens(options)
+                TaskModel, self.zoo.paths[task], task, self.device, pass_overhead_tokens(options)
             )
             self.metrics.model_loaded(task, time.perf_counter() - start)
             self.loaded[task] = model
@@ -310,12 +311,7 @@ def build_app(args: dict[str, Any]) -> Application:
             f"got zoo={options.get('zoo')!r}, models_per_replica={options['models_per_replica']!r}"
         )
     cpus = float(options.get("cpus_per_replica", 1))
-    gpus = (
-        1
-        if options.get("device", "auto") == "cuda"
-        or (options.get("device", "auto") == "auto" and torch.cuda.is_available())
-        else 0
-    )
+    gpus = 1 if wants_gpu(options.get("device", "auto")) else 0
     options.setdefault("threads", max(1, int(cpus)))
     actor = {"num_cpus": cpus, "num_gpus": gpus}
     worker = MultiplexedModels if multiplexed else ClassifierServer

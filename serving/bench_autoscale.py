@@ -77,12 +77,13 @@ def request_bodies(artifact: Path, per_task: int = 3) -> list[dict]:
     return bodies
 
 
-def expected_labels(artifact: Path, bodies: list[dict]) -> dict[int, list[str]]:
+def expected_labels(artifact: Path, bodies: list[dict]) -> tuple[str, dict[int, list[str]]]:
+    """The artifact's version and the labels its own engine gives each body."""
     engine = MergedEngine(artifact, "cpu")
     answers = engine.classify_requests(
         [ClassifyRequest(b["task"], b["inputs"], 0.0) for b in bodies], StageTimings()
     )
-    return {i: [a.label for a in answer] for i, answer in enumerate(answers)}
+    return engine.version, {i: [a.label for a in answer] for i, answer in enumerate(answers)}
 
 
 def check_answers(records: list[dict], bodies: list[dict], expected: dict[str, dict]) -> dict:
@@ -144,10 +145,8 @@ def run_autoscale_bench(
     """Scale up under load (until 2 replicas ran for a while), down when idle, then roll out
     ``new_artifact`` under load; every answer is checked against its version's engine."""
     bodies = request_bodies(artifact)
-    versions = {
-        open_artifact(a).version: expected_labels(a, bodies) for a in (artifact, new_artifact)
-    }
-    new_version = open_artifact(new_artifact).version
+    versions = dict(expected_labels(a, bodies) for a in (artifact, new_artifact))
+    new_version = list(versions)[-1]
     port, metrics_port = free_port(), free_port()
     options = {
         "artifact": str(artifact),

@@ -13,7 +13,6 @@ import json
 import multiprocessing
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +25,16 @@ from merging.evaluate import task_texts
 from merging.experts import LowRankExpert, SparseExpert
 from merging.machine import describe_machine, machine_line
 from merging.runtime import MergedClassifier
-from serving.loadgen import LoadSpec, run_load_in_process
+from merging.zoo import open_zoo
+from serving.loadgen import LoadSpec, call, run_load_in_process
 from serving.local import free_port, start_local, stop_local
-from serving.metrics import bucket_counts, counter_total, quantile_of_buckets, scrape
+from serving.metrics import (
+    bucket_counts,
+    counter_total,
+    quantile_of_buckets,
+    scrape,
+    scrape_until,
+)
 
 METRICS_INTERVAL_MS = 1000  # Ray's metrics export interval during the bench
 
@@ -80,8 +86,9 @@ def pss_bytes(pid: int) -> int | None:
 
 
 def replica_memory(base_url: str) -> dict:
-    with urllib.request.urlopen(f"{base_url}/readyz", timeout=30) as response:
-        ready = json.loads(response.read())
+    status, ready = call(f"{base_url}/readyz", timeout=30)
+    if status != 200:
+        raise RuntimeError(f"{base_url}/readyz answered {status}: {ready}")
     memory = dict(ready["memory"])
     memory["pss_bytes"] = pss_bytes(ready["pid"])
     return memory
@@ -182,19 +189,17 @@ def server_side(before: dict, metrics_url: str, answered: int, wait_s: float = 1
     until Ray has exported every answered request, at most ``wait_s``.
     """
     name = "ray_freemerge_request_latency_seconds"
-    deadline = time.time() + wait_s
-    while True:
-        after = scrape(metrics_url)
-        latency = _histogram_delta(before, after, name)
-        seen = max(latency.values(), default=0.0)
-        if seen >= answered or time.time() > deadline:
-            break
-        time.sleep(0.5)
+
+    def seen(after: dict) -> float:
+        return max(_histogram_delta(before, after, name).values(), default=0.0)
+
+    after = scrape_until(metrics_url, lambda families: seen(families) >= answered, wait_s)
+    latency = _histogram_delta(before, after, name)
     batches = _histogram_delta(before, after, "ray_freemerge_batch_size")
     p50, p99 = quantile_of_buckets(latency, 0.5), quantile_of_buckets(latency, 0.99)
     loads = "ray_freemerge_model_loads"
     return {
-        "requests": int(seen),
+        "requests": int(seen(after)),
         "p50_ms_bucket": None if p50 is None else p50 * 1000,
         "p99_ms_bucket": None if p99 is None else p99 * 1000,
         "batch_p50_texts_bucket": quantile_of_buckets(batches, 0.5),
@@ -220,11 +225,9 @@ def _measure_memory_child(
     else:
         from transformers import AutoModelForSequenceClassification
 
-        names = json.loads((Path(zoo) / "zoo.json").read_text())["tasks"]
+        paths = [task.path for task in open_zoo(Path(zoo)).tasks.values()]
         models = [
-            AutoModelForSequenceClassification.from_pretrained(
-                Path(zoo) / "tasks" / names[i % len(names)]
-            )
+            AutoModelForSequenceClassification.from_pretrained(paths[i % len(paths)])
             for i in range(n)
         ]
         weights = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
@@ -354,9 +357,9 @@ def _timed_pair(first: object, second: object, repeats: int) -> tuple[float, flo
     second()
     seconds: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        for call, out in ((first, seconds[0]), (second, seconds[1])):
+        for function, out in ((first, seconds[0]), (second, seconds[1])):
             start = time.perf_counter()
-            call()
+            function()
             out.append(time.perf_counter() - start)
     return float(np.median(seconds[0])), float(np.median(seconds[1]))
 
@@ -391,7 +394,7 @@ def _merge_child(zoo: str, method: str, parameters: dict, out: str, queue: objec
     imported = process_resident_bytes()  # the interpreter with torch and transformers
     config = parse_config({"zoo": zoo, "method": method, "parameters": parameters})
     summary = run_merge(config, Path(out), show_progress=False)
-    artifact = open_artifact(Path(out))
+    artifact = open_artifact(Path(out), verify=False)  # just written
     heads = {t: artifact.path(e["head"]).stat().st_size for t, e in artifact.tasks.items()}
     queue.put(
         {
@@ -434,13 +437,13 @@ def _enter_and_exit(context: object) -> None:
         pass
 
 
-def _timed(call: object, repeats: int) -> float:
-    """Median seconds of ``call()`` over ``repeats`` runs (after one warm-up run)."""
-    call()
+def _timed(function: object, repeats: int) -> float:
+    """Median seconds of ``function()`` over ``repeats`` runs (after one warm-up run)."""
+    function()
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
-        call()
+        function()
         seconds.append(time.perf_counter() - start)
     return float(np.median(seconds))
 

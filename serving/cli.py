@@ -7,18 +7,19 @@ import shlex
 import sys
 from pathlib import Path
 
+from merging.atomic import write_json_atomically
 from merging.cli import add_artifact_commands, add_bench_commands, add_zoo_commands
 from merging.datasets import UnknownTaskError
+from merging.runtime import MIXING_MODES
 from merging.sources import SourceError, default_cache_dir
-from merging.zoo import ZooError, cached_zoo, write_json_atomically
+from merging.zoo import ZooError, cached_zoo
 from serving.bench_autoscale import autoscale_plot, run_autoscale_bench
 from serving.bench_load import LoadPlan, load_markdown, load_plots, run_load_bench
 from serving.demo import cached_artifact, run_demo
-from serving.engine import RequestError
 from serving.local import serve_until_signalled
 
 # Errors that a user's input can cause: reported as one line, without a traceback.
-USER_ERRORS = (SourceError, UnknownTaskError, ZooError, FileNotFoundError, ValueError, RequestError)
+USER_ERRORS = (SourceError, UnknownTaskError, ZooError, FileNotFoundError, ValueError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +78,7 @@ def _add_serving_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--max-items", type=int, default=64, help="texts per request at most")
     parser.add_argument("--max-chars", type=int, default=10_000, help="characters per text at most")
-    parser.add_argument("--mixing", choices=("argmax", "softmax"), default="argmax")
+    parser.add_argument("--mixing", choices=MIXING_MODES, default="argmax")
     parser.add_argument(
         "--expert-cache-size",
         type=int,
@@ -120,9 +121,10 @@ def _bench_load(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     name = "load_quick" if args.quick else "load"
     write_json_atomically(args.out / f"{name}.json", result)
-    (args.out / f"{name}.md").write_text(load_markdown(result, command))
+    markdown = load_markdown(result, command)
+    (args.out / f"{name}.md").write_text(markdown)
     load_plots(result, args.out, prefix=f"{name}_")
-    print(load_markdown(result, command))
+    print(markdown)
     return 0
 
 

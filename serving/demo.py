@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
-import urllib.request
 from pathlib import Path
 
 from merging.artifact import open_artifact, verify_artifact
@@ -19,16 +17,17 @@ from merging.evaluate import task_texts
 from merging.merge import run_merge
 from merging.sources import default_cache_dir
 from merging.zoo import build_zoo, zoo_table
+from serving.loadgen import call
 from serving.local import free_port, start_local, stop_local
-from serving.metrics import counter_total, histogram_quantile, scrape
+from serving.metrics import counter_total, histogram_quantile, scrape_until
 
 
 def post_json(url: str, body: dict) -> dict:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.loads(response.read())
+    """The JSON answer of a POST that must succeed."""
+    status, answer = call(url, body, timeout=120)
+    if status != 200:
+        raise RuntimeError(f"POST {url} answered {status}: {answer}")
+    return answer
 
 
 def cached_artifact(config_path: Path, cache_dir: Path) -> Path:
@@ -59,15 +58,17 @@ def print_answers(title: str, texts: list[str], reply: dict) -> None:
 def metrics_summary(metrics_url: str, sent: int, wait_s: float = 30.0) -> dict[str, float | None]:
     """The server's metrics once Ray has exported all ``sent`` requests (at most ``wait_s``):
     requests answered, latency medians (bucket bounds) and memory gauges."""
-    deadline = time.time() + wait_s
-    while True:
-        families = scrape(metrics_url)
-        answered = counter_total(families, "ray_freemerge_requests")
-        memory = "ray_freemerge_resident_expert_bytes" in families
-        if (answered >= sent and memory) or time.time() > deadline:
-            break
-        time.sleep(1)
-    summary: dict[str, float | None] = {"requests answered": answered}
+    families = scrape_until(
+        metrics_url,
+        lambda families: (
+            counter_total(families, "ray_freemerge_requests") >= sent
+            and "ray_freemerge_resident_expert_bytes" in families
+        ),
+        wait_s,
+    )
+    summary: dict[str, float | None] = {
+        "requests answered": counter_total(families, "ray_freemerge_requests")
+    }
     latency = families.get("ray_freemerge_request_latency_seconds")
     summary["request latency p50 <= s"] = histogram_quantile(latency, 0.5) if latency else None
     stages = families.get("ray_freemerge_stage_latency_seconds")
@@ -84,7 +85,7 @@ def metrics_summary(metrics_url: str, sent: int, wait_s: float = 30.0) -> dict[s
 def serve_and_ask(artifact_dir: Path, cache_dir: Path | None, examples: int) -> dict:
     """Serve the artifact on a local Ray, send tagged requests for every task and one untagged
     request (when it has a router), print the answers; the metrics summary, server stopped."""
-    artifact = open_artifact(artifact_dir)
+    artifact = open_artifact(artifact_dir, verify=False)  # the replica verifies it
     port, metrics_port = free_port(), free_port()
     start_local(
         {"artifact": str(artifact_dir), "device": "auto"},
@@ -125,7 +126,7 @@ def run_demo(config_path: Path, cache_dir: Path | None = None, examples: int = 2
 
     print(f"\n== 2. merge as {config_path} says")
     out = cached_artifact(config_path, cache_dir)
-    artifact = open_artifact(out)
+    artifact = open_artifact(out, verify=False)  # cached_artifact verified or wrote it
     backbone = artifact.manifest["backbone"]["bytes"]
     print(f"artifact {out}\nversion {artifact.version[:16]}, backbone {backbone / 2**20:.1f} MiB")
     for task, entry in artifact.tasks.items():

@@ -8,7 +8,6 @@ either.
 
 from __future__ import annotations
 
-import json
 import resource
 import time
 from collections.abc import Callable
@@ -21,7 +20,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from merging.artifact import open_artifact
 from merging.batching import Tokenized, pass_overhead, plan_passes
-from merging.runtime import MergedClassifier, Prediction, StageTimings
+from merging.runtime import MergedClassifier, Prediction, StageTimings, predictions
+from merging.zoo import open_zoo
 
 
 class RequestError(ValueError):
@@ -45,15 +45,18 @@ class ClassifyRequest:
     arrived: float  # time.perf_counter() when the replica received it
 
 
+def wants_gpu(device: str = "auto") -> bool:
+    """Whether the ``device`` setting means a GPU here: ``cuda``, or ``auto`` with one visible."""
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """``auto``: CUDA when a GPU is visible, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
+    if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"unknown device {device!r}; allowed: auto, cpu, cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda was asked for, but no CUDA GPU is visible")
-    return torch.device(device)
+    return torch.device("cuda" if wants_gpu(device) else "cpu")
 
 
 def process_resident_bytes() -> int:
@@ -69,9 +72,13 @@ class Engine(Protocol):
     """What the Ray deployment needs from an engine."""
 
     version: str
-    limits: Limits
+    has_router: bool
 
     def tasks_info(self) -> list[dict]: ...
+
+    def cache_counts(self) -> tuple[int, int] | None:
+        """Expert device-cache (hits, misses) so far; None without a cache."""
+        ...
 
     def check(self, task: str | None, inputs: object) -> ClassifyRequest: ...
 
@@ -134,10 +141,24 @@ class MergedEngine:
         self.version = artifact.version
         self.limits = limits or Limits()
         self.mixing = mixing
+        # Fixed for the life of the engine; the memory gauges read them every few seconds.
+        self.backbone_bytes = sum(
+            p.numel() * p.element_size() for p in self.model.parameters.values()
+        )
+        self.host_expert_bytes = sum(
+            e.nbytes() for e in self.model.experts.values() if e is not None
+        )
 
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def has_router(self) -> bool:
+        return self.model.router is not None
+
+    def cache_counts(self) -> tuple[int, int]:
+        return self.model.expert_cache.hits, self.model.expert_cache.misses
 
     def tasks_info(self) -> list[dict]:
         return [
@@ -173,16 +194,13 @@ class MergedEngine:
         return split_by_request(answers, requests)
 
     def memory(self) -> dict[str, int]:
-        host_experts = sum(e.nbytes() for e in self.model.experts.values() if e is not None)
         return {
             "process_resident_bytes": process_resident_bytes(),
             "device_allocated_bytes": torch.cuda.memory_allocated()
             if self.device.type == "cuda"
             else 0,
-            "backbone_bytes": sum(
-                p.numel() * p.element_size() for p in self.model.parameters.values()
-            ),
-            "resident_expert_bytes": host_experts + self.model.expert_cache.nbytes(),
+            "backbone_bytes": self.backbone_bytes,
+            "resident_expert_bytes": self.host_expert_bytes + self.model.expert_cache.nbytes(),
         }
 
 
@@ -194,22 +212,21 @@ class ZooTasks:
     def __init__(
         self, zoo_dir: Path, limits: Limits | None = None, tasks: list[str] | None = None
     ) -> None:
-        self.root = Path(zoo_dir)
         self.limits = limits or Limits()
-        index = json.loads((self.root / "zoo.json").read_text())
-        self.labels: dict[str, list[str]] = {}
-        for name in tasks or index["tasks"]:
-            path = self.root / "tasks" / name
-            if not (path / "config.json").is_file():
-                raise ValueError(
-                    f"zoo {zoo_dir} has no task {name!r}; it has: {', '.join(index['tasks'])}"
-                )
-            config = json.loads((path / "config.json").read_text())
-            self.labels[name] = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+        zoo = open_zoo(zoo_dir)
+        unknown = [name for name in tasks or [] if name not in zoo.tasks]
+        if unknown:
+            raise ValueError(
+                f"zoo {zoo_dir} has no task {unknown[0]!r}; it has: {', '.join(zoo.tasks)}"
+            )
+        self.paths = {name: zoo.tasks[name].path for name in tasks or zoo.tasks}
+        self.labels = {name: zoo.tasks[name].label_names for name in self.paths}
         self.version = f"separate:{','.join(self.labels)}"
 
-    def path(self, task: str) -> Path:
-        return self.root / "tasks" / task
+    has_router = False
+
+    def cache_counts(self) -> None:
+        return None
 
     def tasks_info(self) -> list[dict]:
         return [
@@ -256,19 +273,13 @@ class TaskModel:
         for rows in plan_passes(tokens.lengths, self.pass_overhead):
             batch = tokens.padded(rows, self.device)
             start = time.perf_counter()
-            scores = torch.softmax(self.model(**batch).logits, -1).cpu()
+            logits = self.model(**batch).logits.cpu()  # .cpu() waits for a GPU to finish
             timings.add("forward", time.perf_counter() - start)
-            for row, score in zip(rows, scores, strict=True):
-                best = int(score.argmax())
-                answers[row] = Prediction(
-                    task=self.task,
-                    routed=False,
-                    router_confidence=None,
-                    label=self.labels[best],
-                    score=float(score[best]),
-                    scores=dict(zip(self.labels, score.tolist(), strict=True)),
-                    truncated=tokens.truncated[row],
-                )
+            truncated = [tokens.truncated[row] for row in rows]
+            for row, answer in zip(
+                rows, predictions(self.task, self.labels, logits, truncated), strict=True
+            ):
+                answers[row] = answer
         return answers
 
 
@@ -300,7 +311,7 @@ def classify_by_task(
     return split_by_request(answers, requests)
 
 
-class SeparateEngine:
+class SeparateEngine(ZooTasks):
     """The baseline: N fine-tuned models, each whole and all loaded, behind the same
     interface; each task's rows run through its own model.
     """
@@ -313,20 +324,12 @@ class SeparateEngine:
         tasks: list[str] | None = None,
         pass_overhead_tokens: int | None = None,
     ) -> None:
+        super().__init__(zoo_dir, limits, tasks)
         self.device = pick_device(device)
-        self.zoo = ZooTasks(zoo_dir, limits, tasks)
-        self.limits = self.zoo.limits
-        self.version = self.zoo.version
         self.models = {
-            task: TaskModel(self.zoo.path(task), task, self.device, pass_overhead_tokens)
-            for task in self.zoo.labels
+            task: TaskModel(path, task, self.device, pass_overhead_tokens)
+            for task, path in self.paths.items()
         }
-
-    def tasks_info(self) -> list[dict]:
-        return self.zoo.tasks_info()
-
-    def check(self, task: str | None, inputs: object) -> ClassifyRequest:
-        return self.zoo.check(task, inputs)
 
     def classify_requests(
         self, requests: list[ClassifyRequest], timings: StageTimings

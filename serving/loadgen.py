@@ -91,30 +91,39 @@ def _bodies(spec: LoadSpec) -> Iterator[bytes]:
         yield json.dumps(body).encode()
 
 
-def _send(url: str, body: bytes) -> tuple[int, dict | None]:
-    """HTTP status (0 when no answer came) and the JSON answer of one request."""
-    request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
+def call(
+    url: str, body: object = None, raw: bytes | None = None, timeout: float = 60
+) -> tuple[int, dict | None]:
+    """(HTTP status, JSON answer) of a POST of ``body`` as JSON (or of ``raw`` bytes), or of a
+    GET when both are None. Status 0 when no answer came; answer None when it is not JSON."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, text = response.status, response.read()
     except urllib.error.HTTPError as err:
-        return err.code, None
-    except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError):
+        status, text = err.code, err.read()
+    except (urllib.error.URLError, TimeoutError, ConnectionError):
         return 0, None
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, None
 
 
 def run_load(spec: LoadSpec) -> LoadResult:
     """Drive the load in this process (threads); stops after ``requests`` or ``max_seconds``."""
     result = LoadResult(asdict(spec) | {"texts": None})
-    bodies = list(_bodies(spec))
+    bodies = _bodies(spec)  # encoded as they are sent: a spec may allow far more than get sent
     lock = threading.Lock()
     start = time.perf_counter()
     deadline = start + spec.max_seconds
 
     def one(body: bytes, index: int) -> None:
         sent = time.perf_counter()
-        status, answer = _send(spec.url, body)
+        status, answer = call(spec.url, raw=body)
         latency = time.perf_counter() - sent
+        answer = answer if status == 200 else None
         with lock:
             if status == 200:
                 result.latencies.append(latency)
@@ -146,7 +155,7 @@ def run_load(spec: LoadSpec) -> LoadResult:
         for thread in threads:
             thread.start()
     elif spec.mode == "open":
-        gaps = np.random.default_rng(spec.seed + 2).exponential(1.0 / spec.rate, len(bodies))
+        gaps = np.random.default_rng(spec.seed + 2).exponential(1.0 / spec.rate, spec.requests)
         threads = []
         due = start
         for index, (body, gap) in enumerate(zip(bodies, gaps, strict=True)):

@@ -5,6 +5,7 @@ Ray prefixes every name with ``ray_``; the README lists each metric with its mea
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import urllib.request
@@ -15,6 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from merging.runtime import Prediction, StageTimings
+
+logger = logging.getLogger(__name__)
 
 LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
@@ -111,7 +114,10 @@ class ServerMetrics:
 
         def loop() -> None:
             while True:
-                self.set_memory(read())
+                try:
+                    self.set_memory(read())
+                except Exception:  # a failed read must not stop the gauges for good
+                    logger.exception("reading the memory figures failed; trying again")
                 time.sleep(seconds)
 
         threading.Thread(target=loop, name="freemerge-memory-gauges", daemon=True).start()
@@ -122,6 +128,19 @@ def scrape(url: str, timeout: float = 10.0) -> dict[str, Metric]:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         text = response.read().decode()
     return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def scrape_until(
+    url: str, done: Callable[[dict[str, Metric]], bool], wait_s: float, every_s: float = 0.5
+) -> dict[str, Metric]:
+    """Scrape ``url`` until ``done(families)`` or ``wait_s`` have passed; the last scrape.
+    (Ray exports metrics every few seconds, so what a request changed shows up late.)"""
+    deadline = time.time() + wait_s
+    families = scrape(url)
+    while not done(families) and time.time() < deadline:
+        time.sleep(every_s)
+        families = scrape(url)
+    return families
 
 
 def counter_total(families: dict[str, Metric], name: str) -> float:

@@ -1,23 +1,9 @@
-"""A server on a local Ray for end-to-end tests, and ``call`` for HTTP requests to it."""
+"""A server on a local Ray for end-to-end tests."""
 
-import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from serving.local import free_port, start_local, stop_local
-
-
-def call(url: str, body: object = None, raw: bytes | None = None) -> tuple[int, dict]:
-    """(status, JSON body) of a POST with ``body`` (or ``raw`` bytes), or a GET without."""
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
 
 
 @contextmanager

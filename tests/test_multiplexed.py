@@ -1,16 +1,16 @@
 """End to end: the separate-models baseline through Ray Serve model multiplexing."""
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from live_server import call, live_server
+from live_server import live_server
 
 from merging.evaluate import task_texts
 from merging.runtime import StageTimings
 from serving.app import build_app
 from serving.engine import ClassifyRequest, SeparateEngine
-from serving.metrics import counter_total, scrape
+from serving.loadgen import call
+from serving.metrics import counter_total, scrape_until
 
 TASKS = ["sms_spam", "bbc_topic", "debate_party"]
 
@@ -65,11 +65,10 @@ def test_one_model_per_replica_reloads_and_holds_one_model(server, tiny_zoo, tex
     assert status == 200
     last = SeparateEngine(tiny_zoo.root, "cpu", tasks=[TASKS[-1]]).memory()  # loaded last
     assert ready["memory"]["backbone_bytes"] == last["backbone_bytes"]
-    deadline = time.time() + 60
-    loads = 0.0
-    while loads < 6 and time.time() < deadline:
-        loads = counter_total(scrape(metrics_url), "ray_freemerge_model_loads")
-        time.sleep(0.5)
+    families = scrape_until(
+        metrics_url, lambda f: counter_total(f, "ray_freemerge_model_loads") >= 6, wait_s=60
+    )
+    loads = counter_total(families, "ray_freemerge_model_loads")
     assert loads >= 6  # at least one load per request above
     status, info = call(f"{url}/v1/tasks")
     assert sorted(t["task"] for t in info["tasks"]) == sorted(TASKS)

@@ -1,17 +1,17 @@
 """End to end: Ray Serve on the CPU with a tiny artifact, over HTTP, and the metrics port."""
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from live_server import call, live_server
+from live_server import live_server
 
 from merging.artifact import open_artifact
 from merging.evaluate import task_texts
 from merging.runtime import StageTimings
 from serving.engine import ClassifyRequest, MergedEngine
-from serving.metrics import scrape
+from serving.loadgen import call
+from serving.metrics import scrape_until
 
 
 @pytest.fixture(scope="module")
@@ -165,11 +165,7 @@ def test_metrics_appear_on_the_metrics_port(server, texts):
             and {"200", "404"} <= labels_of(families, "ray_freemerge_requests", "status")
         )
 
-    deadline = time.time() + 60
-    families = scrape(metrics_url)
-    while not complete(families) and time.time() < deadline:
-        time.sleep(1)
-        families = scrape(metrics_url)
+    families = scrape_until(metrics_url, complete, wait_s=60)
     assert {n: families[n].type for n in EXPECTED_METRICS if n in families} == EXPECTED_METRICS
     stages = labels_of(families, "ray_freemerge_stage_latency_seconds", "stage")
     assert {"queue", "route", "forward", "expert_apply"} <= stages
