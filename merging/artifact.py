@@ -19,8 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from merging.atomic import replaced_directory
-from merging.sources import sha256_file
+from freemerge.merging.files import replaced_directory, sha256_file
 
 ARTIFACT_FORMAT = "freemerge-artifact"
 ARTIFACT_VERSION = 1

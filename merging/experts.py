@@ -10,12 +10,13 @@ residual, per tensor or per matrix row, stored as int32 flat indices plus float3
 writes theta_m[i] + e_t[i] at those indices after saving the original values, and writes the
 saved values back on exit: never add-then-subtract, so nothing drifts.
 
-``lowrank``: for each shared 2-D matrix, the truncated SVD of the residual at ``rank``, stored
-as B = U_r S_r (out x r) and A = V_r^T (r x in), so theta_m + B A is the best rank-r
-approximation of theta_t; 1-D tensors (biases, LayerNorm) are stored in full unless
-``vectors: skip``; tensors whose name matches ``skip`` (default: the word embeddings, whose
-factors cost 30k rows) are left out. Applied in place the same way (originals saved, written
-back); the server can instead run the factors beside the linear layers, LoRA-style.
+``lowrank`` (the default kind): for each shared 2-D matrix, the truncated SVD of the residual
+at ``rank`` (default 4), stored as B = U_r S_r (out x r) and A = V_r^T (r x in), so
+theta_m + B A is the best rank-r approximation of theta_t. 1-D tensors (biases, LayerNorm) are
+left out by default (``vectors: skip``; ``full`` stores them whole), and so are tensors whose
+name matches ``skip`` (default: the embeddings), so by default an expert touches the linear
+layers only and the server runs it beside them, LoRA-style (:mod:`freemerge.serving.adapters`).
+Applied in place the same way as sparse experts (originals saved, written back) elsewhere.
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ class LowRankExpert:
 
     kind = "lowrank"
 
-    def __init__(self, rank: int = 8, vectors: str = "full", skip: str = "word_embeddings"):
+    def __init__(self, rank: int = 4, vectors: str = "skip", skip: str = r"embeddings\."):
         if rank < 1:
             raise ValueError(f"expert rank must be >= 1, got {rank}")
         if vectors not in VECTOR_MODES:
@@ -295,7 +296,10 @@ def expert_settings(kind: str) -> dict[str, object]:
     return {p.name: p.default for p in parameters}
 
 
-def make_expert(kind: str = "sparse", **settings: object) -> Expert:
+DEFAULT_EXPERT_KIND = LowRankExpert.kind
+
+
+def make_expert(kind: str = DEFAULT_EXPERT_KIND, **settings: object) -> Expert:
     """A new, empty expert of ``kind``; settings it does not have are refused by name."""
     allowed = expert_settings(kind)
     unknown = sorted(set(settings) - set(allowed))

@@ -9,21 +9,22 @@ directory. ``--format peft`` writes a low-rank expert as a LoRA adapter (``lora_
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from merging.artifact import Artifact, staged_directory
-from merging.experts import LowRankExpert, load_expert
-from merging.runtime import MergedClassifier
+from freemerge.merging.artifact import Artifact, staged_directory
+from freemerge.merging.experts import LowRankExpert, load_expert
 
 
 def export_task(artifact: Artifact, task: str, out: Path, overwrite: bool = False) -> Path:
-    """Write backbone + task's expert + task's head (tokenizer included) to ``out``."""
-    labels = artifact.task(task)["labels"]
-    runtime = MergedClassifier(artifact, row_adapters=False)  # plain layers to copy from
+    """Write backbone + task's expert + task's head (tokenizer included) to ``out``: the
+    expert is applied to the weights in place, as :meth:`Expert.applied` defines it."""
+    entry = artifact.task(task)  # an unknown task fails with the list of known ones
+    labels = entry["labels"]
     config = AutoConfig.from_pretrained(
         artifact.backbone,
         num_labels=len(labels),
@@ -32,12 +33,18 @@ def export_task(artifact: Artifact, task: str, out: Path, overwrite: bool = Fals
     )
     model = AutoModelForSequenceClassification.from_config(config)
     config.architectures = [type(model).__name__]
-    with runtime.expert_applied(task):
-        model.base_model.load_state_dict(runtime.backbone.state_dict())
-    model.classifier.load_state_dict(runtime.heads[task].state_dict())
+    backbone = AutoModel.from_pretrained(artifact.backbone)
+    expert = load_expert(artifact.path(entry["expert"])) if entry.get("expert") else None
+    applied = expert.applied(dict(backbone.named_parameters())) if expert else nullcontext()
+    with torch.no_grad():
+        with applied:  # load_state_dict copies, so the export keeps theta_m + e_t
+            model.base_model.load_state_dict(backbone.state_dict())
+        head = load_file(str(artifact.path(entry["head"])))
+        model.classifier.weight.copy_(head["classifier.weight"])
+        model.classifier.bias.copy_(head["classifier.bias"])
     with staged_directory(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        runtime.tokenizer.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(artifact.backbone).save_pretrained(tmp)
     return Path(out)
 
 

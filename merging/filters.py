@@ -10,15 +10,24 @@ with the low-frequency part removed:
 - ``radial``: a plain high-pass on normalised frequency: zero every component with
   sqrt(f_u^2 + f_v^2) < cutoff, f = k / H (resp. k / W) in [-1/2, 1/2) as ``fftfreq`` gives.
   It treats square and rectangular matrices alike and always removes the DC term.
+
+Only the matrices whose name matches ``targets`` are filtered (by default the attention and
+feed-forward matrices of the transformer layers).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
 FILTER_MODES = ("reference", "radial")
+# The 2-D matrices of the transformer layers: attention projections and the feed-forward pair.
+DEFAULT_FILTER_TARGETS = (
+    r"^encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+    r"|intermediate\.dense|output\.dense)\.weight$"
+)
 
 
 def reference_mask(shape: tuple[int, int], ratio: float) -> torch.Tensor:
@@ -39,11 +48,13 @@ def radial_mask(shape: tuple[int, int], cutoff: float) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class HighPass:
-    """One configured filter: ``mode`` with its ``ratio`` (reference) or ``cutoff`` (radial)."""
+    """One configured filter: ``mode`` with its ``ratio`` (reference) or ``cutoff`` (radial),
+    applied to the matrices whose name matches the regex ``targets``."""
 
     mode: str = "reference"
     ratio: float = 0.7
     cutoff: float = 0.05
+    targets: str = DEFAULT_FILTER_TARGETS
 
     def __post_init__(self) -> None:
         if self.mode not in FILTER_MODES:
@@ -54,6 +65,13 @@ class HighPass:
             raise ValueError(f"filter ratio must be > 0, got {self.ratio}")
         if not 0 <= self.cutoff <= 0.75:
             raise ValueError(f"filter cutoff must be in [0, 0.75], got {self.cutoff}")
+        try:
+            re.compile(self.targets)
+        except re.error as err:
+            raise ValueError(f"filter targets is not a valid regex: {err}") from None
+
+    def targets_tensor(self, name: str) -> bool:
+        return re.search(self.targets, name) is not None
 
     def mask(self, shape: tuple[int, int]) -> torch.Tensor:
         if self.mode == "reference":

@@ -1,18 +1,18 @@
-"""The merge engine: stream tensors from N checkpoints, merge, build experts, write the artifact.
+"""The merge: stream tensors from N checkpoints, merge, build experts, write the artifact.
 
 Per shared tensor (one at a time, so peak memory stays near one checkpoint plus a few tensors):
-tau_t = theta_t - theta_0; theta_m = method(theta_0, [tau_t]); then, when experts are asked
-for, each task's expert takes its part of the residual theta_t - theta_m. Heads (tensors outside
-the base model, ``classifier.*``) are never merged: each task keeps its own.
+tau_t = theta_t - theta_0; theta_m = method(theta_0, [tau_t]); then, when the method or the
+config asks for experts, each task's expert takes its part of the residual theta_t - theta_m.
+Heads (tensors outside the base model, ``classifier.*``) are never merged: each task keeps its
+own. The artifact is written to a temporary folder and renamed into place when whole.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,12 +21,13 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-from merging.artifact import staged_directory, write_manifest
-from merging.checkpoint import Checkpoint, CheckpointError
-from merging.config import MergeConfig
-from merging.methods import get_method
-from merging.router import build_router
-from merging.sources import sha256_file
+from freemerge.merging.artifact import staged_directory, write_manifest
+from freemerge.merging.checkpoint import Checkpoint, CheckpointError
+from freemerge.merging.config import MergeConfig
+from freemerge.merging.experts import Expert
+from freemerge.merging.files import sha256_file
+from freemerge.merging.methods import get_method
+from freemerge.merging.router_training import build_router
 
 # The runtime reads a task's head as a linear layer on the backbone's pooled output, which is
 # what these model types' *ForSequenceClassification do.
@@ -41,6 +42,15 @@ class MergeSummary:
     peak_rss_mib: float
     backbone_bytes: int
     expert_bytes: dict[str, int]
+
+
+@dataclass
+class Merged:
+    """What the tensor loop produces: the backbone, the experts and the filter's record."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    experts: dict[str, Expert] = field(default_factory=dict)
+    removed_energy: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def _check_compatible(base: Checkpoint, models: dict[str, Checkpoint]) -> list[str]:
@@ -74,33 +84,47 @@ def _check_compatible(base: Checkpoint, models: dict[str, Checkpoint]) -> list[s
     return shared
 
 
-def _task_energies(
+def energy_weights(
     base: Checkpoint, models: dict[str, Checkpoint], shared: list[str]
 ) -> list[float]:
-    """E(tau_t) = sum over shared tensors of ||theta_t - theta_0||^2, per task."""
+    """w_t = E(tau_t) / sum_s E(tau_s), E = sum over shared tensors of ||theta_t - theta_0||^2."""
     energies = [0.0] * len(models)
     for name in shared:
         theta0 = base.tensor(name)
         for i, model in enumerate(models.values()):
             energies[i] += float(((model.tensor(name) - theta0) ** 2).sum())
-    return energies
+    return [e / sum(energies) for e in energies]
 
 
-def _merge_params(config: MergeConfig, name: str, task_weights: list[float] | None) -> dict:
-    """The method's parameters for one tensor (fr/free filter only the target matrices)."""
-    if config.method == "average":
-        return {}
-    if config.method == "task_arithmetic":
-        return {"scaling": config.lam}
-    if config.method == "ties":
-        return {"scaling": config.lam, "density": config.ties.density}
-    targeted = re.search(config.filter.targets, name) is not None
-    return {
-        "scaling": config.lam if targeted else config.lam_other,
-        "high_pass": config.filter.high_pass() if targeted else None,
-        "task_weights": task_weights,
-        "magnitude_alignment": config.magnitude_alignment and targeted,
-    }
+def merge_tensors(
+    config: MergeConfig,
+    base: Checkpoint,
+    models: dict[str, Checkpoint],
+    shared: list[str],
+    show_progress: bool,
+) -> Merged:
+    """The tensor loop: theta_m per shared tensor, and each task's expert from its residual."""
+    method = get_method(config.method)
+    params = dict(config.parameters)
+    if params.get("task_weights") == "energy":  # needs every checkpoint before the first tensor
+        params["task_weights"] = energy_weights(base, models, shared)
+    merged = Merged()
+    if config.experts is not None:
+        merged.experts = {name: config.experts.make() for name in models}
+    for name in tqdm(shared, desc=f"merge ({config.method})", disable=not show_progress):
+        theta0 = base.tensor(name)
+        # tau_t computed in place: N tensors of this one name are held, never N models.
+        taus = [model.tensor(name).sub_(theta0) for model in models.values()]
+        stats: dict = {}
+        merged.tensors[name] = method(theta0, taus, name=name, stats=stats, **params).contiguous()
+        if "removed_energy" in stats:
+            merged.removed_energy[name] = dict(zip(models, stats["removed_energy"], strict=True))
+        if merged.experts:
+            shift = merged.tensors[name] - theta0  # theta_t - theta_m = tau_t - (theta_m - theta_0)
+            for task, tau in zip(models, taus, strict=True):
+                merged.experts[task].add(name, tau.sub_(shift))
+        del taus
+    return merged
 
 
 def run_merge(
@@ -111,102 +135,87 @@ def run_merge(
     base = Checkpoint(config.base_model, "base_model")
     models = {m.name: Checkpoint(m.path, f"model {m.name}") for m in config.models}
     shared = _check_compatible(base, models)
-    method = get_method("fr" if config.method == "free" else config.method)
-    task_weights = None
-    if config.task_weights == "energy":
-        energies = _task_energies(base, models, shared)
-        task_weights = [e / sum(energies) for e in energies]
-    experts = {}
-    if config.experts is not None:
-        experts = {name: config.experts.make() for name in models}
-    merged: dict[str, torch.Tensor] = {}
-    removed_energy: dict[str, dict[str, float]] = {}
-    for name in tqdm(shared, desc=f"merge ({config.method})", disable=not show_progress):
-        theta0 = base.tensor(name)
-        # tau_t computed in place: N tensors of this one name are held, never N models.
-        taus = [model.tensor(name).sub_(theta0) for model in models.values()]
-        stats: dict = {}
-        params = _merge_params(config, name, task_weights)
-        if config.method in ("fr", "free"):
-            params["stats"] = stats
-        merged[name] = method(theta0, taus, **params).contiguous()
-        if "removed_energy" in stats:
-            removed_energy[name] = dict(zip(models, stats["removed_energy"], strict=True))
-        if experts:
-            shift = merged[name] - theta0  # theta_t - theta_m = tau_t - (theta_m - theta_0)
-            for task, tau in zip(models, taus, strict=True):
-                experts[task].add(name, tau.sub_(shift))
-        del taus
-
+    merged = merge_tensors(config, base, models, shared, show_progress)
     with staged_directory(out, overwrite) as tmp:
-        backbone = tmp / "backbone"
-        backbone.mkdir()
-        save_file(merged, str(backbone / "model.safetensors"), metadata={"format": "pt"})
-        backbone_config = dict(base.config)
-        backbone_config["architectures"] = [MODEL_MAPPING_NAMES[base.model_type]]
-        (backbone / "config.json").write_text(json.dumps(backbone_config, indent=2))
-        AutoTokenizer.from_pretrained(config.base_model).save_pretrained(backbone)
-        (tmp / "heads").mkdir()
-        (tmp / "experts").mkdir()
-        tasks = {}
-        for task, model in models.items():
-            head = {n: model.tensor(n).contiguous() for n in HEAD_TENSORS}
-            save_file(head, str(tmp / "heads" / f"{task}.safetensors"))
-            id2label = model.config.get("id2label") or {}
-            labels = [
-                id2label.get(str(i), f"LABEL_{i}") for i in range(head["classifier.bias"].numel())
-            ]
-            entry = {
-                "labels": labels,
-                "head": f"heads/{task}.safetensors",
-                "expert": None,
-                "expert_bytes": 0,
-                "source": str(model.path),
-                "source_sha256": sha256_file(model.path / "model.safetensors")
-                if (model.path / "model.safetensors").is_file()
-                else None,
-            }
-            if task in experts:
-                experts[task].save(tmp / "experts" / f"{task}.safetensors")
-                entry["expert"] = f"experts/{task}.safetensors"
-                entry["expert_bytes"] = experts[task].nbytes()
-            tasks[task] = entry
-        router = None
-        if config.router is not None:
-            router = build_router(config.router, list(models), backbone, tmp)
-        (tmp / "filter_report.json").write_text(
-            json.dumps(_filter_report(removed_energy), indent=2)
-        )
-        backbone_bytes = sum(t.numel() * t.element_size() for t in merged.values())
-        write_manifest(
-            tmp,
-            {
-                "method": config.method,
-                "parameters": config.to_dict(),
-                "backbone": {
-                    "model_type": base.model_type,
-                    "parameters": sum(t.numel() for t in merged.values()),
-                    "bytes": backbone_bytes,
-                },
-                "tasks": tasks,
-                "router": router
-                and {"file": "router.safetensors", "record": "router.json", **router},
-                "sources": {
-                    "base_model": str(base.path),
-                    "base_model_sha256": sha256_file(base.path / "model.safetensors")
-                    if (base.path / "model.safetensors").is_file()
-                    else None,
-                },
-            },
-        )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        tasks = _write_artifact(config, base, models, merged, tmp)
     return MergeSummary(
         out=Path(out),
         wall_seconds=time.perf_counter() - start,
-        peak_rss_mib=peak,
-        backbone_bytes=backbone_bytes,
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        backbone_bytes=_nbytes(merged.tensors),
         expert_bytes={task: entry["expert_bytes"] for task, entry in tasks.items()},
     )
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _source_hash(path: Path) -> str | None:
+    weights = path / "model.safetensors"
+    return sha256_file(weights) if weights.is_file() else None
+
+
+def _write_artifact(
+    config: MergeConfig, base: Checkpoint, models: dict[str, Checkpoint], merged: Merged, tmp: Path
+) -> dict[str, dict]:
+    """Backbone, heads, experts, router, filter report and manifest into ``tmp``."""
+    backbone = tmp / "backbone"
+    backbone.mkdir()
+    save_file(merged.tensors, str(backbone / "model.safetensors"), metadata={"format": "pt"})
+    backbone_config = dict(base.config)
+    backbone_config["architectures"] = [MODEL_MAPPING_NAMES[base.model_type]]
+    (backbone / "config.json").write_text(json.dumps(backbone_config, indent=2))
+    AutoTokenizer.from_pretrained(config.base_model).save_pretrained(backbone)
+    (tmp / "heads").mkdir()
+    (tmp / "experts").mkdir()
+    tasks = {
+        task: _write_task(task, model, merged.experts.get(task), tmp)
+        for task, model in models.items()
+    }
+    router = None
+    if config.router is not None:
+        router = build_router(config.router, list(models), backbone, tmp)
+    (tmp / "filter_report.json").write_text(
+        json.dumps(_filter_report(merged.removed_energy), indent=2)
+    )
+    write_manifest(
+        tmp,
+        {
+            "method": config.method,
+            "parameters": config.to_dict(),
+            "backbone": {
+                "model_type": base.model_type,
+                "parameters": sum(t.numel() for t in merged.tensors.values()),
+                "bytes": _nbytes(merged.tensors),
+            },
+            "tasks": tasks,
+            "router": router and {"file": "router.safetensors", "record": "router.json", **router},
+            "sources": {"base_model": str(base.path), "base_model_sha256": _source_hash(base.path)},
+        },
+    )
+    return tasks
+
+
+def _write_task(task: str, model: Checkpoint, expert: Expert | None, tmp: Path) -> dict:
+    """Write one task's head (and expert); its manifest entry."""
+    head = {n: model.tensor(n).contiguous() for n in HEAD_TENSORS}
+    save_file(head, str(tmp / "heads" / f"{task}.safetensors"))
+    id2label = model.config.get("id2label") or {}
+    labels = [id2label.get(str(i), f"LABEL_{i}") for i in range(head["classifier.bias"].numel())]
+    entry = {
+        "labels": labels,
+        "head": f"heads/{task}.safetensors",
+        "expert": None,
+        "expert_bytes": 0,
+        "source": str(model.path),
+        "source_sha256": _source_hash(model.path),
+    }
+    if expert is not None:
+        expert.save(tmp / "experts" / f"{task}.safetensors")
+        entry["expert"] = f"experts/{task}.safetensors"
+        entry["expert_bytes"] = expert.nbytes()
+    return entry
 
 
 def _filter_report(removed: dict[str, dict[str, float]]) -> dict:

@@ -1,23 +1,30 @@
-"""Merge methods: plain per-tensor functions registered by name (in the manner of mergekit).
+"""Merge methods: plain per-tensor functions registered by name (in the manner of mergekit's
+``easy_define``).
 
 Each method maps the base tensor theta_0 and the task vectors tau_t = theta_t - theta_0 of one
-tensor to the merged tensor theta_m. Its parameters are read from its signature: the config's
-``parameters`` block supplies them by name, and a default in the signature is the documented
-default. A method may also take ``stats``, a dict in which it records per-tensor diagnostics
-(not a parameter). Loading, streaming and writing tensors live in :mod:`merging.merge`.
+tensor to the merged tensor theta_m. Its configurable parameters and their defaults are read
+from its signature (keyword-only arguments): the merge config's ``parameters`` block sets them
+by name, and nothing else holds a default. Two keyword arguments are not parameters but
+context the merge supplies per tensor when a method declares them: ``name`` (the tensor's
+canonical name) and ``stats`` (a dict for per-tensor diagnostics). A method registered with
+``experts=True`` also builds one expert per task (FREE-Merging). Streaming and writing live in
+:mod:`freemerge.merging.merge`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import torch
 
-from merging.filters import HighPass
+from freemerge.merging.filters import HighPass
 
 MergeFn = Callable[..., torch.Tensor]
+CONTEXT = ("name", "stats")
 
 
 @dataclass(frozen=True)
@@ -25,36 +32,90 @@ class MergeMethod:
     name: str
     function: MergeFn
     parameters: dict[str, object]  # name -> default, from the signature
+    choices: dict[str, tuple]  # name -> allowed values, from Literal annotations
+    experts: bool  # the method builds one expert per task
+    context: tuple[str, ...]  # the context arguments the function declares
 
     def __call__(
-        self, base: torch.Tensor, task_vectors: list[torch.Tensor], **params: object
+        self, base: torch.Tensor, task_vectors: list[torch.Tensor], **kwargs: object
     ) -> torch.Tensor:
-        return self.function(base, task_vectors, **params)
+        passed = {k: v for k, v in kwargs.items() if k not in CONTEXT or k in self.context}
+        return self.function(base, task_vectors, **passed)
 
 
 METHODS: dict[str, MergeMethod] = {}
 
 
-def merge_method(name: str) -> Callable[[MergeFn], MergeFn]:
+def merge_method(name: str, *, experts: bool = False) -> Callable[[MergeFn], MergeFn]:
     """Register ``function(base, task_vectors, *, param=default, ...)`` under ``name``."""
 
     def register(function: MergeFn) -> MergeFn:
-        signature = inspect.signature(function)
-        params = {
-            p.name: p.default
-            for p in signature.parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "stats"
+        hints = get_type_hints(function)
+        keyword = [
+            p
+            for p in inspect.signature(function).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        ]
+        params = {p.name: p.default for p in keyword if p.name not in CONTEXT}
+        choices = {
+            n: _literal_values(hints.get(n)) for n in params if _literal_values(hints.get(n))
         }
-        METHODS[name] = MergeMethod(name, function, params)
+        context = tuple(p.name for p in keyword if p.name in CONTEXT)
+        METHODS[name] = MergeMethod(name, function, params, choices, experts, context)
         return function
 
     return register
+
+
+def _literal_values(hint: object) -> tuple:
+    """The values of a ``Literal[...]`` annotation, also inside a union; () otherwise."""
+    if get_origin(hint) is Literal:
+        return get_args(hint)
+    return next((get_args(h) for h in get_args(hint) if get_origin(h) is Literal), ())
 
 
 def get_method(name: str) -> MergeMethod:
     if name not in METHODS:
         raise ValueError(f"unknown merge method {name!r}; allowed: {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def resolve_parameters(method: MergeMethod, given: dict) -> dict:
+    """The method's parameters: its signature's defaults, overridden by ``given`` (checked
+    by name, type and allowed values; a dataclass parameter is built from a mapping)."""
+    unknown = sorted(set(given) - set(method.parameters))
+    if unknown:
+        allowed = ", ".join(method.parameters) or "none"
+        raise ValueError(
+            f"{unknown[0]!r} is not a parameter of method {method.name}; allowed: {allowed}"
+        )
+    resolved = dict(method.parameters)
+    for key, value in given.items():
+        resolved[key] = _checked(method, key, value)
+    return resolved
+
+
+def _checked(method: MergeMethod, key: str, value: object) -> object:
+    default = method.parameters[key]
+    if key in method.choices and value not in method.choices[key]:
+        allowed = ", ".join(map(str, method.choices[key]))
+        raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+    if dataclasses.is_dataclass(default):
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a mapping, got {type(value).__name__}")
+        fields = {f.name for f in dataclasses.fields(default)}
+        unknown = sorted(set(value) - fields)
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r} in {key}; allowed: {', '.join(fields)}")
+        return dataclasses.replace(default, **value)
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(default, float) or (default is None and value is not None):
+        if not numeric:
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    return value
 
 
 @merge_method("average")
@@ -102,6 +163,8 @@ def ties(
     sign = sign(sum_t trim(tau_t)); agree_t = trim(tau_t) != 0 and sign(trim(tau_t)) == sign;
     theta_m = theta_0 + lambda * sum_t(trim(tau_t) * agree_t) / max(1, sum_t agree_t).
     """
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
     trimmed = torch.stack([keep_top_magnitude(tau, density) for tau in task_vectors])
     elected = torch.sign(trimmed.sum(0))
     agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
@@ -110,38 +173,46 @@ def ties(
     return base + scaling * disjoint_mean
 
 
-@merge_method("fr")
 def frequency_filtered(
     base: torch.Tensor,
     task_vectors: list[torch.Tensor],
     *,
-    scaling: float = 0.3,
-    high_pass: HighPass | None = None,
-    task_weights: list[float] | None = None,
-    magnitude_alignment: bool = False,
+    name: str = "",
     stats: dict | None = None,
+    scaling: float = 0.3,
+    other_scaling: float | None = None,
+    filter: HighPass = HighPass(),  # noqa: B008 (frozen, so one shared default is safe)
+    task_weights: Literal["uniform", "energy"] | list[float] = "uniform",
+    magnitude_alignment: bool = False,
 ) -> torch.Tensor:
-    """FR-Merging on one matrix: theta_m = theta_0 + lambda * sum_t w_t * G(tau_t).
+    """FR-Merging on one tensor: theta_m = theta_0 + lambda * sum_t w_t * G(tau_t).
 
-    ``w_t`` is 1 unless ``task_weights`` are given; with ``magnitude_alignment`` the filtered
-    sum is rescaled to the Frobenius norm of the unfiltered weighted sum. Matrices that are not
-    2-D pass through unfiltered (task arithmetic). Records ``stats["removed_energy"]``, the
-    fraction of each task vector's spectral energy that the filter removed.
+    Only 2-D matrices whose name ``filter.targets`` matches are filtered; every other shared
+    tensor is merged by task arithmetic with ``other_scaling`` (default: ``scaling``). ``w_t``
+    is 1 for ``uniform``; for ``energy`` the merge passes w_t = E(tau_t) / sum_s E(tau_s)
+    (E = squared norm over all shared tensors). With ``magnitude_alignment`` the filtered sum is
+    rescaled to the Frobenius norm of the unfiltered weighted sum. Records
+    ``stats["removed_energy"]``, the fraction of each task vector's spectral energy removed.
     """
-    weights = task_weights or [1.0] * len(task_vectors)
-    if base.ndim != 2 or high_pass is None:
-        return base + scaling * weighted_sum(task_vectors, weights)
+    weights = task_weights if isinstance(task_weights, list) else [1.0] * len(task_vectors)
+    if base.ndim != 2 or not filter.targets_tensor(name):
+        lam = scaling if other_scaling is None else other_scaling
+        return base + lam * weighted_sum(task_vectors, weights)
     filtered_sum = torch.zeros_like(base)
     removed = []
     for weight, tau in zip(weights, task_vectors, strict=True):
-        filtered, fraction = high_pass.apply(tau)
+        filtered, fraction = filter.apply(tau)
         filtered_sum += weight * filtered
         removed.append(fraction)
     if stats is not None:
         stats["removed_energy"] = removed
     if magnitude_alignment:
-        plain = weighted_sum(task_vectors, weights)
         norm = filtered_sum.norm()
         if norm > 0:
-            filtered_sum *= plain.norm() / norm
+            filtered_sum *= weighted_sum(task_vectors, weights).norm() / norm
     return base + scaling * filtered_sum
+
+
+# FR-Merging alone, and FREE-Merging: the same backbone plus one expert per task.
+merge_method("fr")(frequency_filtered)
+merge_method("free", experts=True)(frequency_filtered)

@@ -1,7 +1,8 @@
 """The Ray Serve app: a FastAPI ingress around an engine, with dynamic batching and metrics.
 
-Importable for Ray's own tooling: ``serve run serving.app:build_app artifact=DIR`` (or
-``zoo=DIR`` for the separate-models baseline); ``deploy/serve_config.yaml`` is an example.
+Importable for Ray's own tooling: ``serve run freemerge.serving.app:build_app artifact=DIR``
+(or ``zoo=DIR`` for the separate-models baseline); ``deploy/serve_config.yaml`` is an example.
+Every argument is a field of :class:`freemerge.serving.settings.ServingOptions`.
 
 The baseline has a second shape, ``zoo=DIR models_per_replica=K``: the ingress only checks
 requests and hands each to a :class:`MultiplexedModels` deployment through Ray Serve model
@@ -10,6 +11,7 @@ on demand and evicting the least recently used.
 """
 
 import asyncio
+import dataclasses
 import os
 import time
 import weakref
@@ -26,8 +28,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from merging.runtime import MIXING_MODES, StageTimings
-from serving.engine import (
+from freemerge.serving.engine import (
     ClassifyRequest,
     Engine,
     Limits,
@@ -41,7 +42,9 @@ from serving.engine import (
     separate_memory,
     wants_gpu,
 )
-from serving.metrics import ServerMetrics
+from freemerge.serving.metrics import ServerMetrics
+from freemerge.serving.runtime import StageTimings
+from freemerge.serving.settings import ServingOptions
 
 T = TypeVar("T")
 
@@ -85,39 +88,22 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
     return JSONResponse({"error": f"invalid request: {problems}"}, status_code=400)
 
 
-def build_limits(options: dict[str, Any]) -> Limits:
-    return Limits(int(options.get("max_items", 64)), int(options.get("max_chars", 10_000)))
+def build_limits(options: ServingOptions) -> Limits:
+    return Limits(options.max_items, options.max_chars)
 
 
-def task_list(options: dict[str, Any]) -> list[str] | None:
-    """``tasks`` as a list (a comma-separated string from ``serve run`` arguments)."""
-    tasks = options.get("tasks")
-    return tasks.split(",") if isinstance(tasks, str) else tasks
-
-
-def pass_overhead_tokens(options: dict[str, Any]) -> int | None:
-    """``pass_overhead_tokens`` as an int; None (absent) means the device's default."""
-    tokens = options.get("pass_overhead_tokens")
-    return None if tokens is None else int(tokens)
-
-
-def build_engine(options: dict[str, Any]) -> Engine:
-    limits = build_limits(options)
-    device = options.get("device", "auto")
-    if options.get("artifact"):
+def build_engine(options: ServingOptions) -> Engine:
+    device, limits = options.device, build_limits(options)
+    if options.artifact:
         return MergedEngine(
-            options["artifact"],
+            options.artifact,
             device,
             limits,
-            options.get("mixing", "argmax"),
-            int(options.get("expert_cache_size", 8)),
-            pass_overhead_tokens(options),
+            options.mixing,
+            options.expert_cache_size,
+            options.pass_overhead_tokens,
         )
-    if options.get("zoo"):
-        return SeparateEngine(
-            options["zoo"], device, limits, task_list(options), pass_overhead_tokens(options)
-        )
-    raise ValueError("the app needs `artifact` (a merged artifact) or `zoo` (separate models)")
+    return SeparateEngine(options.zoo, device, limits, options.tasks, options.pass_overhead_tokens)
 
 
 class ModelThread:
@@ -156,9 +142,9 @@ async def answer_batch(
     return answers
 
 
-def set_batching(method: Any, options: dict[str, Any]) -> None:
-    method.set_max_batch_size(int(options.get("max_batch_size", 16)))
-    method.set_batch_wait_timeout_s(float(options.get("batch_wait_timeout_s", 0.005)))
+def set_batching(method: Any, options: ServingOptions) -> None:
+    method.set_max_batch_size(options.max_batch_size)
+    method.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
 
 
 @serve.deployment(max_ongoing_requests=128, health_check_period_s=10)
@@ -168,16 +154,16 @@ class ClassifierServer:
     handle to :class:`MultiplexedModels`, it only checks requests and forwards them.
     """
 
-    def __init__(self, options: dict[str, Any], models: DeploymentHandle | None = None) -> None:
+    def __init__(self, options: ServingOptions, models: DeploymentHandle | None = None) -> None:
         self.metrics = ServerMetrics()
         self.models = models
         if models is None:
-            self.model_thread = ModelThread(int(options.get("threads", 1)))
+            self.model_thread = ModelThread(options.torch_threads)
             self.engine: Engine | ZooTasks = self.model_thread.call(build_engine, options)
             self.metrics.refresh_memory_every(2.0, self.engine.memory)
             set_batching(self.classify_batch, options)
         else:
-            self.engine = ZooTasks(options["zoo"], build_limits(options), task_list(options))
+            self.engine = ZooTasks(options.zoo, build_limits(options), options.tasks)
 
     @api.post(
         "/v1/classify",
@@ -199,7 +185,10 @@ class ClassifierServer:
         self.metrics.request(body.task, 200, time.perf_counter() - request.arrived)
         return {"artifact_version": self.engine.version, "results": [vars(a) for a in answers]}
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(
+        max_batch_size=ServingOptions.max_batch_size,
+        batch_wait_timeout_s=ServingOptions.batch_wait_timeout_s,
+    )
     async def classify_batch(self, requests: list[ClassifyRequest]) -> list[list[Any]]:
         answers = await answer_batch(
             self.model_thread, self.engine.classify_requests, requests, self.metrics
@@ -244,23 +233,23 @@ class MultiplexedModels:
     the least recently used; Serve routes a task's requests to a replica that holds its model.
     """
 
-    def __init__(self, options: dict[str, Any]) -> None:
-        self.model_thread = ModelThread(int(options.get("threads", 1)))
-        self.device = pick_device(options.get("device", "auto"))
-        self.zoo = ZooTasks(options["zoo"], build_limits(options), task_list(options))
+    def __init__(self, options: ServingOptions) -> None:
+        self.model_thread = ModelThread(options.torch_threads)
+        self.device = pick_device(options.device)
+        self.zoo = ZooTasks(options.zoo, build_limits(options), options.tasks)
         self.metrics = ServerMetrics()
         self.loaded: weakref.WeakValueDictionary[str, TaskModel] = weakref.WeakValueDictionary()
 
         async def load_model(task: str) -> TaskModel:
             start = time.perf_counter()
             model = await self.model_thread.run(
-                TaskModel, self.zoo.paths[task], task, self.device, pass_overhead_tokens(options)
+                TaskModel, self.zoo.paths[task], task, self.device, options.pass_overhead_tokens
             )
             self.metrics.model_loaded(task, time.perf_counter() - start)
             self.loaded[task] = model
             return model
 
-        per_replica = int(options["models_per_replica"])
+        per_replica = options.models_per_replica
         self.load_model = serve.multiplexed(max_num_models_per_replica=per_replica)(load_model)
         self.metrics.refresh_memory_every(2.0, self.memory_figures)
         set_batching(self.classify_batch, options)
@@ -269,7 +258,10 @@ class MultiplexedModels:
         request.arrived = time.perf_counter()  # this process's clock, for the queue stage
         return await self.classify_batch(request)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(
+        max_batch_size=ServingOptions.max_batch_size,
+        batch_wait_timeout_s=ServingOptions.batch_wait_timeout_s,
+    )
     async def classify_batch(self, requests: list[ClassifyRequest]) -> list[list[Any]]:
         """Serve splits batches by model id, so every request here is for one task."""
         model = await self.load_model(serve.get_multiplexed_model_id())
@@ -288,40 +280,22 @@ class MultiplexedModels:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """App builder for ``serve run serving.app:build_app artifact=DIR [key=value ...]``.
+    """App builder for ``serve run freemerge.serving.app:build_app artifact=DIR [key=value ...]``.
 
-    Keys: ``artifact`` or ``zoo`` (+ ``tasks``, ``models_per_replica``), ``device``
-    (auto|cpu|cuda), ``replicas``, ``cpus_per_replica``, ``max_batch_size``,
-    ``batch_wait_timeout_s``, ``max_items``, ``max_chars``, ``mixing`` (argmax|softmax),
-    ``expert_cache_size``, ``pass_overhead_tokens`` (the fixed cost of a forward pass in
-    tokens, for cutting batches by length; default by device), ``autoscaling`` (Serve's
-    ``autoscaling_config``; replaces ``replicas``). With ``models_per_replica`` the replicas,
-    CPUs and autoscaling apply to the multiplexed model deployment, and one light ingress
-    replica fronts it.
+    Keys: the fields of :class:`ServingOptions` (``freemerge serve --help`` explains each);
+    unknown keys are refused. With ``models_per_replica`` the replicas, CPUs and autoscaling
+    apply to the multiplexed model deployment, and one light ingress replica fronts it.
     """
-    options = dict(args)
-    if options.get("mixing", "argmax") not in MIXING_MODES:
-        raise ValueError(
-            f"unknown mixing {options['mixing']!r}; allowed: {', '.join(MIXING_MODES)}"
-        )
-    multiplexed = options.get("models_per_replica") is not None
-    if multiplexed and (not options.get("zoo") or int(options["models_per_replica"]) < 1):
-        raise ValueError(
-            "models_per_replica (multiplexed separate models) needs `zoo` and a value >= 1, "
-            f"got zoo={options.get('zoo')!r}, models_per_replica={options['models_per_replica']!r}"
-        )
-    cpus = float(options.get("cpus_per_replica", 1))
-    gpus = 1 if wants_gpu(options.get("device", "auto")) else 0
-    options.setdefault("threads", max(1, int(cpus)))
-    actor = {"num_cpus": cpus, "num_gpus": gpus}
+    options = ServingOptions.from_mapping(dict(args))
+    multiplexed = options.models_per_replica is not None
+    gpus = 1 if wants_gpu(options.device) else 0
+    actor = {"num_cpus": options.cpus_per_replica, "num_gpus": gpus}
     worker = MultiplexedModels if multiplexed else ClassifierServer
-    if options.get("autoscaling"):  # Serve's autoscaling_config: min/max replicas, delays, ...
-        worker = worker.options(autoscaling_config=options["autoscaling"], ray_actor_options=actor)
+    if options.autoscaling:  # Serve's autoscaling_config: min/max replicas, delays, ...
+        worker = worker.options(autoscaling_config=options.autoscaling, ray_actor_options=actor)
     else:
-        worker = worker.options(
-            num_replicas=int(options.get("replicas", 1)), ray_actor_options=actor
-        )
+        worker = worker.options(num_replicas=options.replicas, ray_actor_options=actor)
     if not multiplexed:
         return worker.bind(options)
     ingress = ClassifierServer.options(num_replicas=1, ray_actor_options={"num_cpus": 0})
-    return ingress.bind({**options, "threads": 1}, worker.bind(options))
+    return ingress.bind(dataclasses.replace(options, threads=1), worker.bind(options))

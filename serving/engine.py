@@ -18,10 +18,11 @@ from typing import Protocol
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from merging.artifact import open_artifact
-from merging.batching import Tokenized, pass_overhead, plan_passes
-from merging.runtime import MergedClassifier, Prediction, StageTimings, predictions
-from merging.zoo import open_zoo
+from freemerge.merging.artifact import open_artifact
+from freemerge.merging.batching import Tokenized, forward_in_passes, pass_overhead, plan_passes
+from freemerge.merging.zoo_folder import open_zoo
+from freemerge.serving.runtime import MergedClassifier, Prediction, StageTimings, predictions
+from freemerge.serving.settings import ServingOptions
 
 
 class RequestError(ValueError):
@@ -34,8 +35,8 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    max_items: int = 64
-    max_chars: int = 10_000
+    max_items: int = ServingOptions.max_items
+    max_chars: int = ServingOptions.max_chars
 
 
 @dataclass
@@ -127,8 +128,8 @@ class MergedEngine:
         artifact_dir: Path,
         device: str = "auto",
         limits: Limits | None = None,
-        mixing: str = "argmax",
-        expert_cache_size: int = 8,
+        mixing: str = ServingOptions.mixing,
+        expert_cache_size: int = ServingOptions.expert_cache_size,
         pass_overhead_tokens: int | None = None,
     ) -> None:
         artifact = open_artifact(artifact_dir)
@@ -141,12 +142,9 @@ class MergedEngine:
         self.version = artifact.version
         self.limits = limits or Limits()
         self.mixing = mixing
-        # Fixed for the life of the engine; the memory gauges read them every few seconds.
+        # Fixed for the life of the engine; the memory gauges read it every few seconds.
         self.backbone_bytes = sum(
             p.numel() * p.element_size() for p in self.model.parameters.values()
-        )
-        self.host_expert_bytes = sum(
-            e.nbytes() for e in self.model.experts.values() if e is not None
         )
 
     @property
@@ -158,7 +156,7 @@ class MergedEngine:
         return self.model.router is not None
 
     def cache_counts(self) -> tuple[int, int]:
-        return self.model.expert_cache.hits, self.model.expert_cache.misses
+        return self.model.store.hits, self.model.store.misses
 
     def tasks_info(self) -> list[dict]:
         return [
@@ -166,7 +164,7 @@ class MergedEngine:
                 "task": task,
                 "labels": entry["labels"],
                 "expert_bytes": entry["expert_bytes"],
-                "expert_kind": self.model.experts[task].kind if self.model.experts[task] else None,
+                "expert_kind": entry["expert"] and self.model.store.host[task].kind,
             }
             for task, entry in self.model.artifact.tasks.items()
         ]
@@ -200,7 +198,7 @@ class MergedEngine:
             if self.device.type == "cuda"
             else 0,
             "backbone_bytes": self.backbone_bytes,
-            "resident_expert_bytes": self.host_expert_bytes + self.model.expert_cache.nbytes(),
+            "resident_expert_bytes": self.model.expert_bytes(),
         }
 
 
@@ -269,18 +267,15 @@ class TaskModel:
         engine's (:func:`plan_passes`), so both sides pay the same padding.
         """
         tokens = Tokenized(self.tokenizer, texts, self.max_length)
-        answers: list[Prediction | None] = [None] * len(texts)
-        for rows in plan_passes(tokens.lengths, self.pass_overhead):
-            batch = tokens.padded(rows, self.device)
-            start = time.perf_counter()
-            logits = self.model(**batch).logits.cpu()  # .cpu() waits for a GPU to finish
-            timings.add("forward", time.perf_counter() - start)
-            truncated = [tokens.truncated[row] for row in rows]
-            for row, answer in zip(
-                rows, predictions(self.task, self.labels, logits, truncated), strict=True
-            ):
-                answers[row] = answer
-        return answers
+        start = time.perf_counter()
+        logits = forward_in_passes(  # gathered on the CPU, which waits for a GPU to finish
+            tokens,
+            plan_passes(tokens.lengths, self.pass_overhead),
+            self.device,
+            lambda _rows, batch: self.model(**batch).logits,
+        )
+        timings.add("forward", time.perf_counter() - start)
+        return predictions(self.task, self.labels, logits, tokens.truncated)
 
 
 def separate_memory(models: list[TaskModel], device: torch.device) -> dict[str, int]:

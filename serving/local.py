@@ -11,7 +11,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from serving.app import build_app
+from freemerge.serving.app import build_app
 
 APP_NAME = "freemerge"
 

@@ -15,7 +15,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from merging.runtime import Prediction, StageTimings
+from freemerge.serving.runtime import Prediction, StageTimings
 
 logger = logging.getLogger(__name__)
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from merging.finetune import Recipe
+from merging.sources import backbone_dir, default_cache_dir
+from merging.zoo import Zoo, build_zoo
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from merging.config import parse_config
-from merging.finetune import Recipe
 from merging.merge import run_merge
-from merging.sources import backbone_dir, default_cache_dir
-from merging.zoo import Zoo, build_zoo
 
 TOKENIZER_FILES = (
     "tokenizer.json",

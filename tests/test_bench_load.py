@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from serving.bench_load import LoadPlan, load_markdown, load_plots, run_load_bench, targets
 from serving.loadgen import task_sequence
 

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-
 from merging.datasets import (
     SPLIT_FRACTIONS,
     TASKS,

@@ -2,14 +2,14 @@
 
 import pytest
 import torch
+from merging.adapters import rows_assigned
+from merging.evaluate import task_texts
+from merging.runtime import MergedClassifier, StageTimings
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from merging.adapters import rows_assigned
 from merging.artifact import open_artifact
 from merging.config import parse_config
-from merging.evaluate import task_texts
 from merging.merge import run_merge
-from merging.runtime import MergedClassifier, StageTimings
 from serving.engine import ClassifyRequest, Limits, MergedEngine, RequestError, SeparateEngine
 
 

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 import yaml
+from merging.runtime import MergedClassifier
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForSequenceClassification
 
@@ -15,7 +16,6 @@ from merging.checkpoint import Checkpoint, CheckpointError
 from merging.config import ConfigError, load_config, parse_config
 from merging.export import export_task
 from merging.merge import run_merge
-from merging.runtime import MergedClassifier
 from serving.cli import main
 
 TEXTS = [

@@ -4,12 +4,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from live_server import live_server
-
 from merging.evaluate import task_texts
 from merging.runtime import StageTimings
+from serving.loadgen import call
+
 from serving.app import build_app
 from serving.engine import ClassifyRequest, SeparateEngine
-from serving.loadgen import call
 from serving.metrics import counter_total, scrape_until
 
 TASKS = ["sms_spam", "bbc_topic", "debate_party"]

@@ -1,14 +1,14 @@
 import pytest
 import torch
+from merging.evaluate import task_texts
+from merging.runtime import MergedClassifier
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from merging.artifact import open_artifact
 from merging.config import parse_config
-from merging.evaluate import task_texts
 from merging.export import export_peft
 from merging.merge import run_merge
-from merging.runtime import MergedClassifier
 from serving.cli import main
 
 

@@ -1,6 +1,7 @@
 import json
 
 from merging.quality import QualityGrid, quality_markdown, run_quality
+
 from serving.cli import main
 
 QUICK = QualityGrid(

@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from merging.evaluate import evaluate_artifact, task_texts
+from merging.runtime import MergedClassifier, RouterMissingError
 
 from merging.artifact import open_artifact, verify_artifact
 from merging.config import ConfigError, parse_config
-from merging.evaluate import evaluate_artifact, task_texts
 from merging.merge import run_merge
 from merging.router import load_router
-from merging.runtime import MergedClassifier, RouterMissingError
 from serving.cli import main
 
 

@@ -5,12 +5,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from live_server import live_server
-
-from merging.artifact import open_artifact
 from merging.evaluate import task_texts
 from merging.runtime import StageTimings
-from serving.engine import ClassifyRequest, MergedEngine
 from serving.loadgen import call
+
+from merging.artifact import open_artifact
+from serving.engine import ClassifyRequest, MergedEngine
 from serving.metrics import scrape_until
 
 

@@ -1,7 +1,6 @@
 import shutil
 
 import pytest
-
 from merging.datasets import TASKS
 from merging.sources import (
     BACKBONE_WEIGHTS_SHA256,

@@ -1,14 +1,14 @@
 import json
 
+import merging.zoo as zoo_module
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-import merging.zoo as zoo_module
 from merging.datasets import UnknownTaskError, load_task
 from merging.finetune import Recipe, fine_tune, predict
 from merging.zoo import ZooError, build_zoo, open_zoo, zoo_report
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
 from serving.cli import main
 
 TINY = Recipe(epochs=2, max_train_examples=96, batch_size=16, max_length=32, learning_rate=1e-3)

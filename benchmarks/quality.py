@@ -22,16 +22,15 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from merging.artifact import open_artifact, read_manifest
-from merging.config import parse_config
-from merging.evaluate import evaluate_artifact, task_texts
-from merging.finetune import accuracy, length_sorted_batches, predict
-from merging.machine import describe_machine, machine_line
-from merging.merge import run_merge
-from merging.runtime import MergedClassifier
-from merging.zoo import Zoo
-
-LOWRANK = {"kind": "lowrank", "vectors": "skip", "skip": "embeddings\\."}
+from freemerge.benchmarks.evaluate import evaluate_artifact, task_texts
+from freemerge.benchmarks.finetune import accuracy, predict
+from freemerge.benchmarks.machine import describe_machine, machine_line
+from freemerge.merging.artifact import open_artifact, read_manifest
+from freemerge.merging.batching import run_texts
+from freemerge.merging.config import parse_config
+from freemerge.merging.merge import run_merge
+from freemerge.merging.zoo_folder import Zoo
+from freemerge.serving.runtime import MergedClassifier
 
 
 @dataclass
@@ -48,6 +47,20 @@ class QualityGrid:
     rank: int = 4
     router: dict = field(default_factory=lambda: {"examples_per_task": 500})
     refit_examples: int = 2000
+
+    @classmethod
+    def quick(cls) -> QualityGrid:
+        """One candidate per row: a smoke run."""
+        return cls(
+            scalings=[0.5],
+            ties_scalings=[1.0],
+            ratios=[0.7],
+            cutoffs=[0.05],
+            densities=[0.01],
+            ranks=[4],
+            router={"examples_per_task": 100},
+            refit_examples=200,
+        )
 
 
 @dataclass
@@ -75,7 +88,11 @@ class QualityRun:
     ) -> tuple[Path, float]:
         self.count += 1
         out = self.scratch / f"a{self.count}"
+        parameters = dict(parameters)
+        experts = parameters.pop("experts", None)  # the rows' `picked` keep experts beside
         raw = {"zoo": str(self.zoo.root), "method": method, "parameters": parameters}
+        if experts:
+            raw["experts"] = experts
         if router:
             raw["router"] = router
         start = time.perf_counter()
@@ -180,11 +197,9 @@ def refit_heads_row(run: QualityRun, base_row: Row, examples: int) -> Row:
 
 def _pooler_features(model: MergedClassifier, texts: list[str]) -> torch.Tensor:
     """The merged backbone's pooled output (no expert applied), in the order of ``texts``."""
-    out = torch.zeros(len(texts), model.backbone.config.hidden_size)
-    for rows in length_sorted_batches(texts, 64):
-        batch = model.encode([texts[i] for i in rows], 128)
-        out[torch.from_numpy(rows)] = model.pooled(None, batch).float().cpu()
-    return out
+    return run_texts(
+        model.tokenizer, texts, 128, model.device, lambda b: model.backbone(**b).pooler_output
+    )
 
 
 def run_quality(zoo: Zoo, grid: QualityGrid | None = None, show_progress: bool = True) -> dict:
@@ -206,7 +221,7 @@ def run_quality(zoo: Zoo, grid: QualityGrid | None = None, show_progress: bool =
         step("pretrained backbone + fine-tuned heads", "task_arithmetic", [{"scaling": 0.0}])
         step("average", "average", [{}])
         ta = step("task arithmetic", "task_arithmetic", [{"scaling": s} for s in grid.scalings])
-        step("TIES", "ties", [{"scaling": s, "ties": {"density": 0.2}} for s in grid.ties_scalings])
+        step("TIES", "ties", [{"scaling": s, "density": 0.2} for s in grid.ties_scalings])
         fr = step(
             "FR (reference filter)",
             "fr",
@@ -225,7 +240,7 @@ def run_quality(zoo: Zoo, grid: QualityGrid | None = None, show_progress: bool =
                 for c in grid.cutoffs
             ],
         )
-        lowrank = {**LOWRANK, "rank": grid.rank}
+        lowrank = {"kind": "lowrank", "rank": grid.rank}
         matched = _matched_density(run, fr.picked, lowrank)
         sparse = {"kind": "sparse", "density": grid.paper_density}
         step(
@@ -280,7 +295,10 @@ def run_quality(zoo: Zoo, grid: QualityGrid | None = None, show_progress: bool =
             ],
             "rank (FREE, low-rank)": [
                 _ablation(
-                    run, "free", {**fr.picked, "experts": {**LOWRANK, "rank": r}}, f"rank {r}"
+                    run,
+                    "free",
+                    {**fr.picked, "experts": {"kind": "lowrank", "rank": r}},
+                    f"rank {r}",
                 )
                 for r in grid.ranks
             ],

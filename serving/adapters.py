@@ -7,7 +7,8 @@ written. Equal to applying theta_m + B_t A_t in place up to float rounding.
 
 The caller puts each task's rows next to each other, so a task's rows are a slice of the batch:
 the update is two small matmuls on a view and one in-place ``addmm_``, with no gather or
-scatter of rows.
+scatter of rows. The adapters are transposed *views* of the expert's factors on the device (on
+the CPU, the host expert's own tensors), so they add no copy of their own there.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from itertools import groupby
 
 import torch
 
-from merging.experts import Expert, LowRankExpert
+from freemerge.merging.experts import Expert, LowRankExpert
 
 
 class RowTasks:
@@ -32,7 +33,7 @@ class RowTasks:
 
 class LowRankLinear(torch.nn.Module):
     """A linear layer plus one adapter per task, applied to that task's rows only; the
-    adapters are kept as ``(A^T, B^T)``, contiguous, ready for the row-major matmuls.
+    adapters are kept as ``(A^T, B^T)`` views (BLAS reads a transposed operand in place).
     """
 
     def __init__(self, base: torch.nn.Linear, rows: RowTasks) -> None:
@@ -81,11 +82,19 @@ def install_row_adapters(
                 parent = backbone.get_submodule(parent_path) if parent_path else backbone
                 wrapped[path] = LowRankLinear(getattr(parent, child), rows)
                 setattr(parent, child, wrapped[path])
-            wrapped[path].adapters[task] = (
-                a.T.contiguous().to(device),
-                b.T.contiguous().to(device),
-            )
+            wrapped[path].adapters[task] = (a.to(device).T, b.to(device).T)
     return rows
+
+
+def adapter_tensors(backbone: torch.nn.Module) -> list[torch.Tensor]:
+    """Every adapter factor installed in ``backbone`` (for counting the bytes held)."""
+    return [
+        factor
+        for module in backbone.modules()
+        if isinstance(module, LowRankLinear)
+        for pair in module.adapters.values()
+        for factor in pair
+    ]
 
 
 @contextmanager

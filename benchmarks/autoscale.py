@@ -18,14 +18,14 @@ import numpy as np
 import ray
 from ray import serve
 
-from merging.artifact import open_artifact
-from merging.evaluate import task_texts
-from merging.machine import describe_machine
-from merging.runtime import StageTimings
-from serving.app import build_app
-from serving.engine import ClassifyRequest, MergedEngine
-from serving.loadgen import LoadSpec, run_load_in_process
-from serving.local import APP_NAME, free_port, start_local, stop_local
+from freemerge.benchmarks.evaluate import task_texts
+from freemerge.benchmarks.loadgen import LoadSpec, run_load_in_process
+from freemerge.benchmarks.machine import describe_machine
+from freemerge.merging.artifact import open_artifact
+from freemerge.serving.app import build_app
+from freemerge.serving.engine import ClassifyRequest, MergedEngine
+from freemerge.serving.local import APP_NAME, free_port, start_local, stop_local
+from freemerge.serving.runtime import StageTimings
 
 AUTOSCALING = {
     "min_replicas": 1,
@@ -248,3 +248,25 @@ def autoscale_plot(result: dict, path: Path) -> Path:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def write_autoscale_results(
+    artifact: Path, new_artifact: Path, load_seconds: float, out: Path, command: str
+) -> dict:
+    """Run the bench; write ``autoscale.json`` and the timeline plot under ``out``."""
+    from freemerge.merging.files import write_json_atomically
+
+    result = run_autoscale_bench(artifact, new_artifact, load_seconds=load_seconds)
+    result["command"] = command
+    write_json_atomically(out / "autoscale.json", result)
+    autoscale_plot(result, out / "autoscale_timeline.png")
+    scale, update = result["scale"], result["rolling_update"]
+    print(
+        f"max replicas under load: {scale['max_replicas_seen']}; back to one after: "
+        f"{scale['back_to_one']}; answers: {scale['answers']}"
+    )
+    print(
+        f"rolling update: answers {update['answers']}; last answer from the new version: "
+        f"{update['last_version'] == update['new_version']}"
+    )
+    return result

@@ -10,7 +10,6 @@ PNG plots.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -19,22 +18,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from merging.adapters import rows_assigned
-from merging.artifact import open_artifact
-from merging.evaluate import task_texts
-from merging.experts import LowRankExpert, SparseExpert
-from merging.machine import describe_machine, machine_line
-from merging.runtime import MergedClassifier
-from merging.zoo import open_zoo
-from serving.loadgen import LoadSpec, call, run_load_in_process
-from serving.local import free_port, start_local, stop_local
-from serving.metrics import (
+from freemerge.benchmarks.evaluate import task_texts
+from freemerge.benchmarks.loadgen import LoadSpec, call, run_load_in_process
+from freemerge.benchmarks.machine import describe_machine, machine_line
+from freemerge.benchmarks.spawn import run_in_child
+from freemerge.merging.artifact import open_artifact
+from freemerge.merging.experts import LowRankExpert, SparseExpert
+from freemerge.merging.zoo_folder import open_zoo
+from freemerge.serving.adapters import rows_assigned
+from freemerge.serving.local import free_port, start_local, stop_local
+from freemerge.serving.metrics import (
     bucket_counts,
     counter_total,
     quantile_of_buckets,
     scrape,
     scrape_until,
 )
+from freemerge.serving.runtime import MergedClassifier
 
 METRICS_INTERVAL_MS = 1000  # Ray's metrics export interval during the bench
 
@@ -207,10 +207,8 @@ def server_side(before: dict, metrics_url: str, answered: int, wait_s: float = 1
     }
 
 
-def _measure_memory_child(
-    kind: str, n: int, artifact: str, zoo: str, queue: multiprocessing.Queue
-) -> None:
-    from serving.engine import process_resident_bytes
+def _measure_memory_child(kind: str, n: int, artifact: str, zoo: str) -> dict:
+    from freemerge.serving.engine import process_resident_bytes
 
     torch.set_num_threads(1)
     before = process_resident_bytes()
@@ -231,15 +229,13 @@ def _measure_memory_child(
             for i in range(n)
         ]
         weights = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
-    queue.put(
-        {
-            "kind": kind,
-            "tasks": n,
-            "weights_bytes": weights,
-            "rss_bytes": process_resident_bytes(),
-            "rss_growth_bytes": process_resident_bytes() - before,
-        }
-    )
+    return {
+        "kind": kind,
+        "tasks": n,
+        "weights_bytes": weights,
+        "rss_bytes": process_resident_bytes(),
+        "rss_growth_bytes": process_resident_bytes() - before,
+    }
 
 
 def _synthetic_like(
@@ -265,15 +261,7 @@ def _synthetic_like(
 
 
 def measure_memory(kind: str, n: int, artifact: Path, zoo: Path) -> dict:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(
-        target=_measure_memory_child, args=(kind, n, str(artifact), str(zoo), queue)
-    )
-    process.start()
-    result = queue.get(timeout=900)
-    process.join(timeout=60)
-    return result
+    return run_in_child(_measure_memory_child, kind, n, str(artifact), str(zoo), timeout=900)
 
 
 def memory_scaling(artifact: Path, zoo: Path, plan: LoadPlan) -> list[dict]:
@@ -370,7 +358,7 @@ FR_PARAMETERS = {"scaling": 0.5, "filter": {"mode": "reference", "ratio": 0.5}}
 MERGE_METHODS = {
     "average": ("average", {}),
     "task arithmetic": ("task_arithmetic", {"scaling": 0.3}),
-    "TIES": ("ties", {"scaling": 1.0, "ties": {"density": 0.2}}),
+    "TIES": ("ties", {"scaling": 1.0, "density": 0.2}),
     "FR (reference filter)": ("fr", FR_PARAMETERS),
     "FREE, sparse experts 1%": (
         "free",
@@ -378,10 +366,7 @@ MERGE_METHODS = {
     ),
     "FREE, low-rank experts rank 4": (
         "free",
-        {
-            **FR_PARAMETERS,
-            "experts": {"kind": "lowrank", "rank": 4, "vectors": "skip", "skip": "embeddings\\."},
-        },
+        {**FR_PARAMETERS, "experts": {"kind": "lowrank", "rank": 4}},
     ),
 }
 
@@ -396,33 +381,25 @@ def _merge_child(zoo: str, method: str, parameters: dict, out: str, queue: objec
     summary = run_merge(config, Path(out), show_progress=False)
     artifact = open_artifact(Path(out), verify=False)  # just written
     heads = {t: artifact.path(e["head"]).stat().st_size for t, e in artifact.tasks.items()}
-    queue.put(
-        {
-            "wall_seconds": summary.wall_seconds,
-            "peak_rss_bytes": int(summary.peak_rss_mib * 2**20),
-            "rss_after_imports_bytes": imported,
-            "backbone_bytes": summary.backbone_bytes,
-            "per_task_bytes": {t: summary.expert_bytes.get(t, 0) + heads[t] for t in heads},
-            "artifact_bytes": sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file()),
-        }
-    )
+    return {
+        "wall_seconds": summary.wall_seconds,
+        "peak_rss_bytes": int(summary.peak_rss_mib * 2**20),
+        "rss_after_imports_bytes": imported,
+        "backbone_bytes": summary.backbone_bytes,
+        "per_task_bytes": {t: summary.expert_bytes.get(t, 0) + heads[t] for t in heads},
+        "artifact_bytes": sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file()),
+    }
 
 
 def merge_costs(zoo: Path, names: list[str], scratch: Path) -> list[dict]:
     """Wall time, peak resident memory and artifact bytes of each merge method, every merge
     in a fresh process (so the peak is that merge's own)."""
-    context = multiprocessing.get_context("spawn")
     rows = []
     for name in names:
         method, parameters = MERGE_METHODS[name]
-        queue = context.Queue()
         out = scratch / name.replace(" ", "_").replace(",", "")
-        process = context.Process(
-            target=_merge_child, args=(str(zoo), method, parameters, str(out), queue)
-        )
-        process.start()
-        row = {"name": name, "method": method, "parameters": parameters, **queue.get(timeout=1800)}
-        process.join(timeout=60)
+        measured = run_in_child(_merge_child, str(zoo), method, parameters, str(out), timeout=1800)
+        row = {"name": name, "method": method, "parameters": parameters, **measured}
         rows.append(row)
         print(
             f"  merge {name}: {row['wall_seconds']:.1f} s, "
@@ -765,3 +742,18 @@ def load_plots(result: dict, out_dir: Path, prefix: str = "load_") -> list[Path]
     figure.savefig(paths[-1], dpi=120)
     plt.close("all")
     return paths
+
+
+def write_load_results(
+    artifact: Path, zoo: Path, plan: LoadPlan, out: Path, command: str, quick: bool
+) -> str:
+    """Run the bench; write JSON, markdown and plots under ``out``; the markdown."""
+    from freemerge.merging.files import write_json_atomically, write_text_atomically
+
+    result = run_load_bench(artifact, zoo, plan)
+    name = "load_quick" if quick else "load"
+    write_json_atomically(out / f"{name}.json", result)
+    markdown = load_markdown(result, command)
+    write_text_atomically(out / f"{name}.md", markdown)
+    load_plots(result, out, prefix=f"{name}_")
+    return markdown

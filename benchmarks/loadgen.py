@@ -6,7 +6,6 @@ client never competes with the server for the same interpreter.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import threading
 import time
 import urllib.error
@@ -15,6 +14,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from freemerge.benchmarks.spawn import run_in_child
 
 MIXES = ("identical", "uniform", "skewed", "distinct")
 
@@ -174,16 +175,6 @@ def run_load(spec: LoadSpec) -> LoadResult:
     return result
 
 
-def _child(spec: LoadSpec, queue: multiprocessing.Queue) -> None:
-    queue.put(run_load(spec))
-
-
 def run_load_in_process(spec: LoadSpec) -> LoadResult:
-    """:func:`run_load` in a separate process (spawned), so client and server do not share a GIL."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_child, args=(spec, queue))
-    process.start()
-    result = queue.get(timeout=spec.max_seconds + 180)
-    process.join(timeout=30)
-    return result
+    """:func:`run_load` in a separate process, so client and server do not share a GIL."""
+    return run_in_child(run_load, spec, timeout=spec.max_seconds + 180)

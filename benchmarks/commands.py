@@ -1,0 +1,228 @@
+"""``freemerge`` subcommands of the benchmarks: ``zoo``, ``eval``, ``bench``, ``demo``.
+Registered through the ``freemerge.commands`` entry point; handlers import the heavy modules
+only when they run."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+RESULTS = Path("benchmarks/results")
+ZOO_NAMES = ("demo", "full")
+
+
+def _command() -> str:
+    return "freemerge " + shlex.join(sys.argv[1:])
+
+
+def _zoo_build(args: argparse.Namespace) -> int:
+    from freemerge.benchmarks.zoo import build_named_zoo, zoo_report, zoo_table
+    from freemerge.merging.files import write_text_atomically
+
+    zoo = build_named_zoo(args.zoo, args.cache_dir, force=args.force)
+    print(f"zoo: {zoo.root}\n\n{zoo_table(zoo)}")
+    if args.report:
+        write_text_atomically(args.report, zoo_report(zoo, _command()))
+        print(f"\nreport written to {args.report}")
+    return 0
+
+
+def _zoo_show(args: argparse.Namespace) -> int:
+    from freemerge.benchmarks.zoo import zoo_table
+    from freemerge.merging.zoo_folder import open_zoo
+
+    zoo = open_zoo(args.zoo, args.cache_dir)
+    print(f"zoo: {zoo.root}\n\n{zoo_table(zoo)}")
+    return 0
+
+
+def _zoo_path(args: argparse.Namespace) -> int:
+    from freemerge.merging.zoo_folder import open_zoo
+
+    print(open_zoo(args.zoo, args.cache_dir).root)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from freemerge.benchmarks.evaluate import evaluate_artifact, evaluation_table
+    from freemerge.merging.artifact import open_artifact
+    from freemerge.merging.files import write_json_atomically
+    from freemerge.serving.runtime import MergedClassifier
+
+    result = evaluate_artifact(
+        MergedClassifier(open_artifact(args.artifact)), args.split, mixing=args.mixing
+    )
+    print(evaluation_table(result))
+    if args.out:
+        write_json_atomically(args.out, result)
+        print(f"written to {args.out}")
+    return 0
+
+
+def _bench_quality(args: argparse.Namespace) -> int:
+    from freemerge.benchmarks.quality import QualityGrid, quality_markdown, run_quality
+    from freemerge.merging.files import write_json_atomically, write_text_atomically
+    from freemerge.merging.zoo_folder import open_zoo
+
+    grid = QualityGrid.quick() if args.quick else QualityGrid()
+    result = run_quality(open_zoo(args.zoo, args.cache_dir), grid)
+    markdown = quality_markdown(result, _command())
+    write_json_atomically(args.out / "merge_quality.json", result)
+    write_text_atomically(args.out / "merge_quality.md", markdown)
+    print(markdown)
+    return 0
+
+
+def _bench_load(args: argparse.Namespace) -> int:
+    from freemerge.benchmarks.demo import cached_artifact
+    from freemerge.benchmarks.load import LoadPlan, write_load_results
+    from freemerge.merging.files import default_cache_dir
+    from freemerge.merging.zoo_folder import open_zoo
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    zoo = open_zoo(args.zoo, cache_dir).root
+    artifact = args.artifact or cached_artifact(Path("configs/free.yaml"), cache_dir, args.zoo)
+    plan = LoadPlan.quick() if args.quick else LoadPlan()
+    print(write_load_results(artifact, zoo, plan, args.out, _command(), args.quick))
+    return 0
+
+
+def _bench_autoscale(args: argparse.Namespace) -> int:
+    from freemerge.benchmarks.autoscale import write_autoscale_results
+    from freemerge.benchmarks.demo import cached_artifact
+    from freemerge.merging.files import default_cache_dir
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    artifact = args.artifact or cached_artifact(Path("configs/free.yaml"), cache_dir, args.zoo)
+    new_artifact = args.new_artifact or cached_artifact(
+        Path("configs/free_sparse.yaml"), cache_dir, args.zoo
+    )
+    write_autoscale_results(artifact, new_artifact, args.load_seconds, args.out, _command())
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from freemerge.benchmarks.demo import run_demo
+
+    return run_demo(args.config, args.cache_dir, args.zoo)
+
+
+def _cache_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="cache folder for wheels, zoos and artifacts "
+        "(default: $FREEMERGE_CACHE, else ~/.cache/freemerge)",
+    )
+
+
+def _zoo_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--zoo",
+        default=default,
+        help=f"a zoo by name ({', '.join(ZOO_NAMES)}: built under the cache) or folder "
+        f"(default: {default})",
+    )
+
+
+def _add_zoo_commands(commands: argparse._SubParsersAction) -> None:
+    zoo = commands.add_parser("zoo", help="the task zoo: fine-tuned models from public data")
+    verbs = zoo.add_subparsers(dest="zoo_command", required=True, metavar="VERB")
+    build = verbs.add_parser("build", help="fine-tune the zoo's tasks that are not cached yet")
+    build.add_argument(
+        "--zoo",
+        choices=ZOO_NAMES,
+        default="full",
+        help="demo: 3 tasks, a short recipe (minutes); full: 6 tasks, the full recipe "
+        "(about 20 minutes on 2 cores) (default: full)",
+    )
+    build.add_argument(
+        "--force", action="store_true", help="fine-tune every task again (default: reuse)"
+    )
+    build.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="also write the markdown report here (default: none)",
+    )
+    _cache_argument(build)
+    build.set_defaults(handler=_zoo_build)
+    for verb, handler, text in (
+        ("show", _zoo_show, "print a built zoo's table"),
+        ("path", _zoo_path, "print a built zoo's folder"),
+    ):
+        parser = verbs.add_parser(verb, help=text)
+        _zoo_argument(parser, "full")
+        _cache_argument(parser)
+        parser.set_defaults(handler=handler)
+
+
+def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser("bench", help="benchmarks: quality, load, autoscaling")
+    kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    quality = kinds.add_parser("quality", help="the merge quality table on a zoo")
+    quality.add_argument(
+        "--quick", action="store_true", help="one candidate per row (default: the grid)"
+    )
+    load = kinds.add_parser("load", help="load test: merged server against separate models")
+    load.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
+    autoscale = kinds.add_parser("autoscale", help="autoscaling 1->2->1 and a rolling update")
+    autoscale.add_argument(
+        "--new-artifact",
+        type=Path,
+        default=None,
+        help="the version rolled out (default: configs/free_sparse.yaml merged)",
+    )
+    autoscale.add_argument(
+        "--load-seconds", type=float, default=40.0, help="seconds of load at least (default: 40)"
+    )
+    for parser, handler in (
+        (quality, _bench_quality),
+        (load, _bench_load),
+        (autoscale, _bench_autoscale),
+    ):
+        _zoo_argument(parser, "full")
+        _cache_argument(parser)
+        parser.add_argument(
+            "--out", type=Path, default=RESULTS, help=f"results folder (default: {RESULTS})"
+        )
+        if parser is not quality:
+            parser.add_argument(
+                "--artifact",
+                type=Path,
+                default=None,
+                help="artifact to serve (default: configs/free.yaml merged over --zoo)",
+            )
+        parser.set_defaults(handler=handler)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``zoo``, ``eval``, ``bench`` and ``demo`` to the ``freemerge`` parser."""
+    _add_zoo_commands(commands)
+    evaluate = commands.add_parser("eval", help="accuracy per task of an artifact on a zoo split")
+    evaluate.add_argument("artifact", type=Path, help="artifact folder")
+    evaluate.add_argument(
+        "--split", choices=("test", "validation"), default="test", help="(default: test)"
+    )
+    evaluate.add_argument(
+        "--mixing",
+        choices=("argmax", "softmax"),
+        default="argmax",
+        help="routed inputs: the top task's expert, or a softmax mix of all (default: argmax)",
+    )
+    evaluate.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    evaluate.set_defaults(handler=_eval)
+    _add_bench_commands(commands)
+    demo = commands.add_parser("demo", help="build the demo zoo, merge it, serve it, ask it")
+    demo.add_argument(
+        "--config",
+        type=Path,
+        default=Path("configs/free.yaml"),
+        help="merge config (default: configs/free.yaml)",
+    )
+    _zoo_argument(demo, "demo")
+    _cache_argument(demo)
+    demo.set_defaults(handler=_demo)

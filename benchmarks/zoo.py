@@ -1,0 +1,204 @@
+"""The task zoo: every task fine-tuned from the same pretrained backbone with one recipe.
+
+Two named zoos are built under the cache folder (``freemerge zoo build --zoo NAME``):
+
+- ``demo``: three tasks, a short recipe (a few minutes on 2 CPU cores), for ``make demo``;
+- ``full``: all six tasks with the full recipe (about 20 minutes), for the benchmarks.
+
+The folder layout is :mod:`freemerge.merging.zoo_folder`'s (the merge reads it). Each task
+folder is written under a temporary name and renamed when complete, so an interrupted build
+keeps the finished tasks and resumes; a task is rebuilt when its recipe, backbone weights or
+data change (its ``fingerprint``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from transformers import AutoTokenizer
+
+from freemerge.benchmarks.datasets import TASKS, TaskData, load_task, task_spec
+from freemerge.benchmarks.finetune import Recipe, accuracy, fine_tune, predict
+from freemerge.benchmarks.machine import describe_machine, machine_line
+from freemerge.benchmarks.sources import backbone_dir
+from freemerge.merging.files import (
+    replaced_directory,
+    sha256_file,
+    write_json_atomically,
+    write_text_atomically,
+)
+from freemerge.merging.zoo_folder import (
+    TEXTS_FILE,
+    ZOO_FORMAT,
+    Zoo,
+    ZooTask,
+    read_index,
+    read_task,
+    zoo_path,
+)
+
+TEXTS_PER_TASK = 2000  # train texts kept in each task's texts.jsonl (for fitting a router)
+
+
+@dataclass(frozen=True)
+class ZooPlan:
+    tasks: tuple[str, ...]
+    recipe: Recipe
+
+
+ZOOS = {
+    "demo": ZooPlan(
+        ("sms_spam", "bbc_topic", "movie_sentiment"),
+        Recipe(epochs=2, max_train_examples=640, max_length=64, learning_rate=1e-4),
+    ),
+    "full": ZooPlan(tuple(TASKS), Recipe()),
+}
+
+
+def task_fingerprint(name: str, recipe: Recipe, backbone_sha256: str) -> str:
+    key = f"{ZOO_FORMAT}:{recipe.fingerprint()}:{backbone_sha256}:{task_spec(name).fingerprint()}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _train_task(
+    task: TaskData, base: Path, recipe: Recipe, target: Path, fingerprint: str, show_progress: bool
+) -> ZooTask:
+    """Fine-tune, evaluate and save one task under a temporary name, then rename it into place."""
+    result = fine_tune(base, task, recipe, show_progress=show_progress)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    split = task.split()
+    scores = {}
+    for part in ("validation", "test"):
+        texts, labels = task.subset(split[part])
+        scores[part] = accuracy(predict(result.model, tokenizer, texts, recipe.max_length), labels)
+    entry = ZooTask(
+        name=task.name,
+        path=target,
+        label_names=task.label_names,
+        sizes={part: len(indices) for part, indices in split.items()},
+        majority_accuracy=task.majority_accuracy(split["test"]),
+        test_accuracy=scores["test"],
+        validation_accuracy=scores["validation"],
+        build_seconds=round(result.seconds, 1),
+        steps=result.steps,
+        fingerprint=fingerprint,
+    )
+    train = task.subset(split["train"])[0]
+    keep = np.sort(np.random.default_rng(recipe.seed).permutation(len(train))[:TEXTS_PER_TASK])
+    with replaced_directory(target) as tmp:
+        result.model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        lines = "".join(json.dumps({"text": train[i]}) + "\n" for i in keep)
+        write_text_atomically(tmp / TEXTS_FILE, lines)
+        write_json_atomically(tmp / "task.json", _task_record(entry))
+    return entry
+
+
+def _task_record(entry: ZooTask) -> dict:
+    record = dataclasses.asdict(entry)
+    record.pop("path")
+    return record
+
+
+def build_zoo(
+    root: Path,
+    task_names: list[str],
+    recipe: Recipe,
+    backbone: Path,
+    cache_dir: Path | None = None,
+    force: bool = False,
+    show_progress: bool = True,
+) -> Zoo:
+    """Fine-tune into ``root`` every named task that it does not hold for this recipe yet."""
+    for name in task_names:
+        task_spec(name)  # unknown names fail here, before anything is written
+    weights = sha256_file(backbone / "model.safetensors")
+    (root / "tasks").mkdir(parents=True, exist_ok=True)
+    if force or sha256_file_or_none(root / "base" / "model.safetensors") != weights:
+        with replaced_directory(root / "base") as tmp:
+            shutil.copytree(backbone, tmp, dirs_exist_ok=True)
+    tasks, trained = {}, False
+    for name in task_names:
+        target = root / "tasks" / name
+        fingerprint = task_fingerprint(name, recipe, weights)
+        if not force and (target / "task.json").is_file():
+            cached = read_task(target)
+            if cached.fingerprint == fingerprint:
+                tasks[name] = cached
+                continue
+        task = load_task(name, cache_dir)
+        tasks[name] = _train_task(task, root / "base", recipe, target, fingerprint, show_progress)
+        trained = True
+    previous = read_index(root) if (root / "zoo.json").is_file() and not trained else None
+    # The machine (and date) of the last build that trained something; a cache hit keeps it.
+    machine = previous.machine if previous else describe_machine()
+    record = {
+        "format": ZOO_FORMAT,
+        "recipe": dataclasses.asdict(recipe),
+        "tasks": list(tasks),
+        "machine": machine,
+    }
+    write_json_atomically(root / "zoo.json", record)
+    return Zoo(root, record["recipe"], tasks, machine)
+
+
+def sha256_file_or_none(path: Path) -> str | None:
+    return sha256_file(path) if path.is_file() else None
+
+
+def build_named_zoo(
+    name: str, cache_dir: Path | None = None, force: bool = False, show_progress: bool = True
+) -> Zoo:
+    """Build (or reuse) the named zoo (:data:`ZOOS`) under the cache folder."""
+    if name not in ZOOS:
+        raise ValueError(f"unknown zoo {name!r}; named zoos: {', '.join(ZOOS)}")
+    plan = ZOOS[name]
+    root = zoo_path(name, cache_dir)
+    backbone = backbone_dir(cache_dir)
+    return build_zoo(root, list(plan.tasks), plan.recipe, backbone, cache_dir, force, show_progress)
+
+
+def zoo_table(zoo: Zoo) -> str:
+    """Markdown table: task, classes, split sizes, majority baseline, accuracy, build time."""
+    lines = [
+        "| task | classes | train / val / test | majority baseline | val accuracy | test accuracy "
+        "| fine-tune time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for task in zoo.tasks.values():
+        sizes = " / ".join(str(task.sizes[p]) for p in ("train", "validation", "test"))
+        lines.append(
+            f"| {task.name} | {len(task.label_names)} ({', '.join(task.label_names)}) | {sizes} "
+            f"| {task.majority_accuracy:.3f} | {task.validation_accuracy:.3f} "
+            f"| {task.test_accuracy:.3f} | {task.build_seconds:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def zoo_report(zoo: Zoo, command: str) -> str:
+    """The committed report: the table plus recipe, sources, machine and command."""
+    sources = "\n".join(
+        f"- `{spec.name}`: `{spec.source.requirement}` `{spec.member}` "
+        f"(licence: {spec.source.licence}; wheel sha256 `{spec.source.sha256[:12]}…`): "
+        f"{spec.description}"
+        for spec in (task_spec(name) for name in zoo.tasks)
+    )
+    recipe = ", ".join(f"{k}={v}" for k, v in zoo.recipe.items())
+    return (
+        "# Task zoo\n\n"
+        "Every task fine-tuned from all-MiniLM-L6-v2 (`AutoModelForSequenceClassification`) with "
+        "one shared recipe; accuracy on the fixed test split, the majority baseline predicts the "
+        "train split's most frequent class.\n\n"
+        f"{zoo_table(zoo)}\n\n"
+        f"Fine-tuning, all tasks: {sum(t.build_seconds for t in zoo.tasks.values()) / 60:.1f} min "
+        "(reading data and evaluating come on top).\n\n"
+        f"Recipe: {recipe}.\n\n"
+        f"Machine: {machine_line(zoo.machine)}.\n\nCommand: `{command}`\n\n"
+        f"Sources:\n{sources}\n"
+    )

@@ -1,0 +1,101 @@
+"""``freemerge`` subcommands of the offline half: ``merge``, ``verify``, ``export``,
+``methods``. Registered through the ``freemerge.commands`` entry point; handlers import the
+heavy modules (torch, transformers) only when they run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+MIB = 2**20
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from freemerge.merging.config import load_config
+    from freemerge.merging.merge import run_merge
+
+    summary = run_merge(load_config(args.config, zoo=args.zoo), args.out, overwrite=args.overwrite)
+    print(f"artifact written to {summary.out}")
+    print(f"merge wall time {summary.wall_seconds:.1f} s, ", end="")
+    print(f"peak resident memory {summary.peak_rss_mib:.0f} MiB")
+    print(f"backbone {summary.backbone_bytes / MIB:.1f} MiB")
+    for task, size in summary.expert_bytes.items():
+        share = 100 * size / summary.backbone_bytes
+        print(f"  expert {task}: {size / MIB:.2f} MiB ({share:.2f}% of the backbone)")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from freemerge.merging.artifact import open_artifact, verify_artifact
+
+    problems = verify_artifact(args.artifact)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{args.artifact}: FAILED ({len(problems)} problems)")
+        return 1
+    artifact = open_artifact(args.artifact, verify=False)
+    files = len(artifact.manifest["files"])
+    print(f"{args.artifact}: OK, {files} files, version {artifact.version}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from freemerge.merging.artifact import open_artifact
+    from freemerge.merging.export import export_peft, export_task
+
+    write = export_peft if args.format == "peft" else export_task
+    out = write(open_artifact(args.artifact), args.task, args.out, overwrite=args.overwrite)
+    print(f"task {args.task} exported ({args.format}) to {out}")
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    from freemerge.merging.methods import METHODS
+
+    for method in METHODS.values():
+        params = ", ".join(f"{k}={v!r}" for k, v in method.parameters.items()) or "no parameters"
+        experts = "; builds one expert per task" if method.experts else ""
+        summary = (method.function.__doc__ or "").strip().splitlines()[0]
+        print(f"{method.name}: {params}{experts}\n    {summary}")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add ``merge``, ``verify``, ``export`` and ``methods`` to the ``freemerge`` parser."""
+    merge = commands.add_parser("merge", help="merge fine-tuned models into an artifact")
+    merge.add_argument("config", type=Path, help="merge config (YAML; see configs/)")
+    merge.add_argument("--out", type=Path, required=True, help="artifact folder to write")
+    merge.add_argument(
+        "--zoo",
+        default=None,
+        help="a zoo by name (demo, full) or path, instead of the config's `zoo` "
+        "(default: the config's)",
+    )
+    merge.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it exists (default: refuse)"
+    )
+    merge.set_defaults(handler=_merge)
+
+    verify = commands.add_parser("verify", help="check every file hash of an artifact")
+    verify.add_argument("artifact", type=Path, help="artifact folder (manifest.json inside)")
+    verify.set_defaults(handler=_verify)
+
+    export = commands.add_parser("export", help="write one task as a standalone model")
+    export.add_argument("artifact", type=Path, help="artifact folder")
+    export.add_argument("--task", required=True, help="the task to export")
+    export.add_argument("--out", type=Path, required=True, help="folder to write")
+    export.add_argument(
+        "--format",
+        choices=("hf", "peft"),
+        default="hf",
+        help="hf: a standalone Hugging Face model; peft: a PEFT LoRA adapter (low-rank "
+        "experts on linear layers only) (default: hf)",
+    )
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it exists (default: refuse)"
+    )
+    export.set_defaults(handler=_export)
+
+    methods = commands.add_parser("methods", help="list the merge methods and their parameters")
+    methods.set_defaults(handler=_methods)

@@ -1,0 +1,295 @@
+"""The merged model at inference: one backbone, per-task experts and heads.
+
+A task's logits are ``head_t(pooler_output)`` of the backbone with the task's expert applied,
+which is what ``*ForSequenceClassification`` computes in eval mode. The runtime applies an
+expert in one of three ways, chosen per pass by :meth:`MergedClassifier.classify_rows`:
+
+- row adapters (low-rank experts on linear layers only, the default artifact): each row's
+  task adapter runs beside the base layers (:mod:`freemerge.serving.adapters`), so rows of any
+  tasks share one pass and the weights are never written;
+- in place (sparse experts, or an artifact built without row adapters): a pass holds one task,
+  whose expert is written into the weights and restored bitwise after the pass;
+- a softmax mixture (``mixing="softmax"``, untagged rows): each row runs alone with the
+  router-weighted sum of all experts applied in place.
+
+Row adapters and the in-place expert compute the same model up to float rounding (tested);
+``freemerge export`` writes the in-place form.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoTokenizer, BatchEncoding
+
+from freemerge.merging.artifact import Artifact
+from freemerge.merging.batching import Tokenized, forward_in_passes, pass_overhead, plan_passes
+from freemerge.merging.experts import Expert, load_expert
+from freemerge.serving.adapters import (
+    RowTasks,
+    adapter_tensors,
+    install_row_adapters,
+    rows_assigned,
+    supports_row_adapters,
+)
+from freemerge.serving.expert_store import ExpertStore, held_bytes
+from freemerge.serving.router import Router, RouterMissingError
+from freemerge.serving.settings import MIXING_MODES
+
+__all__ = ["MergedClassifier", "Prediction", "RouterMissingError", "StageTimings", "predictions"]
+
+
+@dataclass
+class Prediction:
+    """One input's answer: the task used, how it was chosen, and the label scores."""
+
+    task: str
+    routed: bool
+    router_confidence: float | None
+    label: str
+    score: float
+    scores: dict[str, float]
+    truncated: bool
+
+
+def predictions(
+    task: str,
+    labels: list[str],
+    logits: torch.Tensor,
+    truncated: list[bool],
+    confidence: list[float | None] | None = None,
+) -> list[Prediction]:
+    """One answer per row of ``logits``: softmax scores and the best label; a row with a
+    router ``confidence`` was routed."""
+    confidence = confidence or [None] * len(logits)
+    answers = []
+    for score, cut, routed in zip(
+        torch.softmax(logits.float(), dim=-1).cpu(), truncated, confidence, strict=True
+    ):
+        best = int(score.argmax())
+        answers.append(
+            Prediction(
+                task=task,
+                routed=routed is not None,
+                router_confidence=routed,
+                label=labels[best],
+                score=float(score[best]),
+                scores=dict(zip(labels, score.tolist(), strict=True)),
+                truncated=cut,
+            )
+        )
+    return answers
+
+
+@dataclass
+class StageTimings:
+    """Seconds spent per stage (route, expert_apply, forward), summed over a call."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+
+def load_head(path: str) -> torch.nn.Linear:
+    state = load_file(path)
+    out_features, in_features = state["classifier.weight"].shape
+    head = torch.nn.Linear(in_features, out_features)
+    head.load_state_dict({"weight": state["classifier.weight"], "bias": state["classifier.bias"]})
+    return head.eval()
+
+
+class MergedClassifier:
+    """Backbone loaded once; :meth:`classify_rows` answers texts, each with its own task."""
+
+    def __init__(
+        self,
+        artifact: Artifact,
+        device: str | torch.device = "cpu",
+        expert_cache_size: int = 8,
+        row_adapters: bool = True,
+        pass_overhead_tokens: int | None = None,
+    ) -> None:
+        self.artifact = artifact
+        self.device = torch.device(device)
+        # the fixed cost of one forward pass in tokens, for cutting batches by length
+        self.pass_overhead = pass_overhead(self.device, pass_overhead_tokens)
+        self.tokenizer = AutoTokenizer.from_pretrained(artifact.backbone)
+        self.backbone = AutoModel.from_pretrained(artifact.backbone).to(self.device).eval()
+        self.parameters = dict(self.backbone.named_parameters())
+        positions = self.backbone.config.max_position_embeddings
+        self.max_length = min(self.tokenizer.model_max_length, positions)
+        self.heads = {
+            task: load_head(str(artifact.path(entry["head"]))).to(self.device)
+            for task, entry in artifact.tasks.items()
+        }
+        experts: dict[str, Expert | None] = {
+            task: load_expert(artifact.path(entry["expert"])) if entry.get("expert") else None
+            for task, entry in artifact.tasks.items()
+        }
+        self.store = ExpertStore(experts, self.device, expert_cache_size)
+        # Low-rank experts on linear layers only: run them per row beside the base layers.
+        self.row_adapters: RowTasks | None = None
+        if row_adapters and experts and supports_row_adapters(experts, self.backbone):
+            self.row_adapters = install_row_adapters(self.backbone, experts, self.device)
+        self.router = (
+            Router(artifact.root, self.device) if artifact.manifest.get("router") else None
+        )
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.heads)
+
+    def labels(self, task: str) -> list[str]:
+        return self.artifact.task(task)["labels"]
+
+    def expert_bytes(self) -> int:
+        """Bytes of every copy of an expert held: host, device cache, row adapters."""
+        return held_bytes(self.store.tensors() + adapter_tensors(self.backbone))
+
+    @contextmanager
+    def expert_applied(self, task: str | None) -> Iterator[None]:
+        """The backbone holds theta_m + e_task inside the block and exactly theta_m after it
+        (``task=None`` leaves it as it is)."""
+        expert = None
+        if task is not None:
+            self.artifact.task(task)  # an unknown task fails with the list of known ones
+            expert = self.store.get(task)
+        with expert.applied(self.parameters) if expert is not None else nullcontext():
+            yield
+
+    @contextmanager
+    def mixture_applied(self, weights: dict[str, float]) -> Iterator[None]:
+        """The backbone holds theta_m + sum_t w_t e_t inside the block (softmax routing)."""
+        experts = [(self.store.get(t), w) for t, w in weights.items() if self.store.host[t]]
+        if not experts:
+            yield
+            return
+        mixed = type(experts[0][0]).mix([e for e, _ in experts], [w for _, w in experts])
+        with mixed.applied(self.parameters):
+            yield
+
+    def route(self, texts: list[str]) -> torch.Tensor:
+        """Task probabilities per text (rows), columns in ``self.router.tasks`` order."""
+        if self.router is None:
+            raise RouterMissingError(
+                "this artifact has no router, so a task is required; "
+                f"tasks: {', '.join(self.tasks)}"
+            )
+        return self.router.probabilities(self.backbone, self.tokenizer, texts, self.pass_overhead)
+
+    @torch.no_grad()
+    def classify_rows(
+        self,
+        texts: list[str],
+        tasks: list[str | None],
+        mixing: str = "argmax",
+        max_length: int | None = None,
+        timings: StageTimings | None = None,
+    ) -> list[Prediction]:
+        """Answer each text with its own task; rows whose task is None are routed first (one
+        router pass for all of them), then every row runs in the passes :meth:`_passes` plans,
+        and each task's head reads its rows' pooled output."""
+        if mixing not in MIXING_MODES:
+            raise ValueError(f"unknown mixing {mixing!r}; allowed: {', '.join(MIXING_MODES)}")
+        timings = timings if timings is not None else StageTimings()
+        for task in set(tasks) - {None}:
+            self.artifact.task(task)  # unknown tasks fail before any work
+        chosen, confidence, mixtures = self._routed(texts, tasks, mixing, timings)
+        tokens = Tokenized(
+            self.tokenizer, texts, min(max_length or self.max_length, self.max_length)
+        )
+
+        def forward(rows: list[int], batch: BatchEncoding) -> torch.Tensor:
+            weights = mixtures.get(rows[0]) if len(rows) == 1 else None
+            return self._pooled_timed([chosen[i] for i in rows], weights, batch, timings)
+
+        passes = self._passes(chosen, set(mixtures), tokens.lengths)
+        pooled = forward_in_passes(tokens, passes, self.device, forward).to(self.device)
+        answers: list[Prediction | None] = [None] * len(texts)
+        for task in dict.fromkeys(chosen):
+            rows = [i for i, t in enumerate(chosen) if t == task]
+            logits = self.heads[task](pooled[rows])
+            cuts = [tokens.truncated[i] for i in rows]
+            found = predictions(
+                task, self.labels(task), logits, cuts, [confidence.get(i) for i in rows]
+            )
+            for row, answer in zip(rows, found, strict=True):
+                answers[row] = answer
+        return answers
+
+    def classify(
+        self, texts: list[str], task: str | None = None, mixing: str = "argmax"
+    ) -> list[Prediction]:
+        """Every text with ``task``, or with the router's task per text when None."""
+        return self.classify_rows(texts, [task] * len(texts), mixing)
+
+    def _routed(
+        self, texts: list[str], tasks: list[str | None], mixing: str, timings: StageTimings
+    ) -> tuple[list[str], dict[int, float], dict[int, dict[str, float]]]:
+        """Each row's task (routed rows: the router's top task), the router's confidence per
+        routed row, and with softmax mixing each routed row's mixture weights."""
+        routed = [i for i, task in enumerate(tasks) if task is None]
+        chosen = list(tasks)
+        confidence: dict[int, float] = {}
+        mixtures: dict[int, dict[str, float]] = {}
+        if routed:
+            start = time.perf_counter()
+            probabilities = self.route([texts[i] for i in routed])
+            timings.add("route", time.perf_counter() - start)
+            for row, p in zip(routed, probabilities, strict=True):
+                chosen[row] = self.router.tasks[int(p.argmax())]
+                confidence[row] = float(p.max())
+                if mixing == "softmax":
+                    mixtures[row] = dict(zip(self.router.tasks, p.tolist(), strict=True))
+        return chosen, confidence, mixtures
+
+    def _passes(self, chosen: list[str], mixed: set[int], lengths: list[int]) -> list[list[int]]:
+        """Rows per forward pass. Rows are cut into passes by token length (:func:`plan_passes`).
+        With row adapters any tasks share a pass, their rows put next to each other; otherwise
+        each pass holds one task. A softmax-mixed row is a pass of its own."""
+        order = {task: k for k, task in enumerate(dict.fromkeys(chosen))}
+        plain = [i for i in range(len(chosen)) if i not in mixed]
+        groups = (
+            [plain]
+            if self.row_adapters is not None
+            else [[i for i in plain if chosen[i] == task] for task in order]
+        )
+        passes = []
+        for group in groups:
+            for cut in plan_passes([lengths[i] for i in group], self.pass_overhead):
+                passes.append(sorted((group[k] for k in cut), key=lambda i: (order[chosen[i]], i)))
+        return passes + [[row] for row in sorted(mixed)]
+
+    def _pooled_timed(
+        self,
+        row_tasks: list[str],
+        weights: dict[str, float] | None,
+        batch: BatchEncoding,
+        timings: StageTimings,
+    ) -> torch.Tensor:
+        """Pooled output of one pass, stages timed: with a weighted mix of experts
+        (``weights``), with per-row adapters (any tasks), or with the one task's expert
+        applied in place."""
+        start = time.perf_counter()
+        if weights:
+            context = self.mixture_applied(weights)
+        elif self.row_adapters is not None:
+            context = rows_assigned(self.row_adapters, row_tasks)
+            self.store.count_resident(len(set(row_tasks)))
+        else:
+            context = self.expert_applied(row_tasks[0])
+        with context:
+            applied = time.perf_counter()
+            pooled = self.backbone(**batch).pooler_output
+            if pooled.is_cuda:
+                torch.cuda.synchronize()
+            forwarded = time.perf_counter()
+        timings.add("forward", forwarded - applied)
+        timings.add("expert_apply", (applied - start) + (time.perf_counter() - forwarded))
+        return pooled

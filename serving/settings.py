@@ -1,0 +1,145 @@
+"""Every serving option in one place, with its default and help text.
+
+The CLI's options (``freemerge serve --help``), the Ray app's arguments
+(``serve run freemerge.serving.app:build_app artifact=DIR key=value ...``),
+``deploy/serve_config.yaml`` and the benchmarks all read :class:`ServingOptions`; nothing else
+holds a serving default. Imports nothing heavy, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+from dataclasses import dataclass, field
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+DEVICES = ("auto", "cpu", "cuda")
+MIXING_MODES = ("argmax", "softmax")
+
+
+def _option(default: object, help: str, cli: bool = True, choices: tuple = ()) -> Any:
+    return field(default=default, metadata={"help": help, "cli": cli, "choices": choices})
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """What one app serves and how; ``artifact`` or ``zoo`` says what."""
+
+    artifact: str | None = _option(None, "a merged artifact folder", cli=False)
+    zoo: str | None = _option(None, "a zoo folder: serve its N models separately", cli=False)
+    tasks: list[str] | None = _option(None, "zoo tasks to serve (default all)", cli=False)
+    models_per_replica: int | None = _option(
+        None, "multiplexed zoo models a replica holds", cli=False
+    )
+    autoscaling: dict | None = _option(None, "Ray Serve autoscaling_config", cli=False)
+    device: str = _option(
+        "auto", "where the models run: auto picks cuda when a GPU is visible", choices=DEVICES
+    )
+    replicas: int = _option(1, "model replicas (ignored when autoscaling is set)")
+    cpus_per_replica: float = _option(
+        1.0, "CPUs Ray reserves per replica; torch uses as many threads"
+    )
+    max_batch_size: int = _option(16, "requests per dynamic batch (Ray Serve @serve.batch)")
+    batch_wait_timeout_s: float = _option(
+        0.005, "seconds a batch waits for more requests before it runs"
+    )
+    max_items: int = _option(64, "texts per request at most (more: 413)")
+    max_chars: int = _option(10_000, "characters per text at most (more: 413)")
+    mixing: str = _option(
+        "argmax",
+        "untagged texts: the router's top task's expert (argmax), or the router-weighted "
+        "mix of every expert (softmax, one pass per text)",
+        choices=MIXING_MODES,
+    )
+    expert_cache_size: int = _option(
+        8,
+        "on a GPU, experts applied in place (sparse experts, softmax mixing) kept on the "
+        "device, least recently used out first; low-rank experts served as row adapters all "
+        "live on the device from the start and are not counted here",
+    )
+    pass_overhead_tokens: int | None = _option(
+        None,
+        "fixed cost of one forward pass in tokens, for cutting batches into passes by length "
+        "(default: 64 on the CPU, 4096 on a GPU; 0 cuts at every length)",
+    )
+    threads: int | None = _option(
+        None, "torch threads per replica (default: CPUs per replica)", cli=False
+    )
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["choices"] and value not in f.metadata["choices"]:
+                allowed = ", ".join(f.metadata["choices"])
+                raise ValueError(f"unknown {f.name} {value!r}; allowed: {allowed}")
+        if self.models_per_replica is not None and (not self.zoo or self.models_per_replica < 1):
+            raise ValueError(
+                "models_per_replica (multiplexed separate models) needs `zoo` and a value >= 1"
+            )
+        if not (self.artifact or self.zoo):
+            raise ValueError(
+                "the app needs `artifact` (a merged artifact) or `zoo` (separate models)"
+            )
+
+    @property
+    def torch_threads(self) -> int:
+        return self.threads or max(1, int(self.cpus_per_replica))
+
+    @classmethod
+    def from_mapping(cls, options: dict[str, Any]) -> ServingOptions:
+        """From app arguments (values may be strings, as ``serve run`` passes them)."""
+        hints = get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise ValueError(f"unknown serving option {unknown[0]!r}; allowed: {', '.join(names)}")
+        return cls(**{k: _coerce(k, v, hints[k]) for k, v in options.items()})
+
+
+def _coerce(name: str, value: object, hint: object) -> object:
+    """``value`` as the option's type: numbers from strings, lists from comma-separated text."""
+    kinds = [a for a in get_args(hint) if a is not type(None)] if _is_optional(hint) else [hint]
+    if value is None or not kinds:
+        return value
+    kind = get_origin(kinds[0]) or kinds[0]
+    try:
+        if kind is list and isinstance(value, str):
+            return value.split(",")
+        if kind in (int, float) and not isinstance(value, bool):
+            return kind(value)
+    except ValueError:
+        raise ValueError(
+            f"serving option {name} must be a {kind.__name__}, got {value!r}"
+        ) from None
+    return value
+
+
+def _is_optional(hint: object) -> bool:
+    return get_origin(hint) in (Union, types.UnionType) and type(None) in get_args(hint)
+
+
+def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--option`` per CLI field of :class:`ServingOptions`, with its help and default."""
+    hints = get_type_hints(ServingOptions)
+    for f in dataclasses.fields(ServingOptions):
+        if not f.metadata["cli"]:
+            continue
+        hint = hints[f.name]
+        kind = [a for a in get_args(hint) if a is not type(None)][0] if _is_optional(hint) else hint
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=kind,
+            default=f.default,
+            choices=f.metadata["choices"] or None,
+            help=f"{f.metadata['help']} (default: {f.default})",
+        )
+
+
+def cli_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The serving options in ``args`` (those :func:`add_serving_arguments` added)."""
+    return {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(ServingOptions)
+        if f.metadata["cli"]
+    }
