@@ -208,7 +208,7 @@ def run_quality(zoo: Zoo, grid: QualityGrid | None = None, show_progress: bool =
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="freemerge-quality-") as scratch:
         run = QualityRun(zoo, Path(scratch), show_progress)
-        max_length = zoo.recipe.max_length
+        max_length = zoo.recipe["max_length"]
         rows = [individual_row(zoo, max_length)]
 
         def step(name: str, method: str, candidates: list[dict], router: dict | None = None) -> Row:

@@ -131,6 +131,8 @@ def _parameters(method: MergeMethod, given: object) -> dict:
     of range (a density of 2, say) fail here rather than halfway through a merge."""
     if not isinstance(given, dict):
         raise ConfigError(f"parameters must be a mapping, got {type(given).__name__}")
+    if "experts" in given:
+        raise ConfigError("parameters: experts is a top-level block of the config, not a parameter")
     try:
         parameters = resolve_parameters(method, given)
         method(torch.zeros(2, 2), [torch.ones(2, 2)], name="", stats={}, **parameters)

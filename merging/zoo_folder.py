@@ -22,7 +22,7 @@ ZOO_FORMAT = 2
 TEXTS_FILE = "texts.jsonl"
 
 
-class ZooError(RuntimeError):
+class ZooError(ValueError):
     """A zoo that is missing, incomplete or of another format."""
 
 

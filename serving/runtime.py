@@ -201,16 +201,7 @@ class MergedClassifier:
         for task in set(tasks) - {None}:
             self.artifact.task(task)  # unknown tasks fail before any work
         chosen, confidence, mixtures = self._routed(texts, tasks, mixing, timings)
-        tokens = Tokenized(
-            self.tokenizer, texts, min(max_length or self.max_length, self.max_length)
-        )
-
-        def forward(rows: list[int], batch: BatchEncoding) -> torch.Tensor:
-            weights = mixtures.get(rows[0]) if len(rows) == 1 else None
-            return self._pooled_timed([chosen[i] for i in rows], weights, batch, timings)
-
-        passes = self._passes(chosen, set(mixtures), tokens.lengths)
-        pooled = forward_in_passes(tokens, passes, self.device, forward).to(self.device)
+        pooled, tokens = self._pooled_rows(texts, chosen, mixtures, max_length, timings)
         answers: list[Prediction | None] = [None] * len(texts)
         for task in dict.fromkeys(chosen):
             rows = [i for i, t in enumerate(chosen) if t == task]
@@ -222,6 +213,39 @@ class MergedClassifier:
             for row, answer in zip(rows, found, strict=True):
                 answers[row] = answer
         return answers
+
+    @torch.no_grad()
+    def pooled_rows(self, texts: list[str], tasks: list[str]) -> torch.Tensor:
+        """The pooled output of each text with its task's expert, in text order."""
+        for task in set(tasks):
+            self.artifact.task(task)  # an unknown task fails with the list of known ones
+        return self._pooled_rows(texts, tasks, {}, None, StageTimings())[0]
+
+    @torch.no_grad()
+    def logits(self, task: str, texts: list[str]) -> torch.Tensor:
+        """Task ``task``'s logits for every text."""
+        self.artifact.task(task)  # an unknown task fails with the list of known ones
+        return self.heads[task](self.pooled_rows(texts, [task] * len(texts)))
+
+    def _pooled_rows(
+        self,
+        texts: list[str],
+        chosen: list[str],
+        mixtures: dict[int, dict[str, float]],
+        max_length: int | None,
+        timings: StageTimings,
+    ) -> tuple[torch.Tensor, Tokenized]:
+        """Pooled output per text (on the device) through the one loop, in the passes
+        :meth:`_passes` plans; and the tokenized texts."""
+        limit = min(max_length or self.max_length, self.max_length)
+        tokens = Tokenized(self.tokenizer, texts, limit)
+
+        def forward(rows: list[int], batch: BatchEncoding) -> torch.Tensor:
+            weights = mixtures.get(rows[0]) if len(rows) == 1 else None
+            return self._pooled_timed([chosen[i] for i in rows], weights, batch, timings)
+
+        passes = self._passes(chosen, set(mixtures), tokens.lengths)
+        return forward_in_passes(tokens, passes, self.device, forward).to(self.device), tokens
 
     def classify(
         self, texts: list[str], task: str | None = None, mixing: str = "argmax"

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from merging.finetune import Recipe
-from merging.sources import backbone_dir, default_cache_dir
-from merging.zoo import Zoo, build_zoo
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from merging.config import parse_config
-from merging.merge import run_merge
+from freemerge.benchmarks.finetune import Recipe
+from freemerge.benchmarks.sources import backbone_dir, default_cache_dir
+from freemerge.benchmarks.zoo import Zoo, build_zoo
+from freemerge.merging.config import parse_config
+from freemerge.merging.merge import run_merge
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -63,15 +63,15 @@ TINY_RECIPE = Recipe(
 def tiny_zoo(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> Zoo:
     """Three real tasks fine-tuned briefly from the tiny BERT."""
     return build_zoo(
+        tmp_path_factory.mktemp("zoo") / "tiny",
         ["sms_spam", "bbc_topic", "debate_party"],
         TINY_RECIPE,
-        tmp_path_factory.mktemp("cache"),
-        backbone=tiny_backbone,
+        tiny_backbone,
         show_progress=False,
     )
 
 
-LINEAR_LOWRANK = {"kind": "lowrank", "rank": 4, "vectors": "skip", "skip": "embeddings\\."}
+LINEAR_LOWRANK = {"kind": "lowrank", "rank": 4}  # the defaults: linear layers only
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +82,7 @@ def tiny_routed_artifact(tiny_zoo: Zoo, tmp_path_factory: pytest.TempPathFactory
         {
             "zoo": str(tiny_zoo.root),
             "method": "free",
-            "parameters": {"experts": LINEAR_LOWRANK},
+            "experts": LINEAR_LOWRANK,
             "router": {"examples_per_task": 60, "epochs": 20},
         }
     )

@@ -3,7 +3,7 @@
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from serving.local import free_port, start_local, stop_local
+from freemerge.serving.local import free_port, start_local, stop_local
 
 
 @contextmanager

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from merging.batching import Tokenized, pass_overhead, plan_passes
+from freemerge.merging.batching import Tokenized, pass_overhead, plan_passes
 
 
 def padded_cost(passes, lengths, overhead):

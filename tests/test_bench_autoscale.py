@@ -1,10 +1,10 @@
 """Autoscaling 1 -> 2 -> 1 and a rolling update under load, on the local Ray (slow)."""
 
 import pytest
-from serving.bench_autoscale import autoscale_plot, run_autoscale_bench
 
-from merging.config import parse_config
-from merging.merge import run_merge
+from freemerge.benchmarks.autoscale import autoscale_plot, run_autoscale_bench
+from freemerge.merging.config import parse_config
+from freemerge.merging.merge import run_merge
 
 
 @pytest.mark.slow

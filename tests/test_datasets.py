@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
-from merging.datasets import (
+
+from freemerge.benchmarks.datasets import (
     SPLIT_FRACTIONS,
     TASKS,
     TaskSpec,

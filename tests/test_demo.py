@@ -1,6 +1,6 @@
 """The demo's serving step on a tiny artifact: answers printed, metrics summarised."""
 
-from serving.demo import serve_and_ask
+from freemerge.benchmarks.demo import serve_and_ask
 
 
 def test_demo_serves_asks_and_summarises_the_metrics(tiny_routed_artifact, capsys):

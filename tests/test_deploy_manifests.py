@@ -162,12 +162,12 @@ def test_serve_config_validates_with_ray_schema(name):
 
 @pytest.mark.parametrize("name", RAYSERVICE_FILES)
 def test_import_paths_import_and_build(name):
-    """Every import_path imports; serving.app:build_app builds an app from the given args."""
+    """Every import_path imports, and its builder builds an app from the given args."""
     for app in serve_config(name)["applications"]:
         module, _, attribute = app["import_path"].partition(":")
         builder = getattr(importlib.import_module(module), attribute)
         assert callable(builder)
-        if app["import_path"] == "serving.app:build_app":
+        if app["import_path"] == "freemerge.serving.app:build_app":
             assert isinstance(builder(app["args"]), Application)
 
 

@@ -2,22 +2,30 @@
 
 import pytest
 import torch
-from merging.adapters import rows_assigned
-from merging.evaluate import task_texts
-from merging.runtime import MergedClassifier, StageTimings
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from merging.artifact import open_artifact
-from merging.config import parse_config
-from merging.merge import run_merge
-from serving.engine import ClassifyRequest, Limits, MergedEngine, RequestError, SeparateEngine
+from freemerge.benchmarks.evaluate import task_texts
+from freemerge.merging.artifact import open_artifact
+from freemerge.merging.batching import Tokenized
+from freemerge.merging.config import parse_config
+from freemerge.merging.merge import run_merge
+from freemerge.serving.adapters import rows_assigned
+from freemerge.serving.engine import (
+    ClassifyRequest,
+    Limits,
+    MergedEngine,
+    RequestError,
+    SeparateEngine,
+)
+from freemerge.serving.runtime import MergedClassifier, StageTimings
 
 
 def merge(zoo, out, experts, router=True):
     raw = {
         "zoo": str(zoo.root),
         "method": "free",
-        "parameters": {"scaling": 0.5, "experts": experts},
+        "parameters": {"scaling": 0.5},
+        "experts": experts,
     }
     if router:
         raw["router"] = {"examples_per_task": 60, "epochs": 20}
@@ -30,8 +38,10 @@ def artifacts(tiny_zoo, tiny_routed_artifact, tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
     return {
         "lowrank": tiny_routed_artifact,
-        "sparse": merge(tiny_zoo, root / "sparse", {"density": 0.05}),
-        "norouter": merge(tiny_zoo, root / "norouter", {"density": 0.05}, router=False),
+        "sparse": merge(tiny_zoo, root / "sparse", {"kind": "sparse", "density": 0.05}),
+        "norouter": merge(
+            tiny_zoo, root / "norouter", {"kind": "sparse", "density": 0.05}, router=False
+        ),
     }
 
 
@@ -178,11 +188,11 @@ def test_row_adapters_follow_the_task_of_each_row_in_any_order(artifacts, texts)
     model = MergedClassifier(open_artifact(artifacts["lowrank"]))
     rows = [texts["sms_spam"][0], texts["debate_party"][0], texts["sms_spam"][1]]
     tasks = ["sms_spam", "debate_party", "sms_spam"]
-    batch = model.encode(rows)
+    batch = Tokenized(model.tokenizer, rows, 128).padded([0, 1, 2], model.device)
     with torch.no_grad(), rows_assigned(model.row_adapters, tasks):
         together = model.backbone(**batch).pooler_output
     for i, (text, task) in enumerate(zip(rows, tasks, strict=True)):
-        alone = model.pooled(task, model.encode([text]))
+        alone = model.pooled_rows([text], [task])
         assert torch.allclose(together[i], alone[0], atol=1e-5)
 
 

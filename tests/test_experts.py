@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from merging.experts import LowRankExpert, SparseExpert, load_expert, make_expert
+from freemerge.merging.experts import LowRankExpert, SparseExpert, load_expert, make_expert
 
 
 def residuals():
@@ -84,7 +84,7 @@ def test_unknown_kind_is_refused():
 
 
 def test_lowrank_expert_is_the_truncated_svd_of_the_residual():
-    expert = LowRankExpert(rank=3)
+    expert = LowRankExpert(rank=3, vectors="full")
     for name, residual in residuals().items():
         expert.add(name, residual)
     w = residuals()["w"]

@@ -7,16 +7,16 @@ import shutil
 import pytest
 import torch
 import yaml
-from merging.runtime import MergedClassifier
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForSequenceClassification
 
-from merging.artifact import ArtifactError, open_artifact, verify_artifact
-from merging.checkpoint import Checkpoint, CheckpointError
-from merging.config import ConfigError, load_config, parse_config
-from merging.export import export_task
-from merging.merge import run_merge
-from serving.cli import main
+from freemerge.merging.artifact import ArtifactError, open_artifact, verify_artifact
+from freemerge.merging.checkpoint import Checkpoint, CheckpointError
+from freemerge.merging.config import ConfigError, load_config, parse_config
+from freemerge.merging.export import export_task
+from freemerge.merging.merge import run_merge
+from freemerge.serving.cli import main
+from freemerge.serving.runtime import MergedClassifier
 
 TEXTS = [
     "Free entry! Win a prize now, text WIN to 80086",
@@ -25,22 +25,27 @@ TEXTS = [
 ]
 
 
-def config_for(zoo, method="free", **parameters):
-    return parse_config(
-        {
-            "base_model": str(zoo.base),
-            "models": [{"name": n, "path": str(t.path)} for n, t in zoo.tasks.items()],
-            "method": method,
-            "parameters": parameters,
-        }
-    )
+def config_for(zoo, method="free", experts=None, **parameters):
+    raw = {
+        "base_model": str(zoo.base),
+        "models": [{"name": n, "path": str(t.path)} for n, t in zoo.tasks.items()],
+        "method": method,
+        "parameters": parameters,
+    }
+    return parse_config({**raw, "experts": experts} if experts else raw)
 
 
 @pytest.fixture(scope="module")
 def free_artifact(tiny_zoo, tmp_path_factory):
     out = tmp_path_factory.mktemp("art") / "free"
     run_merge(
-        config_for(tiny_zoo, "free", scaling=0.5, filter={"mode": "radial", "cutoff": 0.1}),
+        config_for(
+            tiny_zoo,
+            "free",
+            experts={"kind": "sparse"},
+            scaling=0.5,
+            filter={"mode": "radial", "cutoff": 0.1},
+        ),
         out,
         show_progress=False,
     )
@@ -123,7 +128,9 @@ def test_free_artifact_layout_sizes_and_manifest(free_artifact, tiny_zoo):
 def test_full_density_expert_recovers_each_fine_tuned_model(tiny_zoo, tmp_path):
     out = tmp_path / "dense"
     run_merge(
-        config_for(tiny_zoo, "task_arithmetic", experts={"density": 1.0}), out, show_progress=False
+        config_for(tiny_zoo, "task_arithmetic", experts={"kind": "sparse", "density": 1.0}),
+        out,
+        show_progress=False,
     )
     runtime = MergedClassifier(open_artifact(out))
     for name, task in tiny_zoo.tasks.items():
@@ -180,7 +187,7 @@ def test_cli_merge_from_a_zoo_config(tiny_zoo, tmp_path, capsys):
                 "zoo": str(tiny_zoo.root),
                 "models": ["sms_spam", "debate_party"],
                 "method": "free",
-                "parameters": {"experts": {"density": 0.02}},
+                "experts": {"kind": "sparse", "density": 0.02},
             }
         )
     )
@@ -196,17 +203,27 @@ def no_partial_output(parent):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"method": "slerp"}, "unknown method 'slerp'; allowed: average, task_arithmetic"),
-        ({"parameters": {"scalling": 0.3}}, "unknown key 'scalling' in parameters; allowed:"),
-        ({"parameters": {"experts": {"density": 0}}}, r"density must be in \(0, 1\]"),
         (
-            {"parameters": {"experts": {"kind": "lowrank", "density": 0.1}}},
+            {"method": "slerp"},
+            "unknown merge method 'slerp'; allowed: average, task_arithmetic, ties, fr, free",
+        ),
+        (
+            {"parameters": {"scalling": 0.3}},
+            "'scalling' is not a parameter of method free; allowed: scaling, other_scaling",
+        ),
+        ({"experts": {"kind": "sparse", "density": 0}}, r"density must be in \(0, 1\]"),
+        (
+            {"experts": {"density": 0.1}},
             "'density' is not a setting of lowrank experts; allowed: rank, vectors, skip",
         ),
-        ({"parameters": {"experts": {"kind": "dense"}}}, "unknown expert kind 'dense'"),
-        ({"parameters": {"experts": {"density": 1.5}}}, r"density must be in \(0, 1\]"),
-        ({"parameters": {"ties": {"density": 2}}}, r"ties.density must be in \(0, 1\]"),
+        ({"experts": {"kind": "dense"}}, "unknown expert kind 'dense'"),
+        ({"experts": {"kind": "sparse", "density": 1.5}}, r"density must be in \(0, 1\]"),
+        ({"method": "ties", "parameters": {"density": 2}}, r"density must be in \(0, 1\]"),
+        ({"method": "ties", "parameters": {"scaling": "big"}}, "scaling must be a number"),
+        ({"parameters": {"task_weights": "loud"}}, "task_weights must be one of uniform, energy"),
+        ({"parameters": {"experts": {}}}, "experts is a top-level block"),
         ({"parameters": {"filter": {"mode": "lowpass"}}}, "unknown filter mode 'lowpass'"),
+        ({"parameters": {"filter": {"ratios": 1}}}, "unknown key 'ratios' in filter"),
         ({"extra": 1}, "unknown key 'extra' in the config"),
     ],
 )

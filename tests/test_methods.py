@@ -2,11 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from merging.filters import HighPass, radial_mask, reference_mask
-from merging.methods import METHODS, get_method, keep_top_magnitude
+from freemerge.merging.filters import HighPass, radial_mask, reference_mask
+from freemerge.merging.methods import METHODS, get_method, keep_top_magnitude
 
 
 @pytest.fixture
@@ -18,10 +19,14 @@ def tensors():
 
 
 def test_registry_reads_parameters_from_signatures():
-    assert set(METHODS) == {"average", "task_arithmetic", "ties", "fr"}
+    assert set(METHODS) == {"average", "task_arithmetic", "ties", "fr", "free"}
+    assert METHODS["free"].experts and not METHODS["fr"].experts
+    assert METHODS["free"].parameters == METHODS["fr"].parameters
+    assert METHODS["fr"].parameters["scaling"] == 0.3
+    assert METHODS["fr"].choices == {"task_weights": ("uniform", "energy")}
     assert METHODS["task_arithmetic"].parameters == {"scaling": 0.3}
     assert METHODS["ties"].parameters == {"scaling": 1.0, "density": 0.2}
-    assert "stats" not in METHODS["fr"].parameters
+    assert "stats" not in METHODS["fr"].parameters and "name" not in METHODS["fr"].parameters
     with pytest.raises(ValueError, match="unknown merge method 'slerp'; allowed: average"):
         get_method("slerp")
 
@@ -52,25 +57,25 @@ def test_keep_top_magnitude_keeps_the_largest_half():
 
 def test_fr_is_base_plus_lambda_sum_of_filtered(tensors):
     base, taus = tensors
-    high_pass = HighPass("radial", cutoff=0.2)
+    high_pass = HighPass("radial", cutoff=0.2, targets="")
     stats = {}
-    merged = get_method("fr")(base, taus, scaling=0.5, high_pass=high_pass, stats=stats)
+    merged = get_method("fr")(base, taus, scaling=0.5, filter=high_pass, stats=stats)
     expected = base + 0.5 * sum(high_pass.apply(t)[0] for t in taus)
     assert torch.allclose(merged, expected)
     assert len(stats["removed_energy"]) == 3 and all(0 < e < 1 for e in stats["removed_energy"])
     # 1-D tensors and the unfiltered case are plain task arithmetic.
     vector = torch.ones(5)
     assert torch.allclose(
-        get_method("fr")(vector, [vector, vector], scaling=0.5, high_pass=high_pass), 2 * vector
+        get_method("fr")(vector, [vector, vector], scaling=0.5, filter=high_pass), 2 * vector
     )
 
 
 def test_fr_options_weights_and_magnitude_alignment(tensors):
     base, taus = tensors
-    high_pass = HighPass("radial", cutoff=0.3)
+    high_pass = HighPass("radial", cutoff=0.3, targets="")
     weights = [0.5, 0.3, 0.2]
     merged = get_method("fr")(
-        base, taus, scaling=1.0, high_pass=high_pass, task_weights=weights, magnitude_alignment=True
+        base, taus, scaling=1.0, filter=high_pass, task_weights=weights, magnitude_alignment=True
     )
     filtered = sum(w * high_pass.apply(t)[0] for w, t in zip(weights, taus, strict=True))
     plain = sum(w * t for w, t in zip(weights, taus, strict=True))
@@ -126,3 +131,42 @@ def test_bad_filter_settings_are_refused():
         HighPass("lowpass")
     with pytest.raises(ValueError, match="2-D"):
         HighPass().apply(torch.ones(3))
+
+
+def authors_high_pass(matrix: np.ndarray, ratio: float) -> np.ndarray:
+    """The authors' released filter, spelled out with numpy and loops: on the unshifted
+    spectrum, keep F[u, v] within ratio * min(H, W) of (H // 2, W // 2)."""
+    height, width = matrix.shape
+    spectrum = np.fft.fft2(matrix)
+    for u in range(height):
+        for v in range(width):
+            if math.hypot(u - height // 2, v - width // 2) > ratio * min(height, width):
+                spectrum[u, v] = 0
+    return np.fft.ifft2(spectrum).real
+
+
+@pytest.mark.parametrize("shape, ratio", [((12, 20), 0.3), ((16, 16), 0.25), ((9, 7), 0.5)])
+def test_fr_merge_equals_the_authors_filter_written_out(shape, ratio):
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=shape)
+    taus = [rng.normal(size=shape) for _ in range(3)]
+    expected = base + 0.4 * sum(authors_high_pass(t, ratio) for t in taus)
+    high_pass = HighPass("reference", ratio=ratio, targets="^w$")
+    merged = get_method("fr")(
+        torch.from_numpy(base),
+        [torch.from_numpy(t) for t in taus],
+        name="w",
+        scaling=0.4,
+        filter=high_pass,
+    )
+    assert np.allclose(merged.numpy(), expected, atol=1e-10)
+    # A tensor the targets do not match is merged by task arithmetic, with other_scaling.
+    other = get_method("fr")(
+        torch.from_numpy(base),
+        [torch.from_numpy(t) for t in taus],
+        name="v",
+        scaling=0.4,
+        other_scaling=0.2,
+        filter=high_pass,
+    )
+    assert np.allclose(other.numpy(), base + 0.2 * sum(taus))

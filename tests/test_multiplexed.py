@@ -4,13 +4,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from live_server import live_server
-from merging.evaluate import task_texts
-from merging.runtime import StageTimings
-from serving.loadgen import call
 
-from serving.app import build_app
-from serving.engine import ClassifyRequest, SeparateEngine
-from serving.metrics import counter_total, scrape_until
+from freemerge.benchmarks.evaluate import task_texts
+from freemerge.benchmarks.loadgen import call
+from freemerge.serving.app import build_app
+from freemerge.serving.engine import ClassifyRequest, SeparateEngine
+from freemerge.serving.metrics import counter_total, scrape_until
+from freemerge.serving.runtime import StageTimings
 
 TASKS = ["sms_spam", "bbc_topic", "debate_party"]
 

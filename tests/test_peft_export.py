@@ -1,25 +1,23 @@
 import pytest
 import torch
-from merging.evaluate import task_texts
-from merging.runtime import MergedClassifier
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from merging.artifact import open_artifact
-from merging.config import parse_config
-from merging.export import export_peft
-from merging.merge import run_merge
-from serving.cli import main
+from freemerge.benchmarks.evaluate import task_texts
+from freemerge.merging.artifact import open_artifact
+from freemerge.merging.config import parse_config
+from freemerge.merging.export import export_peft
+from freemerge.merging.merge import run_merge
+from freemerge.serving.cli import main
+from freemerge.serving.runtime import MergedClassifier
 
 
 @pytest.fixture(scope="module")
 def lowrank_artifact(tiny_zoo, tmp_path_factory):
     out = tmp_path_factory.mktemp("peft") / "art"
-    experts = {"kind": "lowrank", "rank": 3, "vectors": "skip", "skip": "embeddings\\."}
+    experts = {"kind": "lowrank", "rank": 3}
     run_merge(
-        parse_config(
-            {"zoo": str(tiny_zoo.root), "method": "free", "parameters": {"experts": experts}}
-        ),
+        parse_config({"zoo": str(tiny_zoo.root), "method": "free", "experts": experts}),
         out,
         show_progress=False,
     )
@@ -48,7 +46,7 @@ def test_peft_adapter_gives_the_artifacts_logits(lowrank_artifact, tmp_path):
 
 def test_peft_export_refuses_sparse_experts(tiny_zoo, tmp_path):
     run_merge(
-        parse_config({"zoo": str(tiny_zoo.root), "method": "free"}),
+        parse_config({"zoo": str(tiny_zoo.root), "method": "free", "experts": {"kind": "sparse"}}),
         tmp_path / "sparse",
         show_progress=False,
     )

@@ -1,8 +1,7 @@
 import json
 
-from merging.quality import QualityGrid, quality_markdown, run_quality
-
-from serving.cli import main
+from freemerge.benchmarks.quality import QualityGrid, quality_markdown, run_quality
+from freemerge.serving.cli import main
 
 QUICK = QualityGrid(
     scalings=[0.5],
@@ -40,7 +39,7 @@ def test_quality_table_runs_end_to_end_on_a_tiny_zoo(tiny_zoo):
 
 
 def test_bench_quality_cli_writes_json_and_markdown(tiny_zoo, tmp_path, monkeypatch):
-    monkeypatch.setattr("merging.cli.QualityGrid", lambda *a, **k: QUICK)
+    monkeypatch.setattr("freemerge.benchmarks.quality.QualityGrid.quick", lambda: QUICK)
     assert (
         main(["bench", "quality", "--zoo", str(tiny_zoo.root), "--out", str(tmp_path), "--quick"])
         == 0

@@ -5,13 +5,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from live_server import live_server
-from merging.evaluate import task_texts
-from merging.runtime import StageTimings
-from serving.loadgen import call
 
-from merging.artifact import open_artifact
-from serving.engine import ClassifyRequest, MergedEngine
-from serving.metrics import scrape_until
+from freemerge.benchmarks.evaluate import task_texts
+from freemerge.benchmarks.loadgen import call
+from freemerge.merging.artifact import open_artifact
+from freemerge.serving.engine import ClassifyRequest, MergedEngine
+from freemerge.serving.metrics import scrape_until
+from freemerge.serving.runtime import StageTimings
 
 
 @pytest.fixture(scope="module")

