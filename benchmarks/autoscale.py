@@ -146,7 +146,6 @@ def run_autoscale_bench(
     ``new_artifact`` under load; every answer is checked against its version's engine."""
     bodies = request_bodies(artifact)
     versions = dict(expected_labels(a, bodies) for a in (artifact, new_artifact))
-    new_version = list(versions)[-1]
     port, metrics_port = free_port(), free_port()
     options = {
         "artifact": str(artifact),
@@ -155,51 +154,26 @@ def run_autoscale_bench(
         "autoscaling": AUTOSCALING,
     }
     start_local(options, port=port, metrics_port=metrics_port, num_cpus=2)
-    url = f"http://127.0.0.1:{port}/v1/classify"
     spec = LoadSpec(
-        url=url, tasks=[], texts={}, bodies=bodies, concurrency=concurrency, requests=100_000
+        url=f"http://127.0.0.1:{port}/v1/classify",
+        tasks=[],
+        texts={},
+        bodies=bodies,
+        concurrency=concurrency,
+        requests=100_000,
     )
-    max_replicas = AUTOSCALING["max_replicas"]
     try:
         clock = time.perf_counter()
         with ReplicaSampler(clock) as sampler:
-            load_start = time.perf_counter() - clock
-
-            def scaled_and_held() -> bool:  # at max replicas for the last 10 s of samples
-                recent = [n for t, n in sampler.samples if t > time.perf_counter() - clock - 10]
-                return bool(recent) and min(recent) == max_replicas
-
-            scale_records = load_until(spec, clock, scaled_and_held, load_seconds, 4 * load_seconds)
-            load_end = time.perf_counter() - clock
-            deadline = time.perf_counter() + settle_seconds
-            while time.perf_counter() < deadline and running_replicas() > 1:
-                time.sleep(1)
-            time.sleep(2)
-            update_start = time.perf_counter() - clock
-            rollout: dict = {}
-
-            def roll() -> None:
-                time.sleep(5)
-                rollout["at"] = time.perf_counter() - clock
-                serve.run(
-                    build_app({**options, "artifact": str(new_artifact)}),
-                    name=APP_NAME,
-                    route_prefix="/",
-                )
-                rollout["done"] = time.perf_counter() - clock
-
-            roller = threading.Thread(target=roll)
-            roller.start()
-            update_records = load_until(
-                spec, clock, lambda: not roller.is_alive(), 15, settle_seconds + 60
+            scale = _scale_phase(spec, clock, sampler, load_seconds, settle_seconds)
+            update = _rolling_update(
+                spec, clock, {**options, "artifact": str(new_artifact)}, settle_seconds
             )
-            roller.join()
-            update_records += load_until(spec, clock, lambda: True, 5, 5)
         samples = sampler.samples
     finally:
         stop_local()
-    replicas = [n for _, n in samples]
-    after_load = [n for t, n in samples if load_end <= t < update_start]
+    after_load = [n for t, n in samples if scale["load_end"] <= t < update["start"]]
+    scale_records, update_records = scale.pop("records"), update.pop("records")
     return {
         "machine": describe_machine(),
         "autoscaling": AUTOSCALING,
@@ -207,22 +181,68 @@ def run_autoscale_bench(
         "load_seconds": load_seconds,
         "replica_samples": samples,
         "scale": {
-            "load_start": load_start,
-            "load_end": load_end,
-            "max_replicas_seen": max(replicas, default=0),
+            **scale,
+            "max_replicas_seen": max((n for _, n in samples), default=0),
             "back_to_one": bool(after_load) and after_load[-1] == 1,
             "answers": check_answers(scale_records, bodies, versions),
-            "per_second": per_second(scale_records),
         },
         "rolling_update": {
-            "start": update_start,
-            **rollout,
+            **update,
             "answers": check_answers(update_records, bodies, versions),
             "last_version": max(update_records, key=lambda r: r["sent"])["version"],
-            "new_version": new_version,
-            "per_second": per_second(update_records),
+            "new_version": list(versions)[-1],
         },
     }
+
+
+def _scale_phase(
+    spec: LoadSpec,
+    clock: float,
+    sampler: ReplicaSampler,
+    load_seconds: float,
+    settle_seconds: float,
+) -> dict:
+    """Load until the deployment has held its maximum replicas for 10 s (at least
+    ``load_seconds``), then wait (at most ``settle_seconds``) for it to scale back to one."""
+    load_start = time.perf_counter() - clock
+    max_replicas = AUTOSCALING["max_replicas"]
+
+    def scaled_and_held() -> bool:  # at max replicas for the last 10 s of samples
+        recent = [n for t, n in sampler.samples if t > time.perf_counter() - clock - 10]
+        return bool(recent) and min(recent) == max_replicas
+
+    records = load_until(spec, clock, scaled_and_held, load_seconds, 4 * load_seconds)
+    load_end = time.perf_counter() - clock
+    deadline = time.perf_counter() + settle_seconds
+    while time.perf_counter() < deadline and running_replicas() > 1:
+        time.sleep(1)
+    time.sleep(2)
+    return {
+        "load_start": load_start,
+        "load_end": load_end,
+        "per_second": per_second(records),
+        "records": records,
+    }
+
+
+def _rolling_update(spec: LoadSpec, clock: float, new_options: dict, settle_seconds: float) -> dict:
+    """Under load, deploy ``new_options`` over the running app (5 s in); load until the
+    rollout has finished, then 5 s more."""
+    start = time.perf_counter() - clock
+    rollout: dict = {}
+
+    def roll() -> None:
+        time.sleep(5)
+        rollout["at"] = time.perf_counter() - clock
+        serve.run(build_app(new_options), name=APP_NAME, route_prefix="/")
+        rollout["done"] = time.perf_counter() - clock
+
+    roller = threading.Thread(target=roll)
+    roller.start()
+    records = load_until(spec, clock, lambda: not roller.is_alive(), 15, settle_seconds + 60)
+    roller.join()
+    records += load_until(spec, clock, lambda: True, 5, 5)
+    return {"start": start, **rollout, "per_second": per_second(records), "records": records}
 
 
 def autoscale_plot(result: dict, path: Path) -> Path:

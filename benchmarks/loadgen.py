@@ -10,7 +10,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -142,37 +142,61 @@ def run_load(spec: LoadSpec) -> LoadResult:
             )
 
     if spec.mode == "closed":
-        queue = iter(enumerate(bodies))
-
-        def worker() -> None:
-            while time.perf_counter() < deadline:
-                with lock:
-                    item = next(queue, None)
-                if item is None:
-                    return
-                one(item[1], item[0])
-
-        threads = [threading.Thread(target=worker) for _ in range(spec.concurrency)]
-        for thread in threads:
-            thread.start()
+        threads = _closed_loop(spec, bodies, one, lock, deadline)
     elif spec.mode == "open":
-        gaps = np.random.default_rng(spec.seed + 2).exponential(1.0 / spec.rate, spec.requests)
-        threads = []
-        due = start
-        for index, (body, gap) in enumerate(zip(bodies, gaps, strict=True)):
-            due += gap
-            if due > deadline:
-                break
-            time.sleep(max(0.0, due - time.perf_counter()))
-            thread = threading.Thread(target=one, args=(body, index))
-            thread.start()
-            threads.append(thread)
+        threads = _open_loop(spec, bodies, one, start, deadline)
     else:
         raise ValueError(f"unknown load mode {spec.mode!r}; allowed: closed, open")
     for thread in threads:
         thread.join(timeout=max(1.0, deadline - time.perf_counter() + 60))
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _closed_loop(
+    spec: LoadSpec,
+    bodies: Iterator[bytes],
+    send: Callable[[bytes, int], None],
+    lock: threading.Lock,
+    deadline: float,
+) -> list[threading.Thread]:
+    """``spec.concurrency`` clients, each sending its next request when its last one ends."""
+    queue = iter(enumerate(bodies))
+
+    def worker() -> None:
+        while time.perf_counter() < deadline:
+            with lock:
+                item = next(queue, None)
+            if item is None:
+                return
+            send(item[1], item[0])
+
+    threads = [threading.Thread(target=worker) for _ in range(spec.concurrency)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def _open_loop(
+    spec: LoadSpec,
+    bodies: Iterator[bytes],
+    send: Callable[[bytes, int], None],
+    start: float,
+    deadline: float,
+) -> list[threading.Thread]:
+    """Requests at Poisson arrivals of ``spec.rate`` per second, whatever the answers do."""
+    gaps = np.random.default_rng(spec.seed + 2).exponential(1.0 / spec.rate, spec.requests)
+    threads = []
+    due = start
+    for index, (body, gap) in enumerate(zip(bodies, gaps, strict=True)):
+        due += gap
+        if due > deadline:
+            break
+        time.sleep(max(0.0, due - time.perf_counter()))
+        thread = threading.Thread(target=send, args=(body, index))
+        thread.start()
+        threads.append(thread)
+    return threads
 
 
 def run_load_in_process(spec: LoadSpec) -> LoadResult:

@@ -208,101 +208,13 @@ def run_quality(zoo: Zoo, grid: QualityGrid | None = None, show_progress: bool =
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="freemerge-quality-") as scratch:
         run = QualityRun(zoo, Path(scratch), show_progress)
-        max_length = zoo.recipe["max_length"]
-        rows = [individual_row(zoo, max_length)]
-
-        def step(name: str, method: str, candidates: list[dict], router: dict | None = None) -> Row:
-            if show_progress:
-                print(f"== {name}", flush=True)
-            picked = run.pick(name, method, candidates, router)
-            rows.extend(picked)
-            return picked[0]
-
-        step("pretrained backbone + fine-tuned heads", "task_arithmetic", [{"scaling": 0.0}])
-        step("average", "average", [{}])
-        ta = step("task arithmetic", "task_arithmetic", [{"scaling": s} for s in grid.scalings])
-        step("TIES", "ties", [{"scaling": s, "density": 0.2} for s in grid.ties_scalings])
-        fr = step(
-            "FR (reference filter)",
-            "fr",
-            [
-                {"scaling": s, "filter": {"mode": "reference", "ratio": r}}
-                for s in grid.scalings
-                for r in grid.ratios
-            ],
-        )
-        step(
-            "FR (radial filter)",
-            "fr",
-            [
-                {"scaling": s, "filter": {"mode": "radial", "cutoff": c}}
-                for s in grid.scalings
-                for c in grid.cutoffs
-            ],
-        )
-        lowrank = {"kind": "lowrank", "rank": grid.rank}
-        matched = _matched_density(run, fr.picked, lowrank)
-        sparse = {"kind": "sparse", "density": grid.paper_density}
-        step(
-            f"FREE, sparse experts (density {grid.paper_density})",
-            "free",
-            [{**fr.picked, "experts": sparse}],
-            grid.router,
-        )
-        step(
-            f"FREE, sparse experts at low-rank bytes (density {matched:.4f})",
-            "free",
-            [{**fr.picked, "experts": {"kind": "sparse", "density": matched}}],
-        )
-        step(
-            "experts over task arithmetic (Twin-Merging style), sparse",
-            "task_arithmetic",
-            [{**ta.picked, "experts": sparse}],
-        )
-        step(
-            f"FREE, low-rank experts (rank {grid.rank})",
-            "free",
-            [{**fr.picked, "experts": lowrank}],
-            grid.router,
-        )
-        step(
-            f"experts over task arithmetic, low-rank (rank {grid.rank})",
-            "task_arithmetic",
-            [{**ta.picked, "experts": lowrank}],
-        )
+        rows = [individual_row(zoo, zoo.recipe["max_length"])]
+        ta, fr = _merge_rows(run, grid, rows)
+        _expert_rows(run, grid, ta, fr, rows)
         if show_progress:
             print("== heads re-fitted", flush=True)
         rows.append(refit_heads_row(run, ta, grid.refit_examples))
-
-        ablations = {
-            "filter ratio (FR, reference)": [
-                _ablation(
-                    run,
-                    "fr",
-                    {**fr.picked, "filter": {"mode": "reference", "ratio": r}},
-                    f"ratio {r}",
-                )
-                for r in sorted({*grid.ratios, 0.71})
-            ],
-            "sparse density (FREE)": [
-                _ablation(
-                    run,
-                    "free",
-                    {**fr.picked, "experts": {"kind": "sparse", "density": d}},
-                    f"density {d}",
-                )
-                for d in grid.densities
-            ],
-            "rank (FREE, low-rank)": [
-                _ablation(
-                    run,
-                    "free",
-                    {**fr.picked, "experts": {"kind": "lowrank", "rank": r}},
-                    f"rank {r}",
-                )
-                for r in grid.ranks
-            ],
-        }
+        ablations = _ablations(run, grid, fr)
     individual = rows[0].test
     return {
         "machine": describe_machine(),
@@ -312,6 +224,96 @@ def run_quality(zoo: Zoo, grid: QualityGrid | None = None, show_progress: bool =
         "ablations": {
             name: [_row_json(r, individual) for r in entries] for name, entries in ablations.items()
         },
+    }
+
+
+def _step(
+    run: QualityRun,
+    rows: list[Row],
+    name: str,
+    method: str,
+    candidates: list[dict],
+    router: dict | None = None,
+) -> Row:
+    """Pick one row's configuration on validation, append its rows; the picked row."""
+    if run.show_progress:
+        print(f"== {name}", flush=True)
+    picked = run.pick(name, method, candidates, router)
+    rows.extend(picked)
+    return picked[0]
+
+
+def _merge_rows(run: QualityRun, grid: QualityGrid, rows: list[Row]) -> tuple[Row, Row]:
+    """The merges without experts; returns the picked task-arithmetic and FR rows."""
+    _step(
+        run, rows, "pretrained backbone + fine-tuned heads", "task_arithmetic", [{"scaling": 0.0}]
+    )
+    _step(run, rows, "average", "average", [{}])
+    scalings = [{"scaling": s} for s in grid.scalings]
+    ta = _step(run, rows, "task arithmetic", "task_arithmetic", scalings)
+    ties = [{"scaling": s, "density": 0.2} for s in grid.ties_scalings]
+    _step(run, rows, "TIES", "ties", ties)
+    reference = [
+        {"scaling": s, "filter": {"mode": "reference", "ratio": r}}
+        for s in grid.scalings
+        for r in grid.ratios
+    ]
+    fr = _step(run, rows, "FR (reference filter)", "fr", reference)
+    radial = [
+        {"scaling": s, "filter": {"mode": "radial", "cutoff": c}}
+        for s in grid.scalings
+        for c in grid.cutoffs
+    ]
+    _step(run, rows, "FR (radial filter)", "fr", radial)
+    return ta, fr
+
+
+def _expert_rows(run: QualityRun, grid: QualityGrid, ta: Row, fr: Row, rows: list[Row]) -> None:
+    """FREE and Twin-Merging-style rows: sparse and low-rank experts, with routed variants."""
+    lowrank = {"kind": "lowrank", "rank": grid.rank}
+    sparse = {"kind": "sparse", "density": grid.paper_density}
+    matched = _matched_density(run, fr.picked, lowrank)
+    entries = [
+        (f"FREE, sparse experts (density {grid.paper_density})", fr, sparse, grid.router),
+        (
+            f"FREE, sparse experts at low-rank bytes (density {matched:.4f})",
+            fr,
+            {"kind": "sparse", "density": matched},
+            None,
+        ),
+        ("experts over task arithmetic (Twin-Merging style), sparse", ta, sparse, None),
+        (f"FREE, low-rank experts (rank {grid.rank})", fr, lowrank, grid.router),
+        (f"experts over task arithmetic, low-rank (rank {grid.rank})", ta, lowrank, None),
+    ]
+    for name, over, experts, router in entries:
+        method = "free" if over is fr else "task_arithmetic"
+        _step(run, rows, name, method, [{**over.picked, "experts": experts}], router)
+
+
+def _ablations(run: QualityRun, grid: QualityGrid, fr: Row) -> dict[str, list[Row]]:
+    """Filter ratio, sparse density and rank, each around the picked FR configuration."""
+    ratios = [
+        _ablation(
+            run, "fr", {**fr.picked, "filter": {"mode": "reference", "ratio": r}}, f"ratio {r}"
+        )
+        for r in sorted({*grid.ratios, 0.71})
+    ]
+    densities = [
+        _ablation(
+            run, "free", {**fr.picked, "experts": {"kind": "sparse", "density": d}}, f"density {d}"
+        )
+        for d in grid.densities
+    ]
+    ranks = [
+        _ablation(
+            run, "free", {**fr.picked, "experts": {"kind": "lowrank", "rank": r}}, f"rank {r}"
+        )
+        for r in grid.ranks
+    ]
+    return {
+        "filter ratio (FR, reference)": ratios,
+        "sparse density (FREE)": densities,
+        "rank (FREE, low-rank)": ranks,
     }
 
 

@@ -20,17 +20,20 @@ from freemerge.merging.artifact import Artifact, staged_directory
 from freemerge.merging.experts import LowRankExpert, load_expert
 
 
+def label_settings(labels: list[str]) -> dict:
+    """A classifier config's label fields for ``labels``."""
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)},
+    }
+
+
 def export_task(artifact: Artifact, task: str, out: Path, overwrite: bool = False) -> Path:
     """Write backbone + task's expert + task's head (tokenizer included) to ``out``: the
     expert is applied to the weights in place, as :meth:`Expert.applied` defines it."""
     entry = artifact.task(task)  # an unknown task fails with the list of known ones
-    labels = entry["labels"]
-    config = AutoConfig.from_pretrained(
-        artifact.backbone,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-    )
+    config = AutoConfig.from_pretrained(artifact.backbone, **label_settings(entry["labels"]))
     model = AutoModelForSequenceClassification.from_config(config)
     config.architectures = [type(model).__name__]
     backbone = AutoModel.from_pretrained(artifact.backbone)
@@ -48,9 +51,6 @@ def export_task(artifact: Artifact, task: str, out: Path, overwrite: bool = Fals
     return Path(out)
 
 
-EXPORT_FORMATS = ("hf", "peft")
-
-
 def export_peft(artifact: Artifact, task: str, out: Path, overwrite: bool = False) -> Path:
     """Write task ``task``'s low-rank expert and head as a PEFT LoRA adapter directory."""
     try:
@@ -65,12 +65,8 @@ def export_peft(artifact: Artifact, task: str, out: Path, overwrite: bool = Fals
             f"{getattr(expert, 'kind', None)!r}); PEFT LoRA export needs `kind: lowrank` with "
             "`vectors: skip` and the embeddings skipped"
         )
-    labels = entry["labels"]
     model = AutoModelForSequenceClassification.from_pretrained(
-        artifact.backbone,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
+        artifact.backbone, **label_settings(entry["labels"])
     )
     targets = sorted(name.removesuffix(".weight") for name in expert.factors)
     config = LoraConfig(

@@ -109,9 +109,8 @@ def _coerce(name: str, value: object, hint: object) -> object:
         if kind in (int, float) and not isinstance(value, bool):
             return kind(value)
     except ValueError:
-        raise ValueError(
-            f"serving option {name} must be a {kind.__name__}, got {value!r}"
-        ) from None
+        noun = "an integer" if kind is int else "a number"
+        raise ValueError(f"serving option {name} must be {noun}, got {value!r}") from None
     return value
 
 

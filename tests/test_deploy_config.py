@@ -22,3 +22,32 @@ def test_serve_config_validates_and_imports():
         assert callable(builder)
         assert app.args["artifact"]
         assert [d.name for d in app.deployments] == ["ClassifierServer"]
+
+
+def test_serve_config_args_are_serving_options_with_their_defaults():
+    """Every arg is a ServingOptions field, and the values it repeats are the defaults (one
+    set of defaults: the file only shows them)."""
+    import dataclasses
+
+    from freemerge.serving.settings import ServingOptions
+
+    config = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
+    for app in config["applications"]:
+        options = ServingOptions.from_mapping(app["args"])
+        defaults = {f.name: f.default for f in dataclasses.fields(ServingOptions)}
+        repeated = {k: v for k, v in app["args"].items() if k not in ("artifact", "device")}
+        assert {k: getattr(options, k) for k in repeated} == {k: defaults[k] for k in repeated}
+
+
+def test_unknown_or_malformed_serving_options_are_refused():
+    import pytest
+
+    from freemerge.serving.settings import ServingOptions
+
+    with pytest.raises(ValueError, match="unknown serving option 'max_item'"):
+        ServingOptions.from_mapping({"artifact": "a", "max_item": 3})
+    with pytest.raises(ValueError, match="max_items must be an integer"):
+        ServingOptions.from_mapping({"artifact": "a", "max_items": "many"})
+    with pytest.raises(ValueError, match="unknown mixing 'top'"):
+        ServingOptions.from_mapping({"artifact": "a", "mixing": "top"})
+    assert ServingOptions.from_mapping({"zoo": "z", "tasks": "a,b"}).tasks == ["a", "b"]

@@ -17,6 +17,7 @@ from freemerge.serving.engine import (
     RequestError,
     SeparateEngine,
 )
+from freemerge.serving.expert_store import held_bytes
 from freemerge.serving.runtime import MergedClassifier, StageTimings
 
 
@@ -120,8 +121,24 @@ def test_stage_timings_and_memory(artifacts, texts):
     assert (
         memory["backbone_bytes"] == open_artifact(artifacts["sparse"]).manifest["backbone"]["bytes"]
     )
-    assert 0 < memory["resident_expert_bytes"] < memory["backbone_bytes"]
-    assert memory["process_resident_bytes"] > memory["backbone_bytes"]
+    manifest = open_artifact(artifacts["sparse"]).manifest
+    # on the CPU the host experts are the only copies: exactly the bytes the artifact lists
+    assert memory["resident_expert_bytes"] == sum(
+        t["expert_bytes"] for t in manifest["tasks"].values()
+    )
+
+
+def test_expert_bytes_count_every_copy_and_views_once(artifacts):
+    """Row adapters are views of the host experts on the CPU (no bytes of their own); a copy
+    held elsewhere, as a GPU's would be, is counted."""
+    model = MergedClassifier(open_artifact(artifacts["lowrank"]))
+    listed = sum(t["expert_bytes"] for t in model.artifact.tasks.values())
+    assert model.row_adapters is not None and model.expert_bytes() == listed
+    factor = next(iter(model.store.host.values())).factors
+    name = next(iter(factor))
+    b, a = factor[name]
+    assert held_bytes([b, b.T, a]) == b.nbytes + a.nbytes
+    assert held_bytes([b, b.clone()]) == 2 * b.nbytes
 
 
 def test_request_checks(artifacts):
