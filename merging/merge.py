@@ -141,10 +141,22 @@ def run_merge(
     return MergeSummary(
         out=Path(out),
         wall_seconds=time.perf_counter() - start,
-        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_rss_mib=peak_rss_mib(),
         backbone_bytes=_nbytes(merged.tensors),
         expert_bytes={task: entry["expert_bytes"] for task, entry in tasks.items()},
     )
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process image in MiB: Linux's VmHWM, which starts afresh
+    at exec (``ru_maxrss`` carries a forking parent's size into a spawned child)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
