@@ -60,8 +60,8 @@ class ServingOptions:
     )
     pass_overhead_tokens: int | None = _option(
         None,
-        "fixed cost of one forward pass in tokens, for cutting batches into passes by length "
-        "(default: 64 on the CPU, 4096 on a GPU; 0 cuts at every length)",
+        "fixed cost of one forward pass in tokens, for cutting batches into passes by length; "
+        "0 cuts at every length (default: 64 on the CPU, 4096 on a GPU)",
     )
     threads: int | None = _option(
         None, "torch threads per replica (default: CPUs per replica)", cli=False
@@ -131,7 +131,9 @@ def add_serving_arguments(parser: argparse.ArgumentParser) -> None:
             type=kind,
             default=f.default,
             choices=f.metadata["choices"] or None,
-            help=f"{f.metadata['help']} (default: {f.default})",
+            help=f.metadata["help"]
+            if "(default:" in f.metadata["help"]
+            else f"{f.metadata['help']} (default: {f.default})",
         )
 
 
