@@ -23,10 +23,11 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from freemerge.serving.engine import (
     ClassifyRequest,
@@ -47,6 +48,8 @@ from freemerge.serving.runtime import StageTimings
 from freemerge.serving.settings import ServingOptions
 
 T = TypeVar("T")
+MAX_TASK_CHARS = 200  # longer task names are refused before lookup (and never echoed whole)
+MAX_PROBLEMS = 3  # validation problems a 400 lists
 
 api = FastAPI(
     title="freemerge",
@@ -56,7 +59,15 @@ api = FastAPI(
 
 
 class ClassifyBody(BaseModel):
-    task: str | None = Field(None, description="task name; omit or null to let the router pick")
+    """The request; a field it does not define (a typo such as ``Task``) is refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str | None = Field(
+        None,
+        description="task name; omit or null to let the router pick",
+        max_length=MAX_TASK_CHARS,
+    )
     inputs: list[StrictStr] = Field(..., description="texts to classify", min_length=1)
 
 
@@ -81,11 +92,21 @@ class ErrorBody(BaseModel):
 
 @api.exception_handler(RequestValidationError)
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """Malformed bodies get 400 with a readable reason instead of FastAPI's 422."""
+    """Malformed bodies get 400 with a readable reason (the first few problems) instead of
+    FastAPI's 422."""
+    errors = exc.errors()
     problems = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()
+        f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}"
+        for e in errors[:MAX_PROBLEMS]
     )
-    return JSONResponse({"error": f"invalid request: {problems}"}, status_code=400)
+    more = f" (and {len(errors) - MAX_PROBLEMS} more)" if len(errors) > MAX_PROBLEMS else ""
+    return JSONResponse({"error": f"invalid request: {problems}{more}"}, status_code=400)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes, wrong methods and unreadable bodies: the same ``{"error": ...}``."""
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
 
 
 def build_limits(options: ServingOptions) -> Limits:
@@ -174,7 +195,8 @@ class ClassifierServer:
         try:
             request = self.engine.check(body.task, body.inputs)
         except RequestError as err:
-            self.metrics.request(body.task, err.status)
+            # one label for every task name a client invents, so the metrics stay bounded
+            self.metrics.request("unknown" if err.status == 404 else body.task, err.status)
             return JSONResponse({"error": str(err)}, status_code=err.status)
         if self.models is None:
             answers = await self.classify_batch(request)

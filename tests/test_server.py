@@ -102,6 +102,10 @@ def test_concurrent_mixed_requests_get_the_answers_they_would_get_alone(server, 
             404,
             "known tasks: bbc_topic, debate_party",
         ),
+        (json.dumps({"Task": "sms_spam", "inputs": ["x"]}).encode(), 400, "Task: Extra inputs"),
+        (json.dumps({"task": "t" * 10_000, "inputs": ["x"]}).encode(), 400, "at most 200"),
+        (json.dumps({"inputs": [1] * 5000}).encode(), 400, "(and 4997 more)"),
+        (b'{"task": "sms_spam", "inputs": ["\xff\xfe"]}', 400, "error parsing the body"),
     ],
 )
 def test_bad_input_gets_a_json_error_and_the_server_keeps_serving(server, payload, status, message):
@@ -109,6 +113,16 @@ def test_bad_input_gets_a_json_error_and_the_server_keeps_serving(server, payloa
     got, body = call(f"{url}/v1/classify", raw=payload)
     assert got == status and message in body["error"]
     assert call(f"{url}/v1/classify", {"task": "sms_spam", "inputs": ["still there?"]})[0] == 200
+
+
+@pytest.mark.parametrize(
+    "path, body, status",
+    [("/nowhere", None, 404), ("/v1/classify", None, 405), ("/v1/tasks", {"x": 1}, 405)],
+)
+def test_unknown_routes_and_wrong_methods_get_json_errors(server, path, body, status):
+    url, _ = server
+    got, answer = call(f"{url}{path}", body)
+    assert got == status and isinstance(answer, dict) and set(answer) == {"error"}
 
 
 def test_long_text_is_truncated_and_marked(server):
@@ -170,5 +184,7 @@ def test_metrics_appear_on_the_metrics_port(server, texts):
     stages = labels_of(families, "ray_freemerge_stage_latency_seconds", "stage")
     assert {"queue", "route", "forward", "expert_apply"} <= stages
     assert {"200", "404"} <= labels_of(families, "ray_freemerge_requests", "status")
+    tasks = labels_of(families, "ray_freemerge_requests", "task")
+    assert "unknown" in tasks and "imdb" not in tasks  # invented names share one label
     backbone = [s.value for s in families["ray_freemerge_backbone_bytes"].samples]
     assert backbone and backbone[0] > 0
