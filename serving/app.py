@@ -12,6 +12,7 @@ on demand and evicting the least recently used.
 
 import asyncio
 import dataclasses
+import logging
 import os
 import time
 import weakref
@@ -48,6 +49,7 @@ from freemerge.serving.runtime import StageTimings
 from freemerge.serving.settings import ServingOptions
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 MAX_TASK_CHARS = 200  # longer task names are refused before lookup (and never echoed whole)
 MAX_PROBLEMS = 3  # validation problems a 400 lists
 
@@ -154,8 +156,32 @@ async def answer_batch(
     classify: Callable[[list[ClassifyRequest], StageTimings], list[list[Any]]],
     requests: list[ClassifyRequest],
     metrics: ServerMetrics,
+) -> list[list[Any] | Exception]:
+    """Run ``classify(requests, timings)`` on one batch on the model thread; record metrics.
+
+    One request's failure never fails another: if the batch fails, each request runs alone,
+    and only a request that fails alone gets its exception in place of its answers."""
+    try:
+        return await _run_batch(model_thread, classify, requests, metrics)
+    except Exception as err:
+        if len(requests) == 1:
+            return [err]
+        logger.warning("a batch of %d failed (%r); running its requests alone", len(requests), err)
+    answers: list[list[Any] | Exception] = []
+    for request in requests:
+        try:
+            answers += await _run_batch(model_thread, classify, [request], metrics)
+        except Exception as err:
+            answers.append(err)
+    return answers
+
+
+async def _run_batch(
+    model_thread: ModelThread,
+    classify: Callable[[list[ClassifyRequest], StageTimings], list[list[Any]]],
+    requests: list[ClassifyRequest],
+    metrics: ServerMetrics,
 ) -> list[list[Any]]:
-    """Run ``classify(requests, timings)`` on one batch on the model thread; record metrics."""
     started = time.perf_counter()
     timings = StageTimings()
     answers = await model_thread.run(classify, requests, timings)
@@ -204,6 +230,10 @@ class ClassifierServer:
             answers = await self.models.options(multiplexed_model_id=request.task).classify.remote(
                 request
             )
+        if isinstance(answers, Exception):  # this request failed alone: the server's fault
+            self.metrics.request(body.task, 500)
+            message = f"the model failed on this request ({type(answers).__name__})"
+            return JSONResponse({"error": message}, status_code=500)
         self.metrics.request(body.task, 200, time.perf_counter() - request.arrived)
         return {"artifact_version": self.engine.version, "results": [vars(a) for a in answers]}
 
@@ -211,7 +241,7 @@ class ClassifierServer:
         max_batch_size=ServingOptions.max_batch_size,
         batch_wait_timeout_s=ServingOptions.batch_wait_timeout_s,
     )
-    async def classify_batch(self, requests: list[ClassifyRequest]) -> list[list[Any]]:
+    async def classify_batch(self, requests: list[ClassifyRequest]) -> list[list[Any] | Exception]:
         answers = await answer_batch(
             self.model_thread, self.engine.classify_requests, requests, self.metrics
         )
@@ -284,7 +314,7 @@ class MultiplexedModels:
         max_batch_size=ServingOptions.max_batch_size,
         batch_wait_timeout_s=ServingOptions.batch_wait_timeout_s,
     )
-    async def classify_batch(self, requests: list[ClassifyRequest]) -> list[list[Any]]:
+    async def classify_batch(self, requests: list[ClassifyRequest]) -> list[list[Any] | Exception]:
         """Serve splits batches by model id, so every request here is for one task."""
         model = await self.load_model(serve.get_multiplexed_model_id())
         return await answer_batch(

@@ -106,7 +106,25 @@ def check_inputs(inputs: object, limits: Limits) -> list[str]:
             f"input {long[0]} has {len(inputs[long[0]])} characters, more than the limit of "
             f"{limits.max_chars}",
         )
+    broken = [i for i, text in enumerate(inputs) if not _is_unicode_text(text)]
+    if broken:
+        raise RequestError(
+            400,
+            f"input {broken[0]} is not valid Unicode text (it holds a lone surrogate such as "
+            "\\ud800, which no tokenizer takes)",
+        )
     return inputs
+
+
+def _is_unicode_text(text: str) -> bool:
+    """False for strings holding lone surrogates (JSON allows ``"\\ud800"``; UTF-8 does not)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def split_by_request(

@@ -227,3 +227,37 @@ def test_answers_do_not_depend_on_how_the_batch_is_cut_into_passes(artifacts, te
     for a, b in zip(sum(cut, []), sum(whole, []), strict=True):
         assert (a.task, a.label, a.truncated) == (b.task, b.label, b.truncated)
         assert a.scores == pytest.approx(b.scores, abs=1e-5)
+
+
+def test_a_failing_request_fails_alone_and_the_rest_of_its_batch_is_answered():
+    import asyncio
+
+    from freemerge.serving.app import answer_batch
+
+    class Metrics:
+        def batch(self, *args):
+            pass
+
+    class InlineThread:  # ModelThread's interface, without touching torch's thread count
+        async def run(self, function, *args):
+            return function(*args)
+
+    def classify(requests, timings):
+        if any("poison" in r.inputs for r in requests):
+            raise RuntimeError("the model choked")
+        return [[text.upper() for text in r.inputs] for r in requests]
+
+    requests = [request("a", ["one"]), request("a", ["poison"]), request(None, ["two"])]
+    answers = asyncio.run(answer_batch(InlineThread(), classify, requests, Metrics()))
+    assert answers[0] == ["ONE"] and answers[2] == ["TWO"]
+    assert isinstance(answers[1], RuntimeError)
+    alone = asyncio.run(answer_batch(InlineThread(), classify, requests[1:2], Metrics()))
+    assert isinstance(alone[0], RuntimeError)
+
+
+def test_lone_surrogates_are_refused_before_any_work(artifacts):
+    engine = MergedEngine(artifacts["sparse"], "cpu")
+    with pytest.raises(RequestError, match="input 1 is not valid Unicode text") as caught:
+        engine.check("sms_spam", ["fine \u00e9", "bad \ud800"])
+    assert caught.value.status == 400
+    assert engine.check("sms_spam", ["caf\u00e9 \U0001f600"]).inputs == ["caf\u00e9 \U0001f600"]
