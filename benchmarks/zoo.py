@@ -120,7 +120,7 @@ def build_zoo(
         task_spec(name)  # unknown names fail here, before anything is written
     weights = sha256_file(backbone / "model.safetensors")
     (root / "tasks").mkdir(parents=True, exist_ok=True)
-    if force or sha256_file_or_none(root / "base" / "model.safetensors") != weights:
+    if force or _sha256_or_none(root / "base" / "model.safetensors") != weights:
         with replaced_directory(root / "base") as tmp:
             shutil.copytree(backbone, tmp, dirs_exist_ok=True)
     tasks, trained = {}, False
@@ -148,7 +148,7 @@ def build_zoo(
     return Zoo(root, record["recipe"], tasks, machine)
 
 
-def sha256_file_or_none(path: Path) -> str | None:
+def _sha256_or_none(path: Path) -> str | None:
     return sha256_file(path) if path.is_file() else None
 
 

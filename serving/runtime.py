@@ -41,8 +41,6 @@ from freemerge.serving.expert_store import ExpertStore, held_bytes
 from freemerge.serving.router import Router, RouterMissingError
 from freemerge.serving.settings import MIXING_MODES
 
-__all__ = ["MergedClassifier", "Prediction", "RouterMissingError", "StageTimings", "predictions"]
-
 
 @dataclass
 class Prediction:
