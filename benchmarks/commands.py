@@ -103,6 +103,17 @@ def _bench_autoscale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_faults(args: argparse.Namespace) -> int:
+    from freemerge.benchmarks.demo import cached_artifact
+    from freemerge.benchmarks.faults import write_fault_results
+    from freemerge.merging.files import default_cache_dir
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    artifact = args.artifact or cached_artifact(Path("configs/free.yaml"), cache_dir, args.zoo)
+    print(write_fault_results(artifact, args.out, _command(), args.full))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from freemerge.benchmarks.demo import run_demo
 
@@ -161,7 +172,7 @@ def _add_zoo_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
-    bench = commands.add_parser("bench", help="benchmarks: quality, load, autoscaling")
+    bench = commands.add_parser("bench", help="benchmarks: quality, load, autoscaling, faults")
     kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     quality = kinds.add_parser("quality", help="the merge quality table on a zoo")
     quality.add_argument(
@@ -179,10 +190,20 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     autoscale.add_argument(
         "--load-seconds", type=float, default=40.0, help="seconds of load at least (default: 40)"
     )
+    faults = kinds.add_parser(
+        "faults", help="hostile inputs, overload, lost replicas, memory under the largest load"
+    )
+    faults.add_argument(
+        "--full",
+        action="store_true",
+        help="also kill a worker node of a two-node Ray cluster started with `ray start` "
+        "(default: the local scenarios only)",
+    )
     for parser, handler in (
         (quality, _bench_quality),
         (load, _bench_load),
         (autoscale, _bench_autoscale),
+        (faults, _bench_faults),
     ):
         _zoo_argument(parser, "full")
         _cache_argument(parser)

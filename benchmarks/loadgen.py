@@ -93,12 +93,18 @@ def _bodies(spec: LoadSpec) -> Iterator[bytes]:
 
 
 def call(
-    url: str, body: object = None, raw: bytes | None = None, timeout: float = 60
+    url: str,
+    body: object = None,
+    raw: bytes | None = None,
+    timeout: float = 60,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, dict | None]:
     """(HTTP status, JSON answer) of a POST of ``body`` as JSON (or of ``raw`` bytes), or of a
-    GET when both are None. Status 0 when no answer came; answer None when it is not JSON."""
+    GET when both are None, with extra ``headers``. Status 0 when no answer came; answer None
+    when it is not JSON."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    sent = {"content-type": "application/json", **(headers or {})}
+    request = urllib.request.Request(url, data=data, headers=sent)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             status, text = response.status, response.read()

@@ -12,33 +12,66 @@ sorted list where that pays, minimising (dynamic programming over the cut points
 
 where ``overhead`` is the fixed cost of one pass in token-equivalents. On a CPU a pass costs
 little beyond its tokens (small overhead, many passes); on a GPU the fixed cost dominates
-(large overhead, few passes).
+(large overhead, few passes). A token budget bounds every pass's padded tokens (rows times
+the longest row), so the largest legal batch cannot exhaust memory: a pass's activations grow
+with its tokens, its attention scores with tokens times length.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 PASS_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 4096}
+# Padded tokens one pass holds at most, by device type; chosen by measurement
+# (benchmarks/results/faults.md: peak memory and throughput against the budget).
+MAX_PASS_TOKENS = {"cpu": 8192, "cuda": 65536}
 
 
-def pass_overhead(device: torch.device, tokens: int | None = None) -> int:
-    """The fixed cost of one forward pass in tokens: ``tokens`` when given, else the
-    device type's default (:data:`PASS_OVERHEAD_TOKENS`)."""
-    if tokens is None:
-        return PASS_OVERHEAD_TOKENS.get(device.type, PASS_OVERHEAD_TOKENS["cuda"])
-    if tokens < 0:
-        raise ValueError(f"pass overhead must be >= 0 tokens, got {tokens}")
-    return tokens
+@dataclass(frozen=True)
+class PassPlan:
+    """How a batch is cut into forward passes: ``overhead``, the fixed cost of one pass in
+    tokens, and ``max_tokens``, the padded tokens one pass holds at most (None: no bound)."""
+
+    overhead: int
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.overhead < 0:
+            raise ValueError(f"pass overhead must be >= 0 tokens, got {self.overhead}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"the token budget must be >= 1 token, got {self.max_tokens}")
+
+    @classmethod
+    def for_device(
+        cls, device: torch.device, overhead: int | None = None, max_tokens: int | None = None
+    ) -> PassPlan:
+        """The given values, each defaulting to the device type's (:data:`PASS_OVERHEAD_TOKENS`,
+        :data:`MAX_PASS_TOKENS`)."""
+        kind = device.type if device.type in PASS_OVERHEAD_TOKENS else "cuda"
+        return cls(
+            PASS_OVERHEAD_TOKENS[kind] if overhead is None else overhead,
+            MAX_PASS_TOKENS[kind] if max_tokens is None else max_tokens,
+        )
+
+    def passes(self, lengths: list[int], max_rows: int | None = None) -> list[list[int]]:
+        """:func:`plan_passes` with this plan's overhead and budget."""
+        return plan_passes(lengths, self.overhead, max_rows, self.max_tokens)
 
 
-def plan_passes(lengths: list[int], overhead: int, max_rows: int | None = None) -> list[list[int]]:
+def plan_passes(
+    lengths: list[int],
+    overhead: int,
+    max_rows: int | None = None,
+    max_tokens: int | None = None,
+) -> list[list[int]]:
     """Row indices per pass, each pass in ascending length, minimising padded tokens plus
-    ``overhead`` per pass (see the module docstring); at most ``max_rows`` rows a pass."""
+    ``overhead`` per pass (see the module docstring); at most ``max_rows`` rows and
+    ``max_tokens`` padded tokens a pass (a row longer than the budget runs alone)."""
     if overhead < 0:
         raise ValueError(f"pass overhead must be >= 0 tokens, got {overhead}")
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -47,10 +80,14 @@ def plan_passes(lengths: list[int], overhead: int, max_rows: int | None = None) 
     cost = np.zeros(n + 1, dtype=np.int64)
     cut = np.zeros(n + 1, dtype=np.int64)  # the pass ending at row j starts at cut[j]
     for j in range(1, n + 1):
-        first = 0 if max_rows is None else max(0, j - max_rows)
+        longest = int(sorted_lengths[j - 1])
+        rows = j if max_rows is None else max_rows
+        if max_tokens is not None:
+            rows = min(rows, max(1, max_tokens // max(1, longest)))
+        first = max(0, j - rows)
         starts = np.arange(first, j)
-        # rows starts..j-1 in one pass, padded to sorted_lengths[j - 1]
-        candidates = cost[first:j] + overhead + (j - starts) * sorted_lengths[j - 1]
+        # rows starts..j-1 in one pass, padded to the longest of them
+        candidates = cost[first:j] + overhead + (j - starts) * longest
         best = int(np.argmin(candidates))
         cut[j] = first + best
         cost[j] = candidates[best]
@@ -110,7 +147,8 @@ def run_texts(
     max_rows: int = 64,
 ) -> torch.Tensor:
     """``forward(batch)`` over all ``texts`` in length-cut passes of at most ``max_rows``
-    rows (the device's default pass overhead); outputs in text order, on the CPU."""
+    rows (the device's default pass overhead and token budget); outputs in text order, on
+    the CPU."""
     tokens = Tokenized(tokenizer, texts, max_length)
-    passes = plan_passes(tokens.lengths, pass_overhead(device), max_rows)
+    passes = PassPlan.for_device(device).passes(tokens.lengths, max_rows)
     return forward_in_passes(tokens, passes, device, lambda _rows, batch: forward(batch))

@@ -27,7 +27,10 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from freemerge.merging.artifact import open_artifact, verify_artifact
+    from freemerge.merging.files import stale_partials
 
+    for stale in stale_partials(args.artifact):
+        print(f"note: {stale} is left over from a killed merge; the next merge here cleans it up")
     problems = verify_artifact(args.artifact)
     for problem in problems:
         print(problem)

@@ -1,13 +1,15 @@
-"""The Ray Serve app: a FastAPI ingress around an engine, with dynamic batching and metrics.
+"""The Ray Serve app: a light FastAPI front and a deployment of model replicas behind it.
 
 Importable for Ray's own tooling: ``serve run freemerge.serving.app:build_app artifact=DIR``
 (or ``zoo=DIR`` for the separate-models baseline); ``deploy/serve_config.yaml`` is an example.
 Every argument is a field of :class:`freemerge.serving.settings.ServingOptions`.
 
-The baseline has a second shape, ``zoo=DIR models_per_replica=K``: the ingress only checks
-requests and hands each to a :class:`MultiplexedModels` deployment through Ray Serve model
-multiplexing (the task is the model id), whose replicas hold at most K models each, loading
-on demand and evicting the least recently used.
+The front (:class:`ClassifierServer`) guards and checks each request, then hands it to a
+:class:`ModelReplica`, which batches requests dynamically and runs the engine; when that
+replica dies mid-request, the front sends the request to another. The baseline has a second
+shape, ``zoo=DIR models_per_replica=K``: the models are a :class:`MultiplexedModels`
+deployment using Ray Serve model multiplexing (the task is the model id), whose replicas hold
+at most K models each, loading on demand and evicting the least recently used.
 """
 
 import asyncio
@@ -23,14 +25,20 @@ from typing import Any, TypeVar
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from freemerge.merging.artifact import open_artifact
 from freemerge.serving.engine import (
+    ArtifactTasks,
     ClassifyRequest,
     Engine,
     Limits,
@@ -44,9 +52,16 @@ from freemerge.serving.engine import (
     separate_memory,
     wants_gpu,
 )
+from freemerge.serving.guard import (
+    PROTECTED_PREFIX,
+    RETRY_AFTER_S,
+    Guard,
+    GuardMiddleware,
+    parse_api_keys,
+)
 from freemerge.serving.metrics import ServerMetrics
 from freemerge.serving.runtime import StageTimings
-from freemerge.serving.settings import ServingOptions
+from freemerge.serving.settings import API_KEYS_ENV, MAX_ITEMS_CEILING, ServingOptions
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -58,6 +73,40 @@ api = FastAPI(
     description="Many task classifiers served from one FREE-merged backbone.",
     version="1",
 )
+api.add_middleware(GuardMiddleware)
+
+
+def openapi_with_keys() -> dict:
+    """FastAPI's schema, plus the bearer-key scheme on every ``/v1/*`` operation (the key is
+    checked by :class:`GuardMiddleware`, before the body is read)."""
+    if api.openapi_schema is None:
+        schema = get_openapi(title=api.title, version=api.version, routes=api.routes)
+        schema["info"]["description"] = api.description
+        components = schema.setdefault("components", {})
+        components["securitySchemes"] = {
+            "apiKey": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": f"needed when the server has API keys (--api-key, ${API_KEYS_ENV})",
+            }
+        }
+        for path, operations in schema["paths"].items():
+            if path.startswith(PROTECTED_PREFIX):
+                for operation in operations.values():
+                    operation["security"] = [{"apiKey": []}]
+                    operation["responses"]["401"] = _error_response("missing or wrong API key")
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+def _error_response(description: str) -> dict:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+    }
+
+
+api.openapi = openapi_with_keys
 
 
 class ClassifyBody(BaseModel):
@@ -70,7 +119,9 @@ class ClassifyBody(BaseModel):
         description="task name; omit or null to let the router pick",
         max_length=MAX_TASK_CHARS,
     )
-    inputs: list[StrictStr] = Field(..., description="texts to classify", min_length=1)
+    inputs: list[StrictStr] = Field(
+        ..., description="texts to classify", min_length=1, max_length=MAX_ITEMS_CEILING
+    )
 
 
 class Result(BaseModel):
@@ -95,14 +146,15 @@ class ErrorBody(BaseModel):
 @api.exception_handler(RequestValidationError)
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     """Malformed bodies get 400 with a readable reason (the first few problems) instead of
-    FastAPI's 422."""
+    FastAPI's 422; a list longer than the schema allows gets 413, as over ``max_items``."""
     errors = exc.errors()
+    status = 413 if any(e["type"] == "too_long" for e in errors) else 400
     problems = "; ".join(
         f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}"
         for e in errors[:MAX_PROBLEMS]
     )
     more = f" (and {len(errors) - MAX_PROBLEMS} more)" if len(errors) > MAX_PROBLEMS else ""
-    return JSONResponse({"error": f"invalid request: {problems}{more}"}, status_code=400)
+    return JSONResponse({"error": f"invalid request: {problems}{more}"}, status_code=status)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -125,8 +177,24 @@ def build_engine(options: ServingOptions) -> Engine:
             options.mixing,
             options.expert_cache_size,
             options.pass_overhead_tokens,
+            options.max_batch_tokens,
+            options.expect_version,
         )
-    return SeparateEngine(options.zoo, device, limits, options.tasks, options.pass_overhead_tokens)
+    return SeparateEngine(
+        options.zoo,
+        device,
+        limits,
+        options.tasks,
+        options.pass_overhead_tokens,
+        options.max_batch_tokens,
+    )
+
+
+def warm_up(engine: Engine) -> None:
+    """One short text through the first task, so the replica has answered once before it
+    takes traffic."""
+    first = engine.tasks_info()[0]["task"]
+    engine.classify_requests([engine.check(first, ["warm-up"])], StageTimings())
 
 
 class ModelThread:
@@ -135,20 +203,52 @@ class ModelThread:
     The model runs off the event loop so new requests keep queueing for the next batch, and
     always on this same thread: PyTorch's OpenMP pool belongs to the calling thread, and a
     second pool beside it on a few cores slowed the forwards. Batches never overlap, so
-    in-place expert swaps cannot interleave.
+    in-place expert swaps cannot interleave. It counts as stuck when a call makes no progress
+    (a call's start, or a :meth:`beat` from each forward pass) for a deadline.
     """
 
     def __init__(self, threads: int) -> None:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="freemerge-model")
+        self.last_progress: float | None = None  # while a call runs; None when idle
         self.call(torch.set_num_threads, max(1, threads))
+
+    def beat(self) -> None:
+        """The running call made progress (a forward pass ended)."""
+        self.last_progress = time.monotonic()
+
+    def _timed(self, function: Callable[..., T], *args: Any) -> T:
+        self.beat()
+        try:
+            return function(*args)
+        finally:
+            self.last_progress = None
 
     def call(self, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` on the model thread, waiting for it (for ``__init__``)."""
-        return self.executor.submit(function, *args).result()
+        return self.executor.submit(self._timed, function, *args).result()
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` on the model thread without blocking the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self._timed, function, *args)
+
+    def stuck(self, deadline_s: float) -> bool:
+        """Whether a running call has made no progress for ``deadline_s``."""
+        since = self.last_progress
+        return since is not None and time.monotonic() - since > deadline_s
+
+    async def responds(self, deadline_s: float) -> bool:
+        """Whether a no-op runs on the model thread within ``deadline_s``, or the call ahead
+        of it keeps making progress (a long batch is not a stuck one)."""
+        noop = asyncio.ensure_future(self.run(lambda: None))
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            done, _ = await asyncio.wait({noop}, timeout=min(1.0, end - time.monotonic()))
+            if done:
+                return True
+            if self.last_progress is not None and not self.stuck(deadline_s):
+                return True
+        return noop.done()
 
 
 async def answer_batch(
@@ -183,7 +283,7 @@ async def _run_batch(
     metrics: ServerMetrics,
 ) -> list[list[Any]]:
     started = time.perf_counter()
-    timings = StageTimings()
+    timings = StageTimings(progress=model_thread.beat)
     answers = await model_thread.run(classify, requests, timings)
     metrics.batch([started - r.arrived for r in requests], timings, answers)
     return answers
@@ -194,48 +294,25 @@ def set_batching(method: Any, options: ServingOptions) -> None:
     method.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
 
 
-@serve.deployment(max_ongoing_requests=128, health_check_period_s=10)
-@serve.ingress(api)
-class ClassifierServer:
-    """One replica: the engine loaded once, requests batched by ``@serve.batch``. Given a
-    handle to :class:`MultiplexedModels`, it only checks requests and forwards them.
-    """
+@serve.deployment(health_check_period_s=10)
+class ModelReplica:
+    """One replica of the models: the engine (merged, or the separate models) loaded once and
+    warmed up, requests batched by ``@serve.batch`` on the model thread. Behind the
+    :class:`ClassifierServer` front, which retries a request on another replica if this one
+    dies."""
 
-    def __init__(self, options: ServingOptions, models: DeploymentHandle | None = None) -> None:
+    def __init__(self, options: ServingOptions) -> None:
         self.metrics = ServerMetrics()
-        self.models = models
-        if models is None:
-            self.model_thread = ModelThread(options.torch_threads)
-            self.engine: Engine | ZooTasks = self.model_thread.call(build_engine, options)
-            self.metrics.refresh_memory_every(2.0, self.engine.memory)
-            set_batching(self.classify_batch, options)
-        else:
-            self.engine = ZooTasks(options.zoo, build_limits(options), options.tasks)
+        self.deadline_s = 2 * options.request_timeout_s
+        self.model_thread = ModelThread(options.torch_threads)
+        self.engine: Engine = self.model_thread.call(build_engine, options)
+        self.model_thread.call(warm_up, self.engine)
+        self.metrics.refresh_memory_every(2.0, self.engine.memory)
+        set_batching(self.classify_batch, options)
 
-    @api.post(
-        "/v1/classify",
-        response_model=ClassifyResponse,
-        responses={400: {"model": ErrorBody}, 404: {"model": ErrorBody}, 413: {"model": ErrorBody}},
-    )
-    async def classify(self, body: ClassifyBody) -> Any:
-        try:
-            request = self.engine.check(body.task, body.inputs)
-        except RequestError as err:
-            # one label for every task name a client invents, so the metrics stay bounded
-            self.metrics.request("unknown" if err.status == 404 else body.task, err.status)
-            return JSONResponse({"error": str(err)}, status_code=err.status)
-        if self.models is None:
-            answers = await self.classify_batch(request)
-        else:
-            answers = await self.models.options(multiplexed_model_id=request.task).classify.remote(
-                request
-            )
-        if isinstance(answers, Exception):  # this request failed alone: the server's fault
-            self.metrics.request(body.task, 500)
-            message = f"the model failed on this request ({type(answers).__name__})"
-            return JSONResponse({"error": message}, status_code=500)
-        self.metrics.request(body.task, 200, time.perf_counter() - request.arrived)
-        return {"artifact_version": self.engine.version, "results": [vars(a) for a in answers]}
+    async def classify(self, request: ClassifyRequest) -> list[Any] | Exception:
+        request.arrived = time.perf_counter()  # this process's clock, for the queue stage
+        return await self.classify_batch(request)
 
     @serve.batch(
         max_batch_size=ServingOptions.max_batch_size,
@@ -250,35 +327,38 @@ class ClassifierServer:
             self.metrics.cache(*counts)
         return answers
 
-    @api.get("/v1/tasks")
-    async def tasks(self) -> dict:
+    def describe(self) -> dict:
+        """The ``/v1/tasks`` answer."""
         return {
             "artifact_version": self.engine.version,
             "tasks": self.engine.tasks_info(),
             "router": self.engine.has_router,
         }
 
-    @api.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok"}
+    def problem(self) -> str | None:
+        """Why this replica cannot answer, or None: a backbone restore that failed, or a model
+        thread without progress (no forward pass ended) for twice the request timeout."""
+        if self.engine.damaged is not None:
+            return f"the backbone may be altered: {self.engine.damaged}"
+        if self.model_thread.stuck(self.deadline_s):
+            return f"the model thread has made no progress for over {self.deadline_s:g} s"
+        return None
 
-    @api.get("/readyz")
-    async def readyz(self) -> dict:
-        """Ready, with the memory of the replica that runs the models (for multiplexed
-        models, one of their replicas)."""
-        if self.models is None:
-            pid, memory = os.getpid(), self.engine.memory()
-        else:
-            pid, memory = await self.models.memory.remote()
-        return {
-            "ready": True,
-            "artifact_version": self.engine.version,
-            "pid": pid,
-            "memory": memory,
-        }
+    async def check_health(self) -> None:
+        """Ray's health check: raising marks the replica unhealthy, and Ray replaces it. Beyond
+        :meth:`problem`, a no-op must run on the model thread within twice the timeout."""
+        problem = self.problem()
+        if problem is None and not await self.model_thread.responds(self.deadline_s):
+            problem = f"the model thread ran no no-op within {self.deadline_s:g} s"
+        if problem is not None:
+            raise RuntimeError(problem)
+
+    async def status(self) -> dict:
+        """For ``/readyz``: the problem (None when ready), this process and its memory."""
+        return {"problem": self.problem(), "pid": os.getpid(), "memory": self.engine.memory()}
 
 
-@serve.deployment(max_ongoing_requests=128, health_check_period_s=10)
+@serve.deployment(health_check_period_s=10)
 class MultiplexedModels:
     """Separate fine-tuned models through Ray Serve model multiplexing: the task is the model
     id, a replica holds at most ``models_per_replica`` of them, loading on demand and evicting
@@ -295,7 +375,12 @@ class MultiplexedModels:
         async def load_model(task: str) -> TaskModel:
             start = time.perf_counter()
             model = await self.model_thread.run(
-                TaskModel, self.zoo.paths[task], task, self.device, options.pass_overhead_tokens
+                TaskModel,
+                self.zoo.paths[task],
+                task,
+                self.device,
+                options.pass_overhead_tokens,
+                options.max_batch_tokens,
             )
             self.metrics.model_loaded(task, time.perf_counter() - start)
             self.loaded[task] = model
@@ -327,27 +412,192 @@ class MultiplexedModels:
     def memory_figures(self) -> dict[str, int]:
         return separate_memory(list(self.loaded.values()), self.device)
 
-    async def memory(self) -> tuple[int, dict[str, int]]:
-        return os.getpid(), self.memory_figures()
+    def describe(self) -> dict:
+        """The ``/v1/tasks`` answer."""
+        return {
+            "artifact_version": self.zoo.version,
+            "tasks": self.zoo.tasks_info(),
+            "router": False,
+        }
+
+    async def status(self) -> dict:
+        """For ``/readyz``: never a problem (models load on demand), this process, its memory."""
+        return {"problem": None, "pid": os.getpid(), "memory": self.memory_figures()}
+
+
+# Everything a deployment class uses is defined above it: Serve pickles the class when it
+# is declared, with the module's names as they are then.
+# A request whose model replica died is sent again: another replica takes it.
+REPLICA_LOST = (RayActorError, ReplicaUnavailableError)
+ATTEMPTS = 3
+
+
+async def _again_if_lost(send: Callable[[], Any]) -> Any:
+    """``await send()``, sent again (up to :data:`ATTEMPTS` in all) when the replica that took
+    it died; a short pause lets Serve drop the dead replica from its choices."""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return await send()
+        except REPLICA_LOST as err:
+            if attempt == ATTEMPTS:
+                raise
+            logger.warning(
+                "a model replica was lost (%s); sending the request again", type(err).__name__
+            )
+            await asyncio.sleep(0.1 * attempt)
+
+
+def front_tasks(options: ServingOptions) -> ArtifactTasks | ZooTasks:
+    """The task list the front checks requests against, read without loading a model."""
+    limits = build_limits(options)
+    if options.artifact:
+        artifact = open_artifact(
+            options.artifact, verify=False, expect_version=options.expect_version
+        )
+        return ArtifactTasks(artifact, limits)
+    return ZooTasks(options.zoo, limits, options.tasks)
+
+
+@serve.deployment(health_check_period_s=10)
+@serve.ingress(api)
+class ClassifierServer:
+    """The HTTP front: the guard, request checks and metrics, and nothing heavy. It hands each
+    checked request to the model deployment (:class:`ModelReplica`, or :class:`MultiplexedModels`
+    for the multiplexed baseline) and, as classifying is idempotent, sends it again when the
+    replica running it dies, up to three attempts within the request timeout."""
+
+    def __init__(self, options: ServingOptions, models: DeploymentHandle) -> None:
+        self.metrics = ServerMetrics()
+        self.models = models
+        self.multiplexed = options.models_per_replica is not None
+        self.timeout_s = options.request_timeout_s
+        self.front = front_tasks(options)
+        api.state.guard = Guard(
+            parse_api_keys(os.environ.get(API_KEYS_ENV)),
+            options.max_body_bytes,
+            options.max_queued_requests,
+            lambda status: self.metrics.request("unknown", status),
+        )
+
+    @api.post(
+        "/v1/classify",
+        response_model=ClassifyResponse,
+        responses={
+            400: {"model": ErrorBody},
+            404: {"model": ErrorBody},
+            413: {"model": ErrorBody, "description": "too many texts, too long, or body too big"},
+            503: {"model": ErrorBody, "description": "overloaded: retry after Retry-After"},
+        },
+    )
+    async def classify(self, body: ClassifyBody) -> Any:
+        try:
+            request = self.front.check(body.task, body.inputs)
+        except RequestError as err:
+            # one label for every task name a client invents, so the metrics stay bounded
+            self.metrics.request("unknown" if err.status == 404 else body.task, err.status)
+            return JSONResponse({"error": str(err)}, status_code=err.status)
+        try:
+            answers = await asyncio.wait_for(self._answers(request), self.timeout_s)
+        except (TimeoutError, BackPressureError) as err:
+            self.metrics.request(body.task, 503)
+            message = (
+                f"no answer within {self.timeout_s:g} s: the server is overloaded"
+                if isinstance(err, TimeoutError)
+                else "every model replica is full: the server is overloaded"
+            )
+            retry = {"Retry-After": str(RETRY_AFTER_S)}
+            return JSONResponse({"error": message}, 503, headers=retry)
+        if isinstance(answers, Exception):  # this request failed alone: the server's fault
+            self.metrics.request(body.task, 500)
+            message = f"the model failed on this request ({type(answers).__name__})"
+            return JSONResponse({"error": message}, status_code=500)
+        self.metrics.request(body.task, 200, time.perf_counter() - request.arrived)
+        return {"artifact_version": self.front.version, "results": [vars(a) for a in answers]}
+
+    async def _answers(self, request: ClassifyRequest) -> list[Any] | Exception:
+        handle = self.models
+        if self.multiplexed:
+            handle = handle.options(multiplexed_model_id=request.task)
+        return await _again_if_lost(lambda: handle.classify.remote(request))
+
+    @api.get("/v1/tasks")
+    async def tasks(self) -> dict:
+        return await _again_if_lost(lambda: self.models.describe.remote())
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        """Live: this front answers (each model replica has Ray's own health check)."""
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        """Ready when a model replica has warmed up (it answered once) and is healthy; with
+        that replica's process and memory."""
+        try:
+            status = await asyncio.wait_for(
+                _again_if_lost(lambda: self.models.status.remote()), self.timeout_s
+            )
+        except (TimeoutError, BackPressureError):
+            return JSONResponse({"ready": False, "error": "no model replica answered"}, 503)
+        if status["problem"] is not None:
+            return JSONResponse({"ready": False, "error": status["problem"]}, 503)
+        return JSONResponse(
+            {
+                "ready": True,
+                "artifact_version": self.front.version,
+                "pid": status["pid"],
+                "memory": status["memory"],
+            }
+        )
 
 
 def build_app(args: dict[str, Any]) -> Application:
     """App builder for ``serve run freemerge.serving.app:build_app artifact=DIR [key=value ...]``.
 
     Keys: the fields of :class:`ServingOptions` (``freemerge serve --help`` explains each);
-    unknown keys are refused. With ``models_per_replica`` the replicas, CPUs and autoscaling
-    apply to the multiplexed model deployment, and one light ingress replica fronts it.
+    unknown keys are refused. Two deployments: the models (:class:`ModelReplica`, or
+    :class:`MultiplexedModels` with ``models_per_replica``), which the replicas, CPUs and
+    autoscaling apply to, and as many light :class:`ClassifierServer` fronts (no CPU reserved).
     """
     options = ServingOptions.from_mapping(dict(args))
-    multiplexed = options.models_per_replica is not None
     gpus = 1 if wants_gpu(options.device) else 0
-    actor = {"num_cpus": options.cpus_per_replica, "num_gpus": gpus}
-    worker = MultiplexedModels if multiplexed else ClassifierServer
-    if options.autoscaling:  # Serve's autoscaling_config: min/max replicas, delays, ...
-        worker = worker.options(autoscaling_config=options.autoscaling, ray_actor_options=actor)
-    else:
-        worker = worker.options(num_replicas=options.replicas, ray_actor_options=actor)
-    if not multiplexed:
-        return worker.bind(options)
-    ingress = ClassifierServer.options(num_replicas=1, ray_actor_options={"num_cpus": 0})
-    return ingress.bind(dataclasses.replace(options, threads=1), worker.bind(options))
+    models = MultiplexedModels if options.models_per_replica is not None else ModelReplica
+    models = models.options(
+        ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": gpus},
+        **replica_count(options),
+        **model_settings(options),
+    )
+    front = ClassifierServer.options(
+        ray_actor_options={"num_cpus": 0}, **replica_count(options), **front_settings(options)
+    )
+    return front.bind(dataclasses.replace(options, threads=1), models.bind(options))
+
+
+def replica_count(options: ServingOptions) -> dict[str, Any]:
+    """Serve's autoscaling_config (min/max replicas, delays, ...) when set, else the count."""
+    if options.autoscaling:
+        return {"autoscaling_config": options.autoscaling}
+    return {"num_replicas": options.replicas}
+
+
+def front_settings(options: ServingOptions) -> dict[str, Any]:
+    """Ray sends a front up to twice the requests its guard holds, so that the guard itself
+    refuses the excess at once (our 503 with ``Retry-After``); a proxy queues at most four
+    times that when every front is full (then Ray's own plain-text 503, with ``Retry-After``).
+    """
+    return {
+        "max_ongoing_requests": 2 * options.max_queued_requests,
+        "max_queued_requests": 4 * options.max_queued_requests,
+        "backpressure_config": BackpressureConfig(retry_after_s=RETRY_AFTER_S),
+    }
+
+
+def model_settings(options: ServingOptions) -> dict[str, Any]:
+    """A model replica takes up to twice what a front holds; a front queues at most four times
+    that when every model replica is full (then our 503). The health check may wait twice the
+    request timeout for the model thread."""
+    return {
+        "max_ongoing_requests": 2 * options.max_queued_requests,
+        "max_queued_requests": 4 * options.max_queued_requests,
+        "health_check_timeout_s": 2 * options.request_timeout_s + 10,
+    }

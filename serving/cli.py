@@ -9,11 +9,12 @@ transformers, Ray) is imported until a subcommand runs, so ``--help`` answers at
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from freemerge.serving.settings import add_serving_arguments, cli_options
+from freemerge.serving.settings import API_KEYS_ENV, add_serving_arguments, cli_options
 
 # Subcommand groups in the order --help lists them (the layers, bottom up).
 GROUP_ORDER = ("merging", "serving", "benchmarks")
@@ -30,12 +31,26 @@ def _local_arguments(parser: argparse.ArgumentParser) -> None:
         default=8080,
         help="port of Ray's Prometheus metrics export (default: 8080)",
     )
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        metavar="KEY",
+        help="require `Authorization: Bearer KEY` on every /v1/* route; repeat for several "
+        f"keys, or list them comma-separated in ${API_KEYS_ENV}, which keeps them out of the "
+        "process list (default: no key)",
+    )
     add_serving_arguments(parser)
 
 
 def _serve(args: argparse.Namespace, source: dict) -> int:
     from freemerge.serving.local import serve_until_signalled
 
+    if args.api_key:  # replicas read the keys from the environment they inherit
+        if any("," in key or not key.strip() for key in args.api_key):
+            raise ValueError("an API key must be non-empty and hold no comma")
+        given = [os.environ[API_KEYS_ENV]] if os.environ.get(API_KEYS_ENV) else []
+        os.environ[API_KEYS_ENV] = ",".join(given + args.api_key)
     options = {**source, **cli_options(args)}
     return serve_until_signalled(options, args.host, args.port, args.metrics_port)
 

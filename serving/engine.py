@@ -18,8 +18,8 @@ from typing import Protocol
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from freemerge.merging.artifact import open_artifact
-from freemerge.merging.batching import Tokenized, forward_in_passes, pass_overhead, plan_passes
+from freemerge.merging.artifact import Artifact, open_artifact
+from freemerge.merging.batching import PassPlan, Tokenized, forward_in_passes
 from freemerge.merging.zoo_folder import open_zoo
 from freemerge.serving.runtime import MergedClassifier, Prediction, StageTimings, predictions
 from freemerge.serving.settings import ServingOptions
@@ -74,6 +74,7 @@ class Engine(Protocol):
 
     version: str
     has_router: bool
+    damaged: str | None  # why the weights may be altered (a failed restore), else None
 
     def tasks_info(self) -> list[dict]: ...
 
@@ -138,7 +139,28 @@ def split_by_request(
     return out
 
 
-class MergedEngine:
+class ArtifactTasks:
+    """An artifact's tasks, read from its manifest without loading a model: what a front end
+    needs to check requests for the merged models."""
+
+    def __init__(self, artifact: Artifact, limits: Limits | None = None) -> None:
+        self.version = artifact.version
+        self.limits = limits or Limits()
+        self.task_names = list(artifact.tasks)
+        self.has_router = bool(artifact.manifest.get("router"))
+
+    def check(self, task: str | None, inputs: object) -> ClassifyRequest:
+        known = ", ".join(self.task_names)
+        if task is not None and task not in self.task_names:
+            raise RequestError(404, f"unknown task {task!r}; known tasks: {known}")
+        if task is None and not self.has_router:
+            raise RequestError(
+                400, f"this artifact has no router, so `task` is required; known tasks: {known}"
+            )
+        return ClassifyRequest(task, check_inputs(inputs, self.limits), time.perf_counter())
+
+
+class MergedEngine(ArtifactTasks):
     """One backbone for all tasks; experts applied per group of rows, heads per task."""
 
     def __init__(
@@ -149,16 +171,18 @@ class MergedEngine:
         mixing: str = ServingOptions.mixing,
         expert_cache_size: int = ServingOptions.expert_cache_size,
         pass_overhead_tokens: int | None = None,
+        max_batch_tokens: int | None = None,
+        expect_version: str | None = None,
     ) -> None:
-        artifact = open_artifact(artifact_dir)
+        artifact = open_artifact(artifact_dir, expect_version=expect_version)
+        super().__init__(artifact, limits)
         self.model = MergedClassifier(
             artifact,
             pick_device(device),
             expert_cache_size,
             pass_overhead_tokens=pass_overhead_tokens,
+            max_batch_tokens=max_batch_tokens,
         )
-        self.version = artifact.version
-        self.limits = limits or Limits()
         self.mixing = mixing
         # Fixed for the life of the engine; the memory gauges read it every few seconds.
         self.backbone_bytes = sum(
@@ -170,8 +194,9 @@ class MergedEngine:
         return self.model.device
 
     @property
-    def has_router(self) -> bool:
-        return self.model.router is not None
+    def damaged(self) -> str | None:
+        """Why the backbone may no longer hold the merged weights (a failed restore), or None."""
+        return self.model.damaged
 
     def cache_counts(self) -> tuple[int, int]:
         return self.model.store.hits, self.model.store.misses
@@ -186,19 +211,6 @@ class MergedEngine:
             }
             for task, entry in self.model.artifact.tasks.items()
         ]
-
-    def check(self, task: str | None, inputs: object) -> ClassifyRequest:
-        if task is not None and task not in self.model.artifact.tasks:
-            raise RequestError(
-                404, f"unknown task {task!r}; known tasks: {', '.join(self.model.tasks)}"
-            )
-        if task is None and self.model.router is None:
-            raise RequestError(
-                400,
-                "this artifact has no router, so `task` is required; known tasks: "
-                f"{', '.join(self.model.tasks)}",
-            )
-        return ClassifyRequest(task, check_inputs(inputs, self.limits), time.perf_counter())
 
     def classify_requests(
         self, requests: list[ClassifyRequest], timings: StageTimings
@@ -240,6 +252,7 @@ class ZooTasks:
         self.version = f"separate:{','.join(self.labels)}"
 
     has_router = False
+    damaged = None  # separate models are never altered in place
 
     def cache_counts(self) -> None:
         return None
@@ -264,17 +277,26 @@ class TaskModel:
     """One fine-tuned model and its tokenizer, as the separate-models baseline serves it."""
 
     def __init__(
-        self, path: Path, task: str, device: torch.device, pass_overhead_tokens: int | None = None
+        self,
+        path: Path,
+        task: str,
+        device: torch.device,
+        pass_overhead_tokens: int | None = None,
+        max_batch_tokens: int | None = None,
     ) -> None:
         self.task = task
         self.device = device
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
+            .to(device)
+            .eval()
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         self.max_length = min(
             self.tokenizer.model_max_length, self.model.config.max_position_embeddings
         )
-        self.pass_overhead = pass_overhead(device, pass_overhead_tokens)
+        self.plan = PassPlan.for_device(device, pass_overhead_tokens, max_batch_tokens)
 
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -282,13 +304,13 @@ class TaskModel:
     @torch.no_grad()
     def classify(self, texts: list[str], timings: StageTimings) -> list[Prediction]:
         """Every text with this model, cut into passes by token length like the merged
-        engine's (:func:`plan_passes`), so both sides pay the same padding.
+        engine's (:class:`PassPlan`), so both sides pay the same padding.
         """
         tokens = Tokenized(self.tokenizer, texts, self.max_length)
         start = time.perf_counter()
         logits = forward_in_passes(  # gathered on the CPU, which waits for a GPU to finish
             tokens,
-            plan_passes(tokens.lengths, self.pass_overhead),
+            self.plan.passes(tokens.lengths),
             self.device,
             lambda _rows, batch: self.model(**batch).logits,
         )
@@ -336,11 +358,12 @@ class SeparateEngine(ZooTasks):
         limits: Limits | None = None,
         tasks: list[str] | None = None,
         pass_overhead_tokens: int | None = None,
+        max_batch_tokens: int | None = None,
     ) -> None:
         super().__init__(zoo_dir, limits, tasks)
         self.device = pick_device(device)
         self.models = {
-            task: TaskModel(path, task, self.device, pass_overhead_tokens)
+            task: TaskModel(path, task, self.device, pass_overhead_tokens, max_batch_tokens)
             for task, path in self.paths.items()
         }
 

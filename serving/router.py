@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from freemerge.merging.batching import Tokenized, forward_in_passes, plan_passes
+from freemerge.merging.batching import PassPlan, Tokenized, forward_in_passes
 from freemerge.merging.router import load_router, mean_pooled
 
 
@@ -35,13 +35,13 @@ class Router:
         backbone: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         texts: list[str],
-        overhead: int,
+        plan: PassPlan,
     ) -> torch.Tensor:
         """Task probabilities per text (rows), columns in :attr:`tasks` order."""
         tokens = Tokenized(tokenizer, texts, self.max_length)
         features = forward_in_passes(
             tokens,
-            plan_passes(tokens.lengths, overhead),
+            plan.passes(tokens.lengths),
             self.device,
             lambda _rows, batch: mean_pooled(backbone, batch),
         )

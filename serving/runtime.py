@@ -19,8 +19,8 @@ Row adapters and the in-place expert compute the same model up to float rounding
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer, BatchEncoding
 
 from freemerge.merging.artifact import Artifact
-from freemerge.merging.batching import Tokenized, forward_in_passes, pass_overhead, plan_passes
+from freemerge.merging.batching import PassPlan, Tokenized, forward_in_passes
 from freemerge.merging.experts import Expert, load_expert
 from freemerge.serving.adapters import (
     RowTasks,
@@ -86,12 +86,16 @@ def predictions(
 
 @dataclass
 class StageTimings:
-    """Seconds spent per stage (route, expert_apply, forward), summed over a call."""
+    """Seconds spent per stage (route, expert_apply, forward), summed over a call; each
+    stage's end is also reported to ``progress`` (the model thread's heartbeat)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    progress: Callable[[], None] | None = None
 
     def add(self, stage: str, seconds: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+        if self.progress is not None:
+            self.progress()
 
 
 def load_head(path: str) -> torch.nn.Linear:
@@ -112,11 +116,12 @@ class MergedClassifier:
         expert_cache_size: int = 8,
         row_adapters: bool = True,
         pass_overhead_tokens: int | None = None,
+        max_batch_tokens: int | None = None,
     ) -> None:
         self.artifact = artifact
         self.device = torch.device(device)
-        # the fixed cost of one forward pass in tokens, for cutting batches by length
-        self.pass_overhead = pass_overhead(self.device, pass_overhead_tokens)
+        # how batches are cut into forward passes: by length, within a token budget
+        self.plan = PassPlan.for_device(self.device, pass_overhead_tokens, max_batch_tokens)
         self.tokenizer = AutoTokenizer.from_pretrained(artifact.backbone)
         self.backbone = AutoModel.from_pretrained(artifact.backbone).to(self.device).eval()
         self.parameters = dict(self.backbone.named_parameters())
@@ -138,6 +143,7 @@ class MergedClassifier:
         self.router = (
             Router(artifact.root, self.device) if artifact.manifest.get("router") else None
         )
+        self.damaged: str | None = None  # set if restoring the merged weights ever failed
 
     @property
     def tasks(self) -> list[str]:
@@ -158,7 +164,7 @@ class MergedClassifier:
         if task is not None:
             self.artifact.task(task)  # an unknown task fails with the list of known ones
             expert = self.store.get(task)
-        with expert.applied(self.parameters) if expert is not None else nullcontext():
+        with self._restore_watched(expert.applied(self.parameters) if expert else nullcontext()):
             yield
 
     @contextmanager
@@ -169,8 +175,25 @@ class MergedClassifier:
             yield
             return
         mixed = type(experts[0][0]).mix([e for e, _ in experts], [w for _, w in experts])
-        with mixed.applied(self.parameters):
+        with self._restore_watched(mixed.applied(self.parameters)):
             yield
+
+    @contextmanager
+    def _restore_watched(self, applied: AbstractContextManager) -> Iterator[None]:
+        """``applied``, recording in :attr:`damaged` an error raised while it restores the
+        weights (the block's own errors pass through unrecorded)."""
+        block_error: BaseException | None = None
+        try:
+            with applied:
+                try:
+                    yield
+                except BaseException as err:
+                    block_error = err
+                    raise
+        except BaseException as err:
+            if err is not block_error:
+                self.damaged = f"restoring the merged weights failed ({type(err).__name__})"
+            raise
 
     def route(self, texts: list[str]) -> torch.Tensor:
         """Task probabilities per text (rows), columns in ``self.router.tasks`` order."""
@@ -179,7 +202,7 @@ class MergedClassifier:
                 "this artifact has no router, so a task is required; "
                 f"tasks: {', '.join(self.tasks)}"
             )
-        return self.router.probabilities(self.backbone, self.tokenizer, texts, self.pass_overhead)
+        return self.router.probabilities(self.backbone, self.tokenizer, texts, self.plan)
 
     @torch.no_grad()
     def classify_rows(
@@ -272,7 +295,7 @@ class MergedClassifier:
         return chosen, confidence, mixtures
 
     def _passes(self, chosen: list[str], mixed: set[int], lengths: list[int]) -> list[list[int]]:
-        """Rows per forward pass. Rows are cut into passes by token length (:func:`plan_passes`).
+        """Rows per forward pass, cut by token length within the token budget (:attr:`plan`).
         With row adapters any tasks share a pass, their rows put next to each other; otherwise
         each pass holds one task. A softmax-mixed row is a pass of its own."""
         order = {task: k for k, task in enumerate(dict.fromkeys(chosen))}
@@ -284,7 +307,7 @@ class MergedClassifier:
         )
         passes = []
         for group in groups:
-            for cut in plan_passes([lengths[i] for i in group], self.pass_overhead):
+            for cut in self.plan.passes([lengths[i] for i in group]):
                 passes.append(sorted((group[k] for k in cut), key=lambda i: (order[chosen[i]], i)))
         return passes + [[row] for row in sorted(mixed)]
 

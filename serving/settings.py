@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 DEVICES = ("auto", "cpu", "cuda")
+MAX_ITEMS_CEILING = 4096  # the request schema's bound on texts per request; max_items below it
+# API keys reach replicas through the environment, never through the Serve config.
+API_KEYS_ENV = "FREEMERGE_API_KEYS"
 MIXING_MODES = ("argmax", "softmax")
 
 
@@ -46,6 +49,28 @@ class ServingOptions:
     )
     max_items: int = _option(64, "texts per request at most (more: 413)")
     max_chars: int = _option(10_000, "characters per text at most (more: 413)")
+    max_body_bytes: int = _option(
+        2 * 1024 * 1024, "request body bytes at most, refused with 413 before it is parsed"
+    )
+    max_batch_tokens: int | None = _option(
+        None,
+        "padded tokens one forward pass holds at most (rows x longest row), which bounds a "
+        "replica's memory under the largest legal traffic; a longer text runs alone "
+        "(default: 8192 on the CPU, 65536 on a GPU)",
+    )
+    max_queued_requests: int = _option(
+        32,
+        "classify requests one replica holds at once, waiting or running; more are refused "
+        "at once with 503 and Retry-After",
+    )
+    request_timeout_s: float = _option(
+        30.0,
+        "seconds a classify request waits for its answer before a 503; a model thread busy "
+        "twice this long on one batch marks the replica unhealthy",
+    )
+    expect_version: str | None = _option(
+        None, "refuse to start unless the artifact's version (sha256 of manifest.json) is this"
+    )
     mixing: str = _option(
         "argmax",
         "untagged texts: the router's top task's expert (argmax), or the router-weighted "
@@ -77,6 +102,13 @@ class ServingOptions:
             raise ValueError(
                 "models_per_replica (multiplexed separate models) needs `zoo` and a value >= 1"
             )
+        for name in ("max_items", "max_chars", "max_body_bytes", "max_queued_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_items > MAX_ITEMS_CEILING:
+            raise ValueError(f"max_items must be <= {MAX_ITEMS_CEILING}, got {self.max_items}")
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         if not (self.artifact or self.zoo):
             raise ValueError(
                 "the app needs `artifact` (a merged artifact) or `zoo` (separate models)"

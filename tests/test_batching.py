@@ -7,24 +7,30 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from freemerge.merging.batching import Tokenized, pass_overhead, plan_passes
+from freemerge.merging.batching import MAX_PASS_TOKENS, PassPlan, Tokenized, plan_passes
 
 
 def padded_cost(passes, lengths, overhead):
     return sum(overhead + len(p) * max(lengths[i] for i in p) for p in passes)
 
 
-def brute_force_cost(lengths, overhead):
-    """The cheapest cut of the length-sorted rows into consecutive passes, by enumeration."""
+def brute_force_cost(lengths, overhead, budget=None):
+    """The cheapest cut of the length-sorted rows into consecutive passes, by enumeration;
+    with a budget, only cuts whose passes fit it (or hold one row)."""
     ordered = sorted(lengths)
     n = len(ordered)
     best = None
     for cuts in itertools.product([False, True], repeat=n - 1):
         cost, start = 0, 0
+        fits = True
         for stop in [i + 1 for i, cut in enumerate(cuts) if cut] + [n]:
             cost += overhead + (stop - start) * ordered[stop - 1]
+            fits &= (
+                budget is None or stop - start == 1 or (stop - start) * ordered[stop - 1] <= budget
+            )
             start = stop
-        best = cost if best is None else min(best, cost)
+        if fits:
+            best = cost if best is None else min(best, cost)
     return best
 
 
@@ -63,9 +69,28 @@ def test_padded_subset_equals_tokenizing_the_subset(tiny_backbone):
     assert all(torch.equal(batch[k], expected[k]) for k in expected)
 
 
-def test_pass_overhead_defaults_by_device_and_checks_its_value():
-    assert pass_overhead(torch.device("cpu")) == 64
-    assert pass_overhead(torch.device("cuda")) == 4096
-    assert pass_overhead(torch.device("cpu"), 0) == 0
+def test_pass_plan_defaults_by_device_and_checks_its_values():
+    assert PassPlan.for_device(torch.device("cpu")) == PassPlan(64, MAX_PASS_TOKENS["cpu"])
+    assert PassPlan.for_device(torch.device("cuda")) == PassPlan(4096, MAX_PASS_TOKENS["cuda"])
+    assert PassPlan.for_device(torch.device("cpu"), 0, 100) == PassPlan(0, 100)
     with pytest.raises(ValueError, match=">= 0 tokens, got -1"):
-        pass_overhead(torch.device("cpu"), -1)
+        PassPlan(-1)
+    with pytest.raises(ValueError, match="token budget must be >= 1 token, got 0"):
+        PassPlan(64, 0)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_budget_bounds_every_pass_and_keeps_the_least_cost_within_it(seed):
+    rng = random.Random(seed)
+    lengths = [rng.choice([3, 8, 20, 64, 300, 512]) for _ in range(rng.randrange(1, 10))]
+    budget = rng.choice([512, 600, 1024, 2000])
+    overhead = rng.choice([0, 64, 4096])
+    passes = plan_passes(lengths, overhead, max_tokens=budget)
+    assert sorted(i for p in passes for i in p) == list(range(len(lengths)))
+    assert all(len(p) * max(lengths[i] for i in p) <= budget for p in passes)
+    assert padded_cost(passes, lengths, overhead) == brute_force_cost(lengths, overhead, budget)
+
+
+def test_a_row_longer_than_the_budget_runs_alone():
+    assert plan_passes([900, 10, 10], 10**6, max_tokens=512) == [[1, 2], [0]]
+    assert PassPlan(10**6, 512).passes([900, 900]) == [[0], [1]]

@@ -21,7 +21,16 @@ def test_serve_config_validates_and_imports():
         builder = getattr(importlib.import_module(module), attribute)
         assert callable(builder)
         assert app.args["artifact"]
-        assert [d.name for d in app.deployments] == ["ClassifierServer"]
+        assert [d.name for d in app.deployments] == built_deployments(app.args)
+
+
+def built_deployments(args: dict) -> list[str]:
+    """The names of the deployments ``build_app(args)`` creates: the models, then the front."""
+    from freemerge.serving.app import build_app
+
+    front = build_app(args)._bound_deployment
+    (models,) = [a for a in front.init_args if hasattr(a, "_bound_deployment")]
+    return [models._bound_deployment.name, front.name]
 
 
 def test_serve_config_args_are_serving_options_with_their_defaults():

@@ -3,6 +3,8 @@
 The RayService manifests are validated against KubeRay's RayService CRD schema (reference data
 in shared/kuberay/, beside the repository) and their serveConfigV2 against Ray's own Serve
 schema; the PodMonitor must match the pod templates and the Dockerfile must stay artifact-free.
+The lock-down is checked too: Ray token auth, restricted containers with a writable /tmp, API
+keys from a Secret, and a NetworkPolicy that keeps the GCS, dashboard and client ports closed.
 """
 
 import copy
@@ -37,6 +39,17 @@ AUTOSCALING_KEYS = (
     "downscale_delay_s",
 )
 
+# Ports of the head that only the Ray cluster (and, for the dashboard, the KubeRay operator)
+# may reach, by the head container's port names.
+PROTECTED_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
+SERVE_PORT = 8000
+METRICS_PORT = 8080
+MONITORING_NAMESPACE = {"kubernetes.io/metadata.name": "monitoring"}
+OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "kuberay-operator"}
+API_KEYS_ENV = "FREEMERGE_API_KEYS"
+API_KEYS_SECRET = {"name": "freemerge-api-keys", "key": "api-keys"}
+ALLOWED_KINDS = {"RayService", "NetworkPolicy"}
+
 YAML_FILES = sorted(p for p in DEPLOY.iterdir() if p.suffix in (".yaml", ".yml"))
 
 
@@ -69,11 +82,11 @@ def validate_serve_config(config: dict) -> ServeDeploySchema:
 
 
 def the_deployment(config: dict) -> dict:
-    """The ClassifierServer deployment of the one application."""
+    """The ModelReplica deployment (the models) of the one application."""
     (app,) = config["applications"]
-    (deployment,) = app["deployments"]
-    assert deployment["name"] == "ClassifierServer"
-    return deployment
+    models, front = app["deployments"]
+    assert (models["name"], front["name"]) == ("ModelReplica", "ClassifierServer")
+    return models
 
 
 def groups(service: dict) -> list[dict]:
@@ -94,6 +107,176 @@ def worker_group(service: dict, name: str) -> dict:
 def ray_containers(group: dict) -> list[dict]:
     """The containers of a group's pod template."""
     return group["template"]["spec"]["containers"]
+
+
+def pod_specs(service: dict) -> list[tuple[str, dict]]:
+    """(group name, pod spec) of the head (``head``) and of every worker group."""
+    cluster = service["spec"]["rayClusterConfig"]
+    found = [("head", cluster["headGroupSpec"]["template"]["spec"])]
+    for group in cluster.get("workerGroupSpecs", []):
+        found.append((group["groupName"], group["template"]["spec"]))
+    return found
+
+
+def all_containers(service: dict) -> list[tuple[str, dict, dict]]:
+    """(where, container, pod spec) of every container that will run in the cluster's pods.
+
+    Containers and init containers of every pod template, plus the autoscaler sidecar that
+    KubeRay adds to the head pod from ``autoscalerOptions`` when in-tree autoscaling is on.
+    """
+    found = []
+    for group, spec in pod_specs(service):
+        for kind in ("initContainers", "containers"):
+            for container in spec.get(kind, []):
+                found.append((f"{group}/{container['name']}", container, spec))
+    cluster = service["spec"]["rayClusterConfig"]
+    if cluster.get("enableInTreeAutoscaling"):
+        autoscaler = {"name": "autoscaler", **cluster.get("autoscalerOptions", {})}
+        found.append(("head/autoscaler", autoscaler, pod_specs(service)[0][1]))
+    return found
+
+
+def effective_security(container: dict, pod_spec: dict) -> dict:
+    """A container's securityContext over its pod's (the fields both levels define)."""
+    pod_level = pod_spec.get("securityContext", {})
+    shared = ("runAsNonRoot", "runAsUser", "runAsGroup", "seccompProfile")
+    merged = {key: pod_level[key] for key in shared if key in pod_level}
+    merged.update(container.get("securityContext", {}))
+    return merged
+
+
+def env_entry(container: dict, name: str) -> dict | None:
+    """The env entry ``name`` of a container, if any."""
+    found = [e for e in container.get("env", []) if e["name"] == name]
+    assert len(found) <= 1, f"{container['name']}: {name} set twice"
+    return found[0] if found else None
+
+
+def network_policies(name: str) -> list[dict]:
+    """The NetworkPolicy documents of deploy/<name>."""
+    docs = [d for d in load_documents(DEPLOY / name) if d.get("kind") == "NetworkPolicy"]
+    for doc in docs:
+        assert doc["apiVersion"] == "networking.k8s.io/v1"
+    return docs
+
+
+def label_selector_matches(selector: dict, labels: dict) -> bool:
+    """Whether a Kubernetes label selector selects an object with ``labels``."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, op, values = expression["key"], expression["operator"], expression.get("values", [])
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def is_empty_selector(selector: dict | None) -> bool:
+    """An empty selector ``{}`` selects everything."""
+    return not selector or not (selector.get("matchLabels") or selector.get("matchExpressions"))
+
+
+def policies_selecting(name: str, labels: dict) -> list[dict]:
+    """NetworkPolicies of deploy/<name> that restrict ingress to pods carrying ``labels``."""
+    return [
+        policy
+        for policy in network_policies(name)
+        if "Ingress" in policy["spec"].get("policyTypes", ["Ingress"])
+        and label_selector_matches(policy["spec"]["podSelector"], labels)
+    ]
+
+
+def rule_covers(rule: dict, port: int, port_names: dict[str, int]) -> bool:
+    """Whether an ingress rule admits TCP ``port`` (no ``ports`` = every port)."""
+    ports = rule.get("ports")
+    if not ports:
+        return True
+    for entry in ports:
+        if entry.get("protocol", "TCP") != "TCP":
+            continue
+        value = entry.get("port")
+        if value is None:
+            return True
+        if isinstance(value, str):
+            value = port_names.get(value)
+            if value is None:
+                continue
+        if value == port or value <= port <= entry.get("endPort", value):
+            return True
+    return False
+
+
+def peer_is_open(peer: dict) -> bool:
+    """A `from` peer that admits sources outside the Ray cluster wholesale."""
+    if "ipBlock" in peer:
+        return True
+    if "namespaceSelector" in peer:
+        return is_empty_selector(peer["namespaceSelector"]) and is_empty_selector(
+            peer.get("podSelector")
+        )
+    return is_empty_selector(peer.get("podSelector"))
+
+
+def peer_is_ray_cluster(peer: dict, service: dict) -> bool:
+    """A peer selecting pods of this namespace that carry the labels of every Ray pod template."""
+    selector = peer.get("podSelector")
+    if "namespaceSelector" in peer or "ipBlock" in peer or is_empty_selector(selector):
+        return False
+    cluster = service["spec"]["rayClusterConfig"]
+    templates = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+    return all(
+        label_selector_matches(selector, g["template"]["metadata"]["labels"]) for g in templates
+    )
+
+
+def peer_is_operator(peer: dict) -> bool:
+    """A peer naming the KubeRay operator's pods in a named namespace."""
+    return (
+        not is_empty_selector(peer.get("namespaceSelector"))
+        and OPERATOR_POD_LABELS.items()
+        <= peer.get("podSelector", {}).get("matchLabels", {}).items()
+        and "ipBlock" not in peer
+    )
+
+
+def peer_is_whole_cluster(peer: dict) -> bool:
+    """``namespaceSelector: {}`` alone: every pod of the Kubernetes cluster, nothing outside."""
+    return (
+        "namespaceSelector" in peer
+        and is_empty_selector(peer["namespaceSelector"])
+        and is_empty_selector(peer.get("podSelector"))
+        and "ipBlock" not in peer
+    )
+
+
+def peer_is_monitoring(peer: dict) -> bool:
+    """The monitoring namespace's pods, by the namespace's name label."""
+    return (
+        peer.get("namespaceSelector", {}).get("matchLabels") == MONITORING_NAMESPACE
+        and "ipBlock" not in peer
+    )
+
+
+def head_port_names(service: dict) -> dict[str, int]:
+    """Container port names of the head's Ray container."""
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]
+    return {p["name"]: p["containerPort"] for p in ray_containers(head)[0].get("ports", [])}
+
+
+def admitting_peers(policies: list[dict], port: int, port_names: dict[str, int]) -> list:
+    """The `from` lists of every ingress rule that admits ``port`` (None: a rule with no from)."""
+    peers = []
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            if rule_covers(rule, port, port_names):
+                peers.append(rule.get("from") or None)
+    return peers
 
 
 def crd_schema() -> dict:
@@ -154,10 +337,10 @@ def test_crd_schema_rejects_unknown_fields():
 
 @pytest.mark.parametrize("name", RAYSERVICE_FILES)
 def test_serve_config_validates_with_ray_schema(name):
-    """serveConfigV2 is valid for Ray Serve and deploys ClassifierServer."""
+    """serveConfigV2 is valid for Ray Serve and deploys the models and their front."""
     schema = validate_serve_config(serve_config(name))
     (app,) = schema.applications
-    assert [d.name for d in app.deployments] == ["ClassifierServer"]
+    assert [d.name for d in app.deployments] == ["ModelReplica", "ClassifierServer"]
 
 
 @pytest.mark.parametrize("name", RAYSERVICE_FILES)
@@ -173,7 +356,7 @@ def test_import_paths_import_and_build(name):
 
 @pytest.mark.parametrize("name", RAYSERVICE_FILES)
 def test_autoscaling_config(name):
-    """ClassifierServer autoscales between sane bounds."""
+    """The model replicas autoscale between sane bounds."""
     autoscaling = the_deployment(serve_config(name))["autoscaling_config"]
     for key in AUTOSCALING_KEYS:
         assert key in autoscaling, f"autoscaling_config lacks {key}"
@@ -285,3 +468,181 @@ def test_dockerfile_is_parametrised_non_root_and_artifact_free():
     assert copies
     for line in copies:
         assert not re.search(r"\b(artifacts?|models?|exported)\b", line, re.IGNORECASE), line
+
+
+@pytest.mark.parametrize("name", RAYSERVICE_FILES)
+def test_manifest_documents(name):
+    """One RayService plus its NetworkPolicy per file; no Secret (no key in the repository)."""
+    kinds = [d.get("kind") for d in load_documents(DEPLOY / name)]
+    assert kinds.count("RayService") == 1
+    assert kinds.count("NetworkPolicy") >= 1
+    assert set(kinds) <= ALLOWED_KINDS, f"{name}: unexpected kinds {set(kinds) - ALLOWED_KINDS}"
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: p.name)
+def test_no_secret_values_in_deploy(path):
+    """No YAML file in deploy/ carries a Secret with data: keys and tokens are created in place."""
+    for doc in load_documents(path):
+        if doc.get("kind") == "Secret":
+            assert not doc.get("data") and not doc.get("stringData"), f"{path.name}: Secret data"
+
+
+@pytest.mark.parametrize("name", RAYSERVICE_FILES)
+def test_ray_token_auth_on(name):
+    """authOptions.mode is token (KubeRay makes the token Secret and sets the env itself)."""
+    service = rayservice(name)
+    auth = service["spec"]["rayClusterConfig"].get("authOptions")
+    assert auth, f"{name}: no rayClusterConfig.authOptions"
+    assert auth.get("mode") == "token"
+    # Kubernetes-delegated token auth is unsupported for RayService.
+    assert not auth.get("enableK8sTokenAuth")
+    # Nothing overrides what KubeRay injects (a RAY_AUTH_MODE=disabled would win).
+    for where, container, _ in all_containers(service):
+        for variable in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+            assert env_entry(container, variable) is None, f"{where} sets {variable}"
+
+
+@pytest.mark.parametrize("name", RAYSERVICE_FILES)
+def test_auth_options_checked_by_strict_schema(name):
+    """The strict CRD schema accepts authOptions as written and rejects a wrong mode."""
+    schema = crd_schema()
+    service = rayservice(name)
+    jsonschema.validate(service, schema)
+    broken = copy.deepcopy(service)
+    broken["spec"]["rayClusterConfig"]["authOptions"]["mode"] = "Token"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+
+
+@pytest.mark.parametrize("name", RAYSERVICE_FILES)
+def test_every_container_is_restricted(name):
+    """Every container (init, Ray, autoscaler) is restricted: no privilege escalation, no
+    capabilities, read-only root filesystem, RuntimeDefault seccomp (pod level counts), non-root.
+    """
+    containers = all_containers(rayservice(name))
+    assert {where.split("/")[1] for where, _, _ in containers} >= {
+        "ray-head",
+        "ray-worker",
+        "autoscaler",
+    }
+    for where, container, pod_spec in containers:
+        security = effective_security(container, pod_spec)
+        assert security.get("allowPrivilegeEscalation") is False, where
+        assert security.get("privileged") is not True, where
+        capabilities = security.get("capabilities", {})
+        assert "ALL" in capabilities.get("drop", []), where
+        assert not capabilities.get("add"), where
+        assert security.get("readOnlyRootFilesystem") is True, where
+        assert security.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
+        assert security.get("runAsNonRoot") is True, where
+
+
+@pytest.mark.parametrize("name", RAYSERVICE_FILES)
+def test_read_only_root_has_writable_tmp_and_home(name):
+    """With a read-only root, /tmp (Ray's /tmp/ray) and $HOME (caches) lie on emptyDirs."""
+    for where, container, pod_spec in all_containers(rayservice(name)):
+        empty_dirs = {v["name"] for v in pod_spec.get("volumes", []) if "emptyDir" in v}
+        writable = [
+            m["mountPath"].rstrip("/")
+            for m in container.get("volumeMounts", [])
+            if m["name"] in empty_dirs and not m.get("readOnly")
+        ]
+        assert "/tmp" in writable, f"{where}: /tmp is not a writable emptyDir"
+        home = env_entry(container, "HOME")
+        assert home and "value" in home, f"{where}: HOME not set to a writable folder"
+        assert any(
+            home["value"] == path or home["value"].startswith(path + "/") for path in writable
+        ), f"{where}: HOME={home['value']} is not on a writable emptyDir"
+
+
+@pytest.mark.parametrize("name", RAYSERVICE_FILES)
+def test_api_keys_come_from_secret(name):
+    """FREEMERGE_API_KEYS comes from the Secret in every Ray container (Serve replicas inherit
+    the raylet's environment); never a literal value."""
+    for group, spec in pod_specs(rayservice(name)):
+        for container in spec["containers"]:
+            where = f"{group}/{container['name']}"
+            entry = env_entry(container, API_KEYS_ENV)
+            assert entry, f"{where}: no {API_KEYS_ENV}"
+            assert "value" not in entry, f"{where}: {API_KEYS_ENV} has a literal value"
+            ref = entry.get("valueFrom", {}).get("secretKeyRef")
+            assert ref, f"{where}: {API_KEYS_ENV} is not from a secretKeyRef"
+            assert {k: ref.get(k) for k in API_KEYS_SECRET} == API_KEYS_SECRET, where
+            assert ref.get("optional") is not True, f"{where}: the Secret must not be optional"
+
+
+@pytest.mark.parametrize("name", RAYSERVICE_FILES)
+def test_network_policy_closes_head_ports(name):
+    """A NetworkPolicy selects the head; GCS, dashboard and client are admitted only from the
+    Ray cluster's pods (and the dashboard from the KubeRay operator), never from everyone."""
+    service = rayservice(name)
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]
+    policies = policies_selecting(name, head["template"]["metadata"]["labels"])
+    assert policies, f"{name}: no NetworkPolicy selects the head pod"
+    port_names = head_port_names(service)
+    for port_name, port in PROTECTED_PORTS.items():
+        assert port_names.get(port_name) == port, f"head port {port_name} is not {port}"
+        for peers in admitting_peers(policies, port, port_names):
+            assert peers is not None, f"{port} is admitted from everyone (empty from)"
+            for peer in peers:
+                assert not peer_is_open(peer), f"{port} is admitted from {peer}"
+                allowed = peer_is_ray_cluster(peer, service) or (
+                    port == PROTECTED_PORTS["dashboard"] and peer_is_operator(peer)
+                )
+                assert allowed, f"{port} is admitted from {peer}"
+
+
+def ray_pod_groups(service: dict) -> list[dict]:
+    """Head group and worker groups (their pod templates carry the labels policies select)."""
+    cluster = service["spec"]["rayClusterConfig"]
+    return [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+
+
+@pytest.mark.parametrize("name", RAYSERVICE_FILES)
+def test_network_policy_lets_ray_pods_talk(name):
+    """Every Ray pod is covered by a policy that admits all ports from the cluster's own pods
+    (GCS, raylets, object managers and workers talk on many ports)."""
+    service = rayservice(name)
+    for group in ray_pod_groups(service):
+        policies = policies_selecting(name, group["template"]["metadata"]["labels"])
+        assert policies, f"{name}: a pod template is not covered by a NetworkPolicy"
+        assert any(
+            not rule.get("ports")
+            and any(peer_is_ray_cluster(peer, service) for peer in rule.get("from", []))
+            for policy in policies
+            for rule in policy["spec"].get("ingress", [])
+        ), "Ray pods must reach each other on every port"
+
+
+@pytest.mark.parametrize("name", RAYSERVICE_FILES)
+def test_network_policy_serve_and_metrics(name):
+    """Serve (8000) is admitted from any pod of the Kubernetes cluster; metrics (8080) only from
+    the monitoring namespace (and the Ray cluster itself)."""
+    service = rayservice(name)
+    port_names = head_port_names(service)
+    for group in ray_pod_groups(service):
+        policies = policies_selecting(name, group["template"]["metadata"]["labels"])
+        serve = admitting_peers(policies, SERVE_PORT, port_names)
+        assert any(peers and any(map(peer_is_whole_cluster, peers)) for peers in serve), (
+            "Serve (8000) is not admitted from the whole cluster"
+        )
+        metrics = admitting_peers(policies, METRICS_PORT, port_names)
+        assert any(peers and any(map(peer_is_monitoring, peers)) for peers in metrics), (
+            "metrics (8080) not admitted from the monitoring namespace"
+        )
+        for peers in metrics:
+            assert peers is not None, "metrics (8080) admitted from everyone"
+            for peer in peers:
+                assert peer_is_monitoring(peer) or peer_is_ray_cluster(peer, service), (
+                    f"metrics (8080) admitted from {peer}"
+                )
+
+
+@pytest.mark.parametrize("name", RAYSERVICE_FILES)
+def test_network_policy_admits_operator_to_dashboard(name):
+    """The KubeRay operator reaches the head's dashboard (RayService drives Serve through it)."""
+    service = rayservice(name)
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]
+    policies = policies_selecting(name, head["template"]["metadata"]["labels"])
+    dashboard = admitting_peers(policies, PROTECTED_PORTS["dashboard"], head_port_names(service))
+    assert any(peers and any(map(peer_is_operator, peers)) for peers in dashboard)
