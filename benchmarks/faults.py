@@ -213,7 +213,11 @@ def replica_kill(
             break
         time.sleep(0.25)
     load.join()
-    records = outcome["result"].records
+    return kill_summary(outcome["result"].records, clients, back)
+
+
+def kill_summary(records: list[dict], clients: int, back: float | None) -> dict:
+    """Failed requests of a kill scenario's load, and the seconds until capacity came back."""
     failed = [r for r in records if r["status"] != 200]
     return {
         "clients": clients,

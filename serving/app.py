@@ -573,6 +573,11 @@ def build_app(args: dict[str, Any]) -> Application:
     return front.bind(dataclasses.replace(options, threads=1), models.bind(options))
 
 
+# A rolling update starts new replicas (a quarter more, at least one) before old ones stop, so
+# a one-replica deployment keeps answering through an update; it needs room for one more.
+SURGE_PERCENT = 25
+
+
 def replica_count(options: ServingOptions) -> dict[str, Any]:
     """Serve's autoscaling_config (min/max replicas, delays, ...) when set, else the count."""
     if options.autoscaling:
@@ -589,6 +594,7 @@ def front_settings(options: ServingOptions) -> dict[str, Any]:
         "max_ongoing_requests": 2 * options.max_queued_requests,
         "max_queued_requests": 4 * options.max_queued_requests,
         "backpressure_config": BackpressureConfig(retry_after_s=RETRY_AFTER_S),
+        "max_surge_percent": SURGE_PERCENT,
     }
 
 
@@ -600,4 +606,5 @@ def model_settings(options: ServingOptions) -> dict[str, Any]:
         "max_ongoing_requests": 2 * options.max_queued_requests,
         "max_queued_requests": 4 * options.max_queued_requests,
         "health_check_timeout_s": 2 * options.request_timeout_s + 10,
+        "max_surge_percent": SURGE_PERCENT,
     }

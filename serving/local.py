@@ -1,19 +1,39 @@
-"""Run the app on an embedded local Ray (no cluster): ``freemerge serve`` / ``serve-separate``."""
+"""Run the app on an embedded local Ray (no cluster): ``freemerge serve`` / ``serve-separate``.
+
+Stopping leaves no process behind. ``ray.shutdown()`` alone does not promise that: it ends
+the processes the driver started (GCS, raylet, ...) and counts on the raylet to end its
+own children (agents, workers). When the raylet dies abruptly instead, its DashboardAgent
+and RuntimeEnvAgent block their event loops reporting that to the dead GCS (a call with a
+60 s timeout), and so do not act on SIGTERM for a minute. So :func:`stop_local` also ends,
+SIGTERM then SIGKILL, whatever Ray started that outlived ``ray.shutdown()``.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
 import socket
+import sys
 import threading
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import psutil
 import ray
 from ray import serve
 
 from freemerge.serving.app import build_app
 
 APP_NAME = "freemerge"
+STOP_GRACE_S = 5.0  # between SIGTERM and SIGKILL for a process that outlived ray.shutdown()
+STOP_DEADLINE_S = 45.0  # for the whole shutdown of `freemerge serve`; past it, kill the rest
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+# This process's children from before Ray started (not Ray's to end), and the processes
+# Ray had started by the end of ray.init(): set by _start_ray, read by stop_local.
+_not_ray: set[psutil.Process] = set()
+_ray_started: list[psutil.Process] = []
 
 
 def free_port() -> int:
@@ -31,7 +51,22 @@ def start_local(
     num_cpus: int | None = None,
     metrics_interval_ms: int | None = None,
 ) -> None:
-    """Start Ray (no dashboard) with its metrics export on ``metrics_port``, then deploy."""
+    """Start Ray (no dashboard) with its metrics export on ``metrics_port``, then deploy.
+
+    If starting fails (or is interrupted), what was started is stopped (:func:`stop_local`)
+    before the error propagates.
+    """
+    try:
+        _start_ray(metrics_port, num_cpus, metrics_interval_ms)
+        _deploy(options, host, port)
+    except BaseException:
+        stop_local()
+        raise
+
+
+def _start_ray(metrics_port: int, num_cpus: int | None, metrics_interval_ms: int | None) -> None:
+    global _not_ray, _ray_started
+    _not_ray = set(psutil.Process().children())
     system_config = (
         {"metrics_report_interval_ms": metrics_interval_ms} if metrics_interval_ms else {}
     )
@@ -43,27 +78,145 @@ def start_local(
         log_to_driver=False,
         configure_logging=False,
     )
+    _ray_started = _ray_processes()
+
+
+def _deploy(options: dict[str, Any], host: str, port: int) -> None:
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(options), name=APP_NAME, route_prefix="/")
 
 
+def _ray_processes() -> list[psutil.Process]:
+    """This process's descendants, except children it had before Ray started and theirs."""
+    found = []
+    for child in psutil.Process().children():
+        if child in _not_ray:
+            continue
+        try:
+            found += [child, *child.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def _ray_tree() -> set[psutil.Process]:
+    """Every process Ray started that can still be found: those recorded when it started too."""
+    return {*_ray_started, *_ray_processes()}
+
+
 def stop_local() -> None:
-    serve.shutdown()
-    ray.shutdown()
+    """Shut down Serve and Ray, then end every process Ray started that outlived them.
+
+    Those get SIGTERM, and SIGKILL after ``STOP_GRACE_S`` if still there; this returns once
+    they are gone.
+    """
+    leftovers = _ray_tree()
+    try:
+        if ray.is_initialized():  # serve.shutdown() would otherwise start a Ray to connect to
+            serve.shutdown()
+    finally:
+        ray.shutdown()
+        _end(leftovers, STOP_GRACE_S)
+        _ray_started.clear()
+
+
+def _end(processes: Iterable[psutil.Process], grace_s: float) -> None:
+    """SIGTERM the living ``processes``, then SIGKILL those still there after ``grace_s``."""
+    living = _living(processes)
+    if grace_s > 0:
+        living = _wait_gone(_signal_each(living, signal.SIGTERM), grace_s)
+    living = _wait_gone(_signal_each(living, signal.SIGKILL), 5.0)
+    if living:
+        print(f"freemerge: could not end processes {[p.pid for p in living]}", file=sys.stderr)
+
+
+def _living(processes: Iterable[psutil.Process]) -> list[psutil.Process]:
+    """Those of ``processes`` still running (a zombie has exited; its PID is not reused)."""
+    living = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                living.append(process)
+        except psutil.Error:
+            pass
+    return living
+
+
+def _wait_gone(processes: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Wait up to ``timeout_s`` for ``processes`` to exit; those still running."""
+    deadline = time.monotonic() + timeout_s
+    while (living := _living(processes)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return living
+
+
+def _signal_each(processes: Iterable[psutil.Process], sig: int) -> list[psutil.Process]:
+    """Send ``sig`` to each process that is still the one recorded; those it reached."""
+    reached = []
+    for process in processes:
+        try:
+            process.send_signal(sig)  # psutil checks the PID was not reused
+            reached.append(process)
+        except psutil.Error:
+            pass  # gone already (or never ours)
+    return reached
+
+
+def _on_stop_signals(handler: Callable[[int, Any], None]) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def serve_until_signalled(options: dict[str, Any], host: str, port: int, metrics_port: int) -> int:
-    """Deploy, print where it listens, and shut down cleanly on Ctrl-C or SIGTERM."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    start_local(options, host, port, metrics_port)
-    print(f"freemerge is serving on http://{host}:{port} (OpenAPI page: /docs)", flush=True)
-    print(f"Prometheus metrics on http://127.0.0.1:{metrics_port}/metrics", flush=True)
-    print("Ctrl-C or SIGTERM stops it.", flush=True)
+    """Deploy, print where it listens, and serve until Ctrl-C or SIGTERM; then stop cleanly.
+
+    Either signal, while starting or serving, stops everything (:func:`stop_local`) and
+    returns 0 (a SIGTERM while ``ray.init()`` itself runs meets Ray's handler instead: the
+    same stop, then ``SystemExit(15)``); an error while starting stops everything too, then
+    propagates. A second signal while stopping, or a stop that takes more than
+    ``STOP_DEADLINE_S``, kills what is left and ends the process at once (:func:`os._exit`)
+    with status 128 + the signal's number, or 1 past the deadline.
+    """
+    _on_stop_signals(_interrupt)
     try:
-        stop.wait()
+        _start_ray(metrics_port, None, None)
+        # ray.init() installs its own SIGTERM handlers: sys.exit(15), behind Ray's crash
+        # handler, which aborts the process (SIGABRT) 3 s later, in the middle of stopping.
+        _on_stop_signals(_interrupt)
+        _deploy(options, host, port)
+        print(f"freemerge is serving on http://{host}:{port} (OpenAPI page: /docs)", flush=True)
+        print(f"Prometheus metrics on http://127.0.0.1:{metrics_port}/metrics", flush=True)
+        print("Ctrl-C or SIGTERM stops it.", flush=True)
+        threading.Event().wait()  # until a stop signal raises KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
     finally:
-        print("shutting down", flush=True)
-        stop_local()
+        _stop_within_deadline()
     return 0
+
+
+def _stop_within_deadline() -> None:
+    """:func:`stop_local`, cut short by a second stop signal or after ``STOP_DEADLINE_S``."""
+    tree = _ray_tree()  # now, while the raylet's children are still found under it
+    _on_stop_signals(lambda signum, _: _kill_all_and_exit(tree, 128 + signum))
+    if hasattr(signal, "alarm"):
+        signal.alarm(0)  # the abort Ray's crash handler arms on a SIGTERM that came before ours
+    print("shutting down", flush=True)
+    watchdog = threading.Timer(STOP_DEADLINE_S, _kill_all_and_exit, args=(tree, 1))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        stop_local()
+    finally:
+        watchdog.cancel()
+
+
+def _kill_all_and_exit(tree: set[psutil.Process], status: int) -> None:
+    print("freemerge: stopping now: killing what is left", file=sys.stderr, flush=True)
+    _end(tree | _ray_tree(), grace_s=0)
+    sys.stdout.flush()
+    os._exit(status)

@@ -1,0 +1,171 @@
+"""A real two-node Ray cluster on this machine, for ``freemerge bench faults --full``.
+
+A head and a worker node are started with ``ray start`` (loopback only, each with its own
+ports), the app is deployed with ``serve deploy`` from ``deploy/serve_config.yaml`` (the
+artifact, ports and replica counts filled in), and the worker node is killed under load: its
+raylet gets ``kill -9``, which takes the node's workers with it. A replacement worker node is
+started at once, as Kubernetes would start a new pod. ``ray stop --force`` ends the cluster,
+and with it every Ray process on this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from freemerge.benchmarks.faults import kill_summary, load_spec
+from freemerge.benchmarks.loadgen import call, run_load_in_process
+from freemerge.serving.local import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_CONFIG = ROOT / "deploy" / "serve_config.yaml"
+HEAD_RESOURCE = "freemerge_head"  # the fronts stay on the head, beside its proxy
+
+
+def _ray(*args: str) -> None:
+    subprocess.run(["ray", *args], check=True, capture_output=True, timeout=180)
+
+
+def start_node(head_port: int | None, cpus: int) -> dict:
+    """``ray start`` of a head (``head_port`` None) or of a worker joining it; its ports."""
+    ports = {name: free_port() for name in ("node_manager", "object_manager", "metrics")}
+    ports |= {"agent_grpc": free_port(), "agent_http": free_port(), "runtime_env": free_port()}
+    workers = free_port() + 1000
+    common = [
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={cpus}",
+        f"--node-manager-port={ports['node_manager']}",
+        f"--object-manager-port={ports['object_manager']}",
+        f"--metrics-export-port={ports['metrics']}",
+        f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+        f"--dashboard-agent-listen-port={ports['agent_http']}",
+        f"--runtime-env-agent-port={ports['runtime_env']}",
+        f"--min-worker-port={workers}",
+        f"--max-worker-port={workers + 200}",
+    ]
+    if head_port is None:
+        ports |= {"gcs": free_port(), "dashboard": free_port()}
+        _ray(
+            "start",
+            "--head",
+            f"--port={ports['gcs']}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={ports['dashboard']}",
+            f'--resources={{"{HEAD_RESOURCE}": 100}}',
+            *common,
+        )
+    else:
+        _ray("start", f"--address=127.0.0.1:{head_port}", *common)
+    return ports
+
+
+def raylet_pid(node_manager_port: int) -> int:
+    """The PID of the raylet listening on ``node_manager_port``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "raylet" in cmdline and f"--node_manager_port={node_manager_port}" in cmdline:
+            return int(entry.name)
+    raise RuntimeError(f"no raylet on node manager port {node_manager_port}")
+
+
+def cluster_config(artifact: Path, http_port: int, replicas: int) -> dict:
+    """``deploy/serve_config.yaml`` for this cluster: the artifact, a proxy on the head only
+    (every node shares 127.0.0.1), ``replicas`` model replicas of one CPU, fronts on the head."""
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    config["proxy_location"] = "HeadOnly"
+    config["http_options"] = {"host": "127.0.0.1", "port": http_port}
+    (app,) = config["applications"]
+    app["args"] = {**app["args"], "artifact": str(artifact), "device": "cpu"}
+    app["args"]["cpus_per_replica"] = 1
+    models, front = app["deployments"]
+    for deployment in (models, front):
+        deployment.pop("autoscaling_config", None)
+        deployment["num_replicas"] = replicas
+    models["ray_actor_options"] = {"num_cpus": 1}
+    front["ray_actor_options"] = {"num_cpus": 0, "resources": {HEAD_RESOURCE: 1}}
+    return config
+
+
+def running_models(dashboard: int) -> int:
+    """RUNNING model replicas, from ``serve status``."""
+    out = subprocess.run(
+        ["serve", "status", f"--address=http://127.0.0.1:{dashboard}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    try:
+        status = yaml.safe_load(out) or {}
+        deployments = status["applications"]["freemerge"]["deployments"]
+        return int(deployments["ModelReplica"]["replica_states"].get("RUNNING", 0))
+    except (KeyError, TypeError, ValueError, yaml.YAMLError):
+        return 0
+
+
+def wait_until(check: object, seconds: float) -> float | None:
+    """Seconds until ``check()`` is true (polled), or None after ``seconds``."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        if check():
+            return time.perf_counter() - start
+        time.sleep(0.5)
+    return None
+
+
+def deploy(config: dict, dashboard: int) -> None:
+    """``serve deploy`` of ``config`` through the head's dashboard."""
+    with tempfile.TemporaryDirectory(prefix="freemerge-cluster-") as scratch:
+        path = Path(scratch) / "serve_config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        subprocess.run(
+            ["serve", "deploy", str(path), f"--address=http://127.0.0.1:{dashboard}"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+
+def node_kill(
+    artifact: Path, bodies: list[dict], clients: int = 16, seconds: float = 45.0, replicas: int = 2
+) -> dict:
+    """Deploy on a head and a worker node, kill the worker node a third into closed-loop
+    load, start a replacement: failed requests, and seconds until ``replicas`` run again."""
+    head = start_node(None, cpus=1)
+    try:
+        worker = start_node(head["gcs"], cpus=1)
+        http_port = free_port()
+        deploy(cluster_config(artifact, http_port, replicas), head["dashboard"])
+        url = f"http://127.0.0.1:{http_port}"
+
+        def serving() -> bool:
+            ready = call(url + "/readyz", timeout=5)[0] == 200
+            return ready and running_models(head["dashboard"]) >= replicas
+
+        if wait_until(serving, 300) is None:
+            raise RuntimeError("the app did not start on the two-node cluster within 300 s")
+        spec = load_spec(url, bodies, concurrency=clients, requests=100_000, max_seconds=seconds)
+        outcome: dict = {}
+        load = threading.Thread(target=lambda: outcome.update(result=run_load_in_process(spec)))
+        load.start()
+        time.sleep(seconds / 3)
+        os.kill(raylet_pid(worker["node_manager"]), signal.SIGKILL)
+        killed = time.perf_counter()
+        start_node(head["gcs"], cpus=1)  # the replacement node, as a new pod would be
+        back = wait_until(serving, seconds * 4)
+        back = None if back is None else time.perf_counter() - killed
+        load.join()
+    finally:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=180)
+    return kill_summary(outcome["result"].records, clients, back)

@@ -1,0 +1,187 @@
+"""`freemerge serve` stops cleanly: after SIGTERM, Ctrl-C or a failed start, no process is left.
+
+The server runs in its own session, so that its processes can be found (its descendants,
+recorded while it runs, and whatever is left in its session) and, whatever the outcome,
+killed: the suite never leaks a Ray daemon.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import pytest
+
+from freemerge.serving.local import _end, free_port
+
+READY_WITHIN_S = 120  # Ray, Serve and the tiny model on 2 shared CPUs
+EXIT_WITHIN_S = 90  # the server's own bound on stopping (STOP_DEADLINE_S) is under this
+GONE_WITHIN_S = 5  # an exited process may take a moment to be reaped by its new parent
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).with_name("freemerge")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "freemerge.serving.cli"]
+
+
+@contextmanager
+def _serve(artifact: Path, log: Path) -> Iterator[tuple[subprocess.Popen, int, dict]]:
+    """``freemerge serve artifact`` in its own session: (process, port, processes seen)."""
+    port, metrics_port = free_port(), free_port()
+    args = ["serve", str(artifact), "--port", str(port), "--metrics-port", str(metrics_port)]
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [*_command(), *args, "--device", "cpu"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    seen: dict[int, psutil.Process] = {}
+    try:
+        yield server, port, seen
+    finally:
+        _kill_leftovers(server, seen)
+
+
+def _record_tree(server: subprocess.Popen, seen: dict[int, psutil.Process]) -> None:
+    """Add the server's living descendants to ``seen`` (psutil.Process keeps their identity)."""
+    try:
+        children = psutil.Process(server.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for child in children:
+        seen.setdefault(child.pid, child)
+
+
+def _answers_200(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def _wait_ready(server: subprocess.Popen, port: int, seen: dict[int, psutil.Process]) -> None:
+    """Wait for /readyz to answer 200, recording the server's process tree meanwhile."""
+    deadline = time.monotonic() + READY_WITHIN_S
+    while not _answers_200(f"http://127.0.0.1:{port}/readyz"):
+        _record_tree(server, seen)
+        assert server.poll() is None, f"the server exited early with status {server.returncode}"
+        assert time.monotonic() < deadline, f"/readyz did not answer 200 in {READY_WITHIN_S} s"
+        time.sleep(0.5)
+    for _ in range(4):  # let the last daemons (agents, workers) appear, then take them in
+        time.sleep(0.5)
+        _record_tree(server, seen)
+
+
+def _in_session(sid: int) -> list[psutil.Process]:
+    """Processes in session ``sid`` (Ray's daemons stay in the server's session)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == sid:
+                found.append(process)
+        except (OSError, psutil.Error):
+            pass
+    return found
+
+
+def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    living = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                living.append(process)
+        except psutil.Error:
+            pass
+    return living
+
+
+def _left_behind(server: subprocess.Popen, seen: dict[int, psutil.Process]) -> list[str]:
+    """What is still running, of what the server started, a few seconds after it exited."""
+    deadline = time.monotonic() + GONE_WITHIN_S
+    while True:
+        left = _alive(list({*seen.values(), *_in_session(server.pid)}))
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    described = []
+    for process in left:
+        try:
+            described.append(f"{process.pid} {' '.join(process.cmdline()).strip()[:100]}")
+        except psutil.Error:
+            described.append(str(process.pid))
+    return described
+
+
+def _kill_leftovers(server: subprocess.Popen, seen: dict[int, psutil.Process]) -> None:
+    if server.poll() is None:
+        try:
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        server.wait()
+    for process in _alive(list({*seen.values(), *_in_session(server.pid)})):
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_stopped_server_leaves_no_process_behind(tiny_routed_artifact, stop_signal, tmp_path):
+    log = tmp_path / "serve.log"
+    with _serve(tiny_routed_artifact, log) as (server, port, seen):
+        _wait_ready(server, port, seen)
+        assert any("raylet" in p.name() for p in _alive(list(seen.values())))
+        started = time.monotonic()
+        server.send_signal(stop_signal)
+        server.wait(timeout=EXIT_WITHIN_S)
+        took = time.monotonic() - started
+        left = _left_behind(server, seen)
+        output = log.read_text(errors="replace")
+        assert not left, f"running {took:.0f} s after {stop_signal.name} and exit: {left}"
+        assert server.returncode == 0, output[-3000:]
+        assert "shutting down" in output
+
+
+@pytest.mark.slow  # Serve retries the failing replica for about half a minute
+def test_a_failed_start_leaves_no_process_behind(tmp_path):
+    not_an_artifact = tmp_path / "empty"
+    not_an_artifact.mkdir()
+    log = tmp_path / "serve.log"
+    with _serve(not_an_artifact, log) as (server, _, seen):
+        deadline = time.monotonic() + READY_WITHIN_S
+        while server.poll() is None:
+            _record_tree(server, seen)
+            assert time.monotonic() < deadline, "a server with no artifact did not give up"
+            time.sleep(0.2)
+        output = log.read_text(errors="replace")
+        assert server.returncode != 0, output[-3000:]
+        assert seen, "it failed before starting Ray: nothing was checked"
+        left = _left_behind(server, seen)
+        assert not left, f"running after a failed start: {left}\n{output[-3000:]}"
+
+
+def test_what_outlives_ray_shutdown_is_killed_even_if_it_ignores_sigterm():
+    ignore_sigterm = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ready', flush=True); time.sleep(60)"
+    )
+    with subprocess.Popen([sys.executable, "-c", ignore_sigterm], stdout=subprocess.PIPE) as stub:
+        try:
+            stub.stdout.readline()  # its SIGTERM handler is in place
+            started = time.monotonic()
+            _end([psutil.Process(stub.pid)], grace_s=0.5)
+            assert time.monotonic() - started < 5
+            assert stub.wait(timeout=5) == -signal.SIGKILL
+        finally:
+            stub.kill()

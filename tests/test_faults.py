@@ -1,0 +1,52 @@
+"""The fault scenarios of `bench faults`, on a local Ray with two model replicas of the tiny
+artifact: hostile inputs never get a 5xx, a bad request fails alone, a killed model replica
+costs no request."""
+
+import pytest
+from live_server import live_server
+
+from freemerge.benchmarks.faults import (
+    batch_isolation,
+    hostile_cases,
+    replica_kill,
+    replica_pids,
+    try_cases,
+)
+from freemerge.serving.settings import ServingOptions
+
+OPTIONS = {"device": "cpu", "replicas": 2, "cpus_per_replica": 1, "max_items": 8}
+
+
+@pytest.fixture(scope="module")
+def two_replicas(tiny_routed_artifact):
+    with live_server({"artifact": str(tiny_routed_artifact), **OPTIONS}) as urls:
+        yield urls[0]
+
+
+def test_every_hostile_input_gets_its_4xx_and_the_server_keeps_answering(
+    two_replicas, tiny_routed_artifact
+):
+    options = ServingOptions.from_mapping({"artifact": str(tiny_routed_artifact), **OPTIONS})
+    rows = try_cases(two_replicas, hostile_cases(options, "sms_spam"), "sms_spam")
+    assert len(rows) >= 15
+    for row in rows:
+        assert row["status"] in row["expected"], row
+        assert row["json_error"] and row["server_ok_after"], row
+
+
+def test_a_bad_request_sent_with_good_ones_fails_alone(two_replicas):
+    texts = [f"message number {i}, call now" for i in range(15)]
+    assert batch_isolation(two_replicas, "sms_spam", texts) == {
+        "good_requests": 15,
+        "good_answered": 15,
+        "bad_status": 400,
+    }
+
+
+def test_a_killed_model_replica_costs_no_request(two_replicas):
+    assert len(replica_pids()) == 2
+    bodies = [{"task": t, "inputs": ["win a free prize now"]} for t in ("sms_spam", "bbc_topic")]
+    result = replica_kill(two_replicas, bodies, replicas=2, clients=8, seconds=15)
+    assert result["requests"] > 30, result
+    assert result["failed"] == 0, result
+    assert result["seconds_until_replicas_back"] is not None, result
