@@ -4,15 +4,20 @@ A head and a worker node are started with ``ray start`` (loopback only, each wit
 ports), the app is deployed with ``serve deploy`` from ``deploy/serve_config.yaml`` (the
 artifact, ports and replica counts filled in), and the worker node is killed under load: its
 raylet gets ``kill -9``, which takes the node's workers with it. A replacement worker node is
-started at once, as Kubernetes would start a new pod. ``ray stop --force`` ends the cluster,
-and with it every Ray process on this machine.
+started at once, as Kubernetes would start a new pod. Ray's token auth is on, with a fresh
+token that every ``ray`` and ``serve`` command of the bench gets through its environment.
+``ray stop --force`` ends the cluster, and with it every Ray process on this machine.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import secrets
+import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -27,17 +32,33 @@ from freemerge.serving.local import free_port
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = ROOT / "deploy" / "serve_config.yaml"
 HEAD_RESOURCE = "freemerge_head"  # the fronts stay on the head, beside its proxy
+_worker_ports = itertools.count(20_000, 250)  # each node's 200 worker ports, apart
 
 
-def _ray(*args: str) -> None:
-    subprocess.run(["ray", *args], check=True, capture_output=True, timeout=180)
+def _tool(name: str) -> str:
+    """Ray's ``ray`` or ``serve`` command: beside this Python, else on the PATH."""
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.exists() else (shutil.which(name) or name)
 
 
-def start_node(head_port: int | None, cpus: int) -> dict:
+def cluster_env() -> dict[str, str]:
+    """This environment with Ray's token auth on and a fresh token."""
+    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+
+
+def _ray(env: dict[str, str], *args: str) -> None:
+    done = subprocess.run(
+        [_tool("ray"), *args], capture_output=True, text=True, timeout=180, env=env
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"ray {args[0]} failed: {done.stderr.strip()[-500:]}")
+
+
+def start_node(env: dict[str, str], head_port: int | None, cpus: int) -> dict:
     """``ray start`` of a head (``head_port`` None) or of a worker joining it; its ports."""
     ports = {name: free_port() for name in ("node_manager", "object_manager", "metrics")}
     ports |= {"agent_grpc": free_port(), "agent_http": free_port(), "runtime_env": free_port()}
-    workers = free_port() + 1000
+    workers = next(_worker_ports)  # below the ephemeral ports free_port() hands out
     common = [
         "--node-ip-address=127.0.0.1",
         f"--num-cpus={cpus}",
@@ -53,6 +74,7 @@ def start_node(head_port: int | None, cpus: int) -> dict:
     if head_port is None:
         ports |= {"gcs": free_port(), "dashboard": free_port()}
         _ray(
+            env,
             "start",
             "--head",
             f"--port={ports['gcs']}",
@@ -62,7 +84,7 @@ def start_node(head_port: int | None, cpus: int) -> dict:
             *common,
         )
     else:
-        _ray("start", f"--address=127.0.0.1:{head_port}", *common)
+        _ray(env, "start", f"--address=127.0.0.1:{head_port}", *common)
     return ports
 
 
@@ -98,13 +120,14 @@ def cluster_config(artifact: Path, http_port: int, replicas: int) -> dict:
     return config
 
 
-def running_models(dashboard: int) -> int:
+def running_models(env: dict[str, str], dashboard: int) -> int:
     """RUNNING model replicas, from ``serve status``."""
     out = subprocess.run(
-        ["serve", "status", f"--address=http://127.0.0.1:{dashboard}"],
+        [_tool("serve"), "status", f"--address=http://127.0.0.1:{dashboard}"],
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
     ).stdout
     try:
         status = yaml.safe_load(out) or {}
@@ -124,16 +147,17 @@ def wait_until(check: object, seconds: float) -> float | None:
     return None
 
 
-def deploy(config: dict, dashboard: int) -> None:
+def deploy(env: dict[str, str], config: dict, dashboard: int) -> None:
     """``serve deploy`` of ``config`` through the head's dashboard."""
     with tempfile.TemporaryDirectory(prefix="freemerge-cluster-") as scratch:
         path = Path(scratch) / "serve_config.yaml"
         path.write_text(yaml.safe_dump(config))
         subprocess.run(
-            ["serve", "deploy", str(path), f"--address=http://127.0.0.1:{dashboard}"],
+            [_tool("serve"), "deploy", str(path), f"--address=http://127.0.0.1:{dashboard}"],
             check=True,
             capture_output=True,
             timeout=120,
+            env=env,
         )
 
 
@@ -142,16 +166,17 @@ def node_kill(
 ) -> dict:
     """Deploy on a head and a worker node, kill the worker node a third into closed-loop
     load, start a replacement: failed requests, and seconds until ``replicas`` run again."""
-    head = start_node(None, cpus=1)
+    env = cluster_env()
+    head = start_node(env, None, cpus=1)
     try:
-        worker = start_node(head["gcs"], cpus=1)
+        worker = start_node(env, head["gcs"], cpus=1)
         http_port = free_port()
-        deploy(cluster_config(artifact, http_port, replicas), head["dashboard"])
+        deploy(env, cluster_config(artifact, http_port, replicas), head["dashboard"])
         url = f"http://127.0.0.1:{http_port}"
 
         def serving() -> bool:
             ready = call(url + "/readyz", timeout=5)[0] == 200
-            return ready and running_models(head["dashboard"]) >= replicas
+            return ready and running_models(env, head["dashboard"]) >= replicas
 
         if wait_until(serving, 300) is None:
             raise RuntimeError("the app did not start on the two-node cluster within 300 s")
@@ -162,10 +187,10 @@ def node_kill(
         time.sleep(seconds / 3)
         os.kill(raylet_pid(worker["node_manager"]), signal.SIGKILL)
         killed = time.perf_counter()
-        start_node(head["gcs"], cpus=1)  # the replacement node, as a new pod would be
+        start_node(env, head["gcs"], cpus=1)  # the replacement node, as a new pod would be
         back = wait_until(serving, seconds * 4)
         back = None if back is None else time.perf_counter() - killed
         load.join()
     finally:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=180)
+        subprocess.run([_tool("ray"), "stop", "--force"], capture_output=True, timeout=180, env=env)
     return kill_summary(outcome["result"].records, clients, back)

@@ -50,8 +50,10 @@ from freemerge.serving.settings import ServingOptions
 METRICS_INTERVAL_MS = 1000  # Ray's metrics export interval during the bench
 MIN_ROUNDS = 3  # a target's ratio from fewer rounds is reported, but not judged met or not
 
-# What the bench sets on top of ServingOptions' defaults, for every contender alike.
-SERVER_SETTINGS = {"cpus_per_replica": 2}
+# What the bench sets on top of ServingOptions' defaults, for every contender alike: every
+# client of the sweep (up to 64) queues rather than being refused, as the bench measures
+# capacity (refusing under overload is `bench faults`' subject).
+SERVER_SETTINGS = {"cpus_per_replica": 2, "max_queued_requests": 128}
 # ServingOptions' fields that say what a contender serves (they differ between contenders).
 CONTENDER_FIELDS = ("artifact", "zoo", "tasks", "models_per_replica")
 

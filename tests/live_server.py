@@ -1,14 +1,32 @@
 """A server on a local Ray for end-to-end tests."""
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from freemerge.serving.local import free_port, start_local, stop_local
+from freemerge.serving.settings import API_KEYS_ENV
 
 
 @contextmanager
-def live_server(options: dict) -> Iterator[tuple[str, str]]:
-    """The app on 2 CPUs with metrics exported every 0.5 s: (base URL, metrics URL)."""
+def live_server(options: dict, api_keys: tuple[str, ...] = ()) -> Iterator[tuple[str, str]]:
+    """The app on 2 CPUs with metrics exported every 0.5 s: (base URL, metrics URL). With
+    ``api_keys``, they are in the environment the local Ray's replicas inherit."""
+    before = os.environ.get(API_KEYS_ENV)
+    if api_keys:
+        os.environ[API_KEYS_ENV] = ",".join(api_keys)
+    try:
+        with _started(options) as urls:
+            yield urls
+    finally:
+        if before is None:
+            os.environ.pop(API_KEYS_ENV, None)
+        else:
+            os.environ[API_KEYS_ENV] = before
+
+
+@contextmanager
+def _started(options: dict) -> Iterator[tuple[str, str]]:
     port, metrics_port = free_port(), free_port()
     start_local(options, port=port, metrics_port=metrics_port, num_cpus=2, metrics_interval_ms=500)
     try:

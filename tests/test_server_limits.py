@@ -1,7 +1,6 @@
 """End to end on a local Ray: API keys, the replica's request limit and readiness, over HTTP."""
 
 import json
-import os
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +9,6 @@ import pytest
 from live_server import live_server
 
 from freemerge.benchmarks.loadgen import call
-from freemerge.serving.settings import API_KEYS_ENV
 
 KEYS = ("first-key", "second-key")
 
@@ -18,22 +16,14 @@ KEYS = ("first-key", "second-key")
 @pytest.fixture(scope="module")
 def keyed_server(tiny_routed_artifact):
     """Two API keys, a limit of two requests held per replica and a 20 s request timeout."""
-    before = os.environ.get(API_KEYS_ENV)
-    os.environ[API_KEYS_ENV] = ",".join(KEYS)  # the replicas inherit it from the local Ray
     options = {
         "artifact": str(tiny_routed_artifact),
         "device": "cpu",
         "max_queued_requests": 2,
         "request_timeout_s": 20,
     }
-    try:
-        with live_server(options) as urls:
-            yield urls[0]
-    finally:
-        if before is None:
-            os.environ.pop(API_KEYS_ENV, None)
-        else:
-            os.environ[API_KEYS_ENV] = before
+    with live_server(options, api_keys=KEYS) as urls:
+        yield urls[0]
 
 
 def bearer(key):
