@@ -498,21 +498,24 @@ class ClassifierServer:
             return JSONResponse({"error": str(err)}, status_code=err.status)
         try:
             answers = await asyncio.wait_for(self._answers(request), self.timeout_s)
-        except (TimeoutError, BackPressureError) as err:
+        except (TimeoutError, BackPressureError, *REPLICA_LOST) as err:
             self.metrics.request(body.task, 503)
-            message = (
-                f"no answer within {self.timeout_s:g} s: the server is overloaded"
-                if isinstance(err, TimeoutError)
-                else "every model replica is full: the server is overloaded"
-            )
             retry = {"Retry-After": str(RETRY_AFTER_S)}
-            return JSONResponse({"error": message}, 503, headers=retry)
+            return JSONResponse({"error": self._unavailable(err)}, 503, headers=retry)
         if isinstance(answers, Exception):  # this request failed alone: the server's fault
             self.metrics.request(body.task, 500)
             message = f"the model failed on this request ({type(answers).__name__})"
             return JSONResponse({"error": message}, status_code=500)
         self.metrics.request(body.task, 200, time.perf_counter() - request.arrived)
         return {"artifact_version": self.front.version, "results": [vars(a) for a in answers]}
+
+    def _unavailable(self, err: Exception) -> str:
+        """Why no model replica answered, for a 503."""
+        if isinstance(err, TimeoutError):
+            return f"no answer within {self.timeout_s:g} s: the server is overloaded"
+        if isinstance(err, BackPressureError):
+            return "every model replica is full: the server is overloaded"
+        return f"the model replicas were lost {ATTEMPTS} times in a row; retry shortly"
 
     async def _answers(self, request: ClassifyRequest) -> list[Any] | Exception:
         handle = self.models
@@ -537,8 +540,8 @@ class ClassifierServer:
             status = await asyncio.wait_for(
                 _again_if_lost(lambda: self.models.status.remote()), self.timeout_s
             )
-        except (TimeoutError, BackPressureError):
-            return JSONResponse({"ready": False, "error": "no model replica answered"}, 503)
+        except (TimeoutError, BackPressureError, *REPLICA_LOST) as err:
+            return JSONResponse({"ready": False, "error": self._unavailable(err)}, 503)
         if status["problem"] is not None:
             return JSONResponse({"ready": False, "error": status["problem"]}, 503)
         return JSONResponse(

@@ -53,10 +53,9 @@ def test_openapi_documents_the_bearer_scheme(keyed_server):
 
 
 def post_status(url, body, key):
-    """(status, Retry-After header) of one classify request."""
-    request = urllib.request.Request(
-        url, json.dumps(body).encode(), {"content-type": "application/json", **bearer(key)}
-    )
+    """(status, Retry-After header) of one classify request (``key`` None: no key)."""
+    headers = {"content-type": "application/json", **(bearer(key) if key else {})}
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, response.headers.get("Retry-After")
