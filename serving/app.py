@@ -289,6 +289,15 @@ async def _run_batch(
     return answers
 
 
+@dataclasses.dataclass
+class Answered:
+    """A model replica's answers to one request, and the artifact version that gave them (in a
+    rolling update, fronts and model replicas of either version may meet)."""
+
+    version: str
+    predictions: list[Any]
+
+
 def set_batching(method: Any, options: ServingOptions) -> None:
     method.set_max_batch_size(options.max_batch_size)
     method.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
@@ -310,9 +319,10 @@ class ModelReplica:
         self.metrics.refresh_memory_every(2.0, self.engine.memory)
         set_batching(self.classify_batch, options)
 
-    async def classify(self, request: ClassifyRequest) -> list[Any] | Exception:
+    async def classify(self, request: ClassifyRequest) -> Answered | Exception:
         request.arrived = time.perf_counter()  # this process's clock, for the queue stage
-        return await self.classify_batch(request)
+        answers = await self.classify_batch(request)
+        return answers if isinstance(answers, Exception) else Answered(self.engine.version, answers)
 
     @serve.batch(
         max_batch_size=ServingOptions.max_batch_size,
@@ -354,8 +364,13 @@ class ModelReplica:
             raise RuntimeError(problem)
 
     async def status(self) -> dict:
-        """For ``/readyz``: the problem (None when ready), this process and its memory."""
-        return {"problem": self.problem(), "pid": os.getpid(), "memory": self.engine.memory()}
+        """For ``/readyz``: the problem (None when ready), the version, this process, its memory."""
+        return {
+            "problem": self.problem(),
+            "version": self.engine.version,
+            "pid": os.getpid(),
+            "memory": self.engine.memory(),
+        }
 
 
 @serve.deployment(health_check_period_s=10)
@@ -391,9 +406,10 @@ class MultiplexedModels:
         self.metrics.refresh_memory_every(2.0, self.memory_figures)
         set_batching(self.classify_batch, options)
 
-    async def classify(self, request: ClassifyRequest) -> list[Any]:
+    async def classify(self, request: ClassifyRequest) -> Answered | Exception:
         request.arrived = time.perf_counter()  # this process's clock, for the queue stage
-        return await self.classify_batch(request)
+        answers = await self.classify_batch(request)
+        return answers if isinstance(answers, Exception) else Answered(self.zoo.version, answers)
 
     @serve.batch(
         max_batch_size=ServingOptions.max_batch_size,
@@ -421,8 +437,13 @@ class MultiplexedModels:
         }
 
     async def status(self) -> dict:
-        """For ``/readyz``: never a problem (models load on demand), this process, its memory."""
-        return {"problem": None, "pid": os.getpid(), "memory": self.memory_figures()}
+        """For ``/readyz``: no problem ever (models load on demand), version, process, memory."""
+        return {
+            "problem": None,
+            "version": self.zoo.version,
+            "pid": os.getpid(),
+            "memory": self.memory_figures(),
+        }
 
 
 # Everything a deployment class uses is defined above it: Serve pickles the class when it
@@ -507,7 +528,10 @@ class ClassifierServer:
             message = f"the model failed on this request ({type(answers).__name__})"
             return JSONResponse({"error": message}, status_code=500)
         self.metrics.request(body.task, 200, time.perf_counter() - request.arrived)
-        return {"artifact_version": self.front.version, "results": [vars(a) for a in answers]}
+        return {
+            "artifact_version": answers.version,
+            "results": [vars(a) for a in answers.predictions],
+        }
 
     def _unavailable(self, err: Exception) -> str:
         """Why no model replica answered, for a 503."""
@@ -517,7 +541,7 @@ class ClassifierServer:
             return "every model replica is full: the server is overloaded"
         return f"the model replicas were lost {ATTEMPTS} times in a row; retry shortly"
 
-    async def _answers(self, request: ClassifyRequest) -> list[Any] | Exception:
+    async def _answers(self, request: ClassifyRequest) -> Answered | Exception:
         handle = self.models
         if self.multiplexed:
             handle = handle.options(multiplexed_model_id=request.task)
@@ -547,7 +571,7 @@ class ClassifierServer:
         return JSONResponse(
             {
                 "ready": True,
-                "artifact_version": self.front.version,
+                "artifact_version": status["version"],
                 "pid": status["pid"],
                 "memory": status["memory"],
             }
