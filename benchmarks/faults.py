@@ -370,6 +370,26 @@ def server_scenarios(artifact: Path) -> dict:
     }
 
 
+# The overload scenario again with room for the front: one model replica of one CPU, so a
+# core is left to the proxy, the front and the client, and a tighter limit of requests held.
+HEADROOM = {"device": "cpu", "replicas": 1, "cpus_per_replica": 1, "max_queued_requests": 8}
+
+
+def overload_with_headroom(artifact: Path) -> dict:
+    """:func:`overload` against a server set up as :data:`HEADROOM`."""
+    from freemerge.serving.local import free_port, start_local, stop_local
+
+    port = free_port()
+    start_local({"artifact": str(artifact), **HEADROOM}, port=port, metrics_port=free_port())
+    try:
+        return {
+            "server": HEADROOM,
+            **overload(f"http://127.0.0.1:{port}", good_bodies(_tasks(artifact))),
+        }
+    finally:
+        stop_local()
+
+
 def run_faults(artifact: Path, full: bool = False) -> dict:
     """Every scenario; with ``full`` also the two-node cluster's node kill."""
     from freemerge.benchmarks.machine import describe_machine
@@ -378,6 +398,8 @@ def run_faults(artifact: Path, full: bool = False) -> dict:
     print("== token budget sweep", flush=True)
     result["token_budget"] = budget_sweep(artifact, BUDGETS)
     result.update(server_scenarios(artifact))
+    print("== overload, a core left to the front", flush=True)
+    result["overload_with_headroom"] = overload_with_headroom(artifact)
     if full:
         from freemerge.benchmarks.cluster import node_kill
 
@@ -422,6 +444,7 @@ def faults_markdown(result: dict, command: str) -> str:
         *_hostile_lines(result["hostile_inputs"]),
         *_isolation_lines(result["batch_isolation"]),
         *_overload_lines(result["overload"]),
+        *_headroom_lines(result["overload_with_headroom"]),
         *_kill_lines("A model replica killed under load (kill -9)", result["replica_kill"]),
         *_largest_lines(result["largest_legal_traffic"]),
         *_budget_lines(result["token_budget"]),
@@ -472,6 +495,13 @@ def _overload_lines(over: dict) -> list[str]:
         f"unanswered or other: {over['unanswered']}.",
         "",
     ]
+
+
+def _headroom_lines(over: dict) -> list[str]:
+    lines = _overload_lines(over)
+    lines[0] = "## Overload at four times the sustainable rate, a core left to the front"
+    lines[2] = f"Server: {json.dumps(over['server'])}. " + lines[2]
+    return lines
 
 
 def _largest_lines(largest: dict) -> list[str]:

@@ -27,8 +27,9 @@ import torch
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 PASS_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 4096}
-# Padded tokens one pass holds at most, by device type; chosen by measurement
-# (benchmarks/results/faults.md: peak memory and throughput against the budget).
+# Padded tokens one pass holds at most, by device type. The CPU's value was measured against
+# others (benchmarks/results/faults.md: throughput flat, memory growing with the budget); the
+# GPU's is not measured yet.
 MAX_PASS_TOKENS = {"cpu": 8192, "cuda": 65536}
 
 
