@@ -19,14 +19,14 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
-from freemerge.benchmarks.faults import kill_summary, load_spec
-from freemerge.benchmarks.loadgen import call, run_load_in_process
+from freemerge.benchmarks.faults import kill_under_load, load_spec, pids_matching
+from freemerge.benchmarks.loadgen import call
 from freemerge.serving.local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,16 +90,10 @@ def start_node(env: dict[str, str], head_port: int | None, cpus: int) -> dict:
 
 def raylet_pid(node_manager_port: int) -> int:
     """The PID of the raylet listening on ``node_manager_port``."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if "raylet" in cmdline and f"--node_manager_port={node_manager_port}" in cmdline:
-            return int(entry.name)
-    raise RuntimeError(f"no raylet on node manager port {node_manager_port}")
+    pids = pids_matching("raylet", f"--node_manager_port={node_manager_port}")
+    if not pids:
+        raise RuntimeError(f"no raylet on node manager port {node_manager_port}")
+    return pids[0]
 
 
 def cluster_config(artifact: Path, http_port: int, replicas: int) -> dict:
@@ -137,7 +131,7 @@ def running_models(env: dict[str, str], dashboard: int) -> int:
         return 0
 
 
-def wait_until(check: object, seconds: float) -> float | None:
+def wait_until(check: Callable[[], bool], seconds: float) -> float | None:
     """Seconds until ``check()`` is true (polled), or None after ``seconds``."""
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -180,17 +174,12 @@ def node_kill(
 
         if wait_until(serving, 300) is None:
             raise RuntimeError("the app did not start on the two-node cluster within 300 s")
+
+        def kill() -> None:
+            os.kill(raylet_pid(worker["node_manager"]), signal.SIGKILL)
+            start_node(env, head["gcs"], cpus=1)  # the replacement node, as a new pod would be
+
         spec = load_spec(url, bodies, concurrency=clients, requests=100_000, max_seconds=seconds)
-        outcome: dict = {}
-        load = threading.Thread(target=lambda: outcome.update(result=run_load_in_process(spec)))
-        load.start()
-        time.sleep(seconds / 3)
-        os.kill(raylet_pid(worker["node_manager"]), signal.SIGKILL)
-        killed = time.perf_counter()
-        start_node(env, head["gcs"], cpus=1)  # the replacement node, as a new pod would be
-        back = wait_until(serving, seconds * 4)
-        back = None if back is None else time.perf_counter() - killed
-        load.join()
+        return kill_under_load(spec, kill, serving, seconds * 4, poll_s=0.5)
     finally:
         subprocess.run([_tool("ray"), "stop", "--force"], capture_output=True, timeout=180, env=env)
-    return kill_summary(outcome["result"].records, clients, back)

@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import numpy as np
 from freemerge.benchmarks.evaluate import task_texts
 from freemerge.benchmarks.loadgen import LoadSpec, call, run_load_in_process
 from freemerge.benchmarks.spawn import run_in_child
+from freemerge.merging.artifact import open_artifact
 from freemerge.serving.settings import ServingOptions
 
 REPLICA_TITLE = "ServeReplica:freemerge:ModelReplica"
@@ -106,22 +108,28 @@ def try_cases(url: str, cases: list[Case], task: str) -> list[dict]:
     return rows
 
 
-def batch_isolation(url: str, task: str, texts: list[str]) -> dict:
-    """Fifteen good requests and one bad one, sent at the same moment: the statuses."""
-    bodies = [{"task": task, "inputs": [t]} for t in texts[:15]]
-    bodies.insert(7, {"task": task, "inputs": ["fine", "\ud800"]})
+def statuses_at_once(url: str, bodies: list[dict], timeout: float = 120) -> list[int]:
+    """The status of each of ``bodies``, all sent to classify at the same moment."""
     statuses: list[int] = [0] * len(bodies)
     barrier = threading.Barrier(len(bodies))
 
     def send(index: int) -> None:
         barrier.wait()
-        statuses[index] = call(url + "/v1/classify", bodies[index])[0]
+        statuses[index] = call(url + "/v1/classify", bodies[index], timeout=timeout)[0]
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=120)
+        thread.join(timeout=timeout + 60)
+    return statuses
+
+
+def batch_isolation(url: str, task: str, texts: list[str]) -> dict:
+    """Fifteen good requests and one bad one, sent at the same moment: the statuses."""
+    bodies = [{"task": task, "inputs": [t]} for t in texts[:15]]
+    bodies.insert(7, {"task": task, "inputs": ["fine", "\ud800"]})
+    statuses = statuses_at_once(url, bodies)
     good = [s for i, s in enumerate(statuses) if i != 7]
     return {"good_requests": len(good), "good_answered": good.count(200), "bad_status": statuses[7]}
 
@@ -165,19 +173,24 @@ def overload(url: str, bodies: list[dict], seconds: float = 15.0) -> dict:
     }
 
 
-def replica_pids() -> list[int]:
-    """PIDs of this machine's model replica processes (Ray titles them by deployment)."""
+def pids_matching(*needles: str) -> list[int]:
+    """PIDs of this machine's processes whose command line holds every one of ``needles``."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            line = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if REPLICA_TITLE in title:
+        if all(needle in line for needle in needles):
             pids.append(int(entry.name))
     return sorted(pids)
+
+
+def replica_pids() -> list[int]:
+    """PIDs of this machine's model replica processes (Ray titles them by deployment)."""
+    return pids_matching(REPLICA_TITLE)
 
 
 def peak_resident_mib(pid: int) -> float | None:
@@ -196,24 +209,39 @@ def replica_kill(
 ) -> dict:
     """``kill -9`` of one model replica a third into closed-loop load: failed requests, and
     the seconds from the kill until ``replicas`` replica processes run again."""
-    before = replica_pids()
+    victim = replica_pids()[0]
+
+    def recovered() -> bool:
+        return len([p for p in replica_pids() if p != victim]) >= replicas and _ready(url)
+
     spec = load_spec(url, bodies, concurrency=clients, requests=100_000, max_seconds=seconds)
+    return kill_under_load(spec, lambda: os.kill(victim, signal.SIGKILL), recovered, seconds * 3)
+
+
+def kill_under_load(
+    spec: LoadSpec,
+    kill: Callable[[], None],
+    recovered: Callable[[], bool],
+    wait_s: float,
+    poll_s: float = 0.25,
+) -> dict:
+    """Closed-loop load from a separate process, ``kill()`` a third into it, then polling
+    ``recovered()`` for up to ``wait_s``: :func:`kill_summary` of the load and the seconds
+    from the kill until recovered."""
     outcome: dict = {}
     load = threading.Thread(target=lambda: outcome.update(result=run_load_in_process(spec)))
     load.start()
-    time.sleep(seconds / 3)
-    victim = before[0]
-    os.kill(victim, signal.SIGKILL)
+    time.sleep(spec.max_seconds / 3)
     killed = time.perf_counter()
+    kill()
     back = None
-    while time.perf_counter() - killed < seconds * 3:
-        now = [p for p in replica_pids() if p != victim]
-        if len(now) >= replicas and _ready(url):
+    while time.perf_counter() - killed < wait_s:
+        if recovered():
             back = time.perf_counter() - killed
             break
-        time.sleep(0.25)
+        time.sleep(poll_s)
     load.join()
-    return kill_summary(outcome["result"].records, clients, back)
+    return kill_summary(outcome["result"].records, spec.concurrency, back)
 
 
 def kill_summary(records: list[dict], clients: int, back: float | None) -> dict:
@@ -238,17 +266,8 @@ def largest_legal_traffic(url: str, options: ServingOptions, task: str) -> dict:
     the statuses, the slowest answer, and the model replicas' peak resident memory."""
     body = {"task": task, "inputs": [MAX_TEXT[: options.max_chars]] * options.max_items}
     clients = options.max_batch_size
-    statuses: list[int] = [0] * clients
     start = time.perf_counter()
-
-    def send(index: int) -> None:
-        statuses[index] = call(url + "/v1/classify", body, timeout=600)[0]
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=900)
+    statuses = statuses_at_once(url, [body] * clients, timeout=600)
     peaks = [peak_resident_mib(pid) for pid in replica_pids()]
     return {
         "clients": clients,
@@ -332,14 +351,12 @@ SERVER = {"device": "cpu", "replicas": 2, "cpus_per_replica": 1, "request_timeou
 BUDGETS = (2048, 4096, 8192, 16384, 32768, None)
 
 
-def server_scenarios(artifact: Path) -> dict:
+def server_scenarios(artifact: Path, tasks: list[str], bodies: list[dict]) -> dict:
     """The scenarios against one local server (two model replicas), in a fixed order, the
     largest legal traffic last."""
     from freemerge.serving.local import free_port, start_local, stop_local
 
     options = ServingOptions.from_mapping({"artifact": str(artifact), **SERVER})
-    tasks = _tasks(artifact)
-    bodies = good_bodies(tasks)
     port = free_port()
     start_local(dict(artifact=str(artifact), **SERVER), port=port, metrics_port=free_port())
     url = f"http://127.0.0.1:{port}"
@@ -357,11 +374,7 @@ def server_scenarios(artifact: Path) -> dict:
     finally:
         stop_local()
     return {
-        "server": {
-            **SERVER,
-            "max_queued_requests": options.max_queued_requests,
-            "request_timeout_s": options.request_timeout_s,
-        },
+        "server": {**SERVER, "max_queued_requests": options.max_queued_requests},
         "hostile_inputs": hostile,
         "batch_isolation": isolation,
         "overload": overloaded,
@@ -375,7 +388,7 @@ def server_scenarios(artifact: Path) -> dict:
 HEADROOM = {"device": "cpu", "replicas": 1, "cpus_per_replica": 1, "max_queued_requests": 8}
 
 
-def overload_with_headroom(artifact: Path) -> dict:
+def overload_with_headroom(artifact: Path, bodies: list[dict]) -> dict:
     """:func:`overload` against a server set up as :data:`HEADROOM`."""
     from freemerge.serving.local import free_port, start_local, stop_local
 
@@ -384,7 +397,7 @@ def overload_with_headroom(artifact: Path) -> dict:
     try:
         return {
             "server": HEADROOM,
-            **overload(f"http://127.0.0.1:{port}", good_bodies(_tasks(artifact))),
+            **overload(f"http://127.0.0.1:{port}", bodies),
         }
     finally:
         stop_local()
@@ -397,21 +410,17 @@ def run_faults(artifact: Path, full: bool = False) -> dict:
     result = {"machine": describe_machine(), "artifact": str(artifact)}
     print("== token budget sweep", flush=True)
     result["token_budget"] = budget_sweep(artifact, BUDGETS)
-    result.update(server_scenarios(artifact))
+    tasks = list(open_artifact(artifact, verify=False).tasks)
+    bodies = good_bodies(tasks)
+    result.update(server_scenarios(artifact, tasks, bodies))
     print("== overload, a core left to the front", flush=True)
-    result["overload_with_headroom"] = overload_with_headroom(artifact)
+    result["overload_with_headroom"] = overload_with_headroom(artifact, bodies)
     if full:
         from freemerge.benchmarks.cluster import node_kill
 
         print("== node kill on a two-node cluster", flush=True)
-        result["node_kill"] = node_kill(artifact, good_bodies(_tasks(artifact)))
+        result["node_kill"] = node_kill(artifact, bodies)
     return result
-
-
-def _tasks(artifact: Path) -> list[str]:
-    from freemerge.merging.artifact import open_artifact
-
-    return list(open_artifact(artifact, verify=False).tasks)
 
 
 def _range(spread: dict, spec: str = ",.0f") -> str:
@@ -444,7 +453,11 @@ def faults_markdown(result: dict, command: str) -> str:
         *_hostile_lines(result["hostile_inputs"]),
         *_isolation_lines(result["batch_isolation"]),
         *_overload_lines(result["overload"]),
-        *_headroom_lines(result["overload_with_headroom"]),
+        *_overload_lines(
+            result["overload_with_headroom"],
+            ", a core left to the front",
+            f"Server: {json.dumps(result['overload_with_headroom']['server'])}. ",
+        ),
         *_kill_lines("A model replica killed under load (kill -9)", result["replica_kill"]),
         *_largest_lines(result["largest_legal_traffic"]),
         *_budget_lines(result["token_budget"]),
@@ -483,11 +496,11 @@ def _isolation_lines(isolation: dict) -> list[str]:
     ]
 
 
-def _overload_lines(over: dict) -> list[str]:
+def _overload_lines(over: dict, title: str = "", server: str = "") -> list[str]:
     return [
-        "## Overload at four times the sustainable rate",
+        f"## Overload at four times the sustainable rate{title}",
         "",
-        f"Sustainable (8 clients, closed loop): {over['sustainable_rps']} req/s, p50 "
+        f"{server}Sustainable (8 clients, closed loop): {over['sustainable_rps']} req/s, p50 "
         f"{over['at_capacity']['p50_ms']} ms, p99 {over['at_capacity']['p99_ms']} ms. Offered "
         f"{over['offered_rps']} req/s (open loop): statuses {over['statuses']}; accepted p50 "
         f"{over['accepted']['p50_ms']} ms, p99 {over['accepted']['p99_ms']} ms; refused (503) "
@@ -495,13 +508,6 @@ def _overload_lines(over: dict) -> list[str]:
         f"unanswered or other: {over['unanswered']}.",
         "",
     ]
-
-
-def _headroom_lines(over: dict) -> list[str]:
-    lines = _overload_lines(over)
-    lines[0] = "## Overload at four times the sustainable rate, a core left to the front"
-    lines[2] = f"Server: {json.dumps(over['server'])}. " + lines[2]
-    return lines
 
 
 def _largest_lines(largest: dict) -> list[str]:

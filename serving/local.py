@@ -122,7 +122,7 @@ def stop_local() -> None:
 
 def _end(processes: Iterable[psutil.Process], grace_s: float) -> None:
     """SIGTERM the living ``processes``, then SIGKILL those still there after ``grace_s``."""
-    living = _living(processes)
+    living = still_running(processes)
     if grace_s > 0:
         living = _wait_gone(_signal_each(living, signal.SIGTERM), grace_s)
     living = _wait_gone(_signal_each(living, signal.SIGKILL), 5.0)
@@ -130,7 +130,7 @@ def _end(processes: Iterable[psutil.Process], grace_s: float) -> None:
         print(f"freemerge: could not end processes {[p.pid for p in living]}", file=sys.stderr)
 
 
-def _living(processes: Iterable[psutil.Process]) -> list[psutil.Process]:
+def still_running(processes: Iterable[psutil.Process]) -> list[psutil.Process]:
     """Those of ``processes`` still running (a zombie has exited; its PID is not reused)."""
     living = []
     for process in processes:
@@ -145,7 +145,7 @@ def _living(processes: Iterable[psutil.Process]) -> list[psutil.Process]:
 def _wait_gone(processes: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
     """Wait up to ``timeout_s`` for ``processes`` to exit; those still running."""
     deadline = time.monotonic() + timeout_s
-    while (living := _living(processes)) and time.monotonic() < deadline:
+    while (living := still_running(processes)) and time.monotonic() < deadline:
         time.sleep(0.1)
     return living
 

@@ -1,6 +1,9 @@
 """A server on a local Ray for end-to-end tests."""
 
+import json
 import os
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -33,3 +36,19 @@ def _started(options: dict) -> Iterator[tuple[str, str]]:
         yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
     finally:
         stop_local()
+
+
+def bearer(key: str) -> dict[str, str]:
+    """The header that carries an API key."""
+    return {"Authorization": f"Bearer {key}"}
+
+
+def post_status(url: str, body: dict, key: str | None) -> tuple[int, str | None]:
+    """(status, Retry-After header) of one classify request (``key`` None: no key)."""
+    headers = {"content-type": "application/json", **(bearer(key) if key else {})}
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.headers.get("Retry-After")
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers.get("Retry-After")

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from freemerge.serving.local import _end, free_port
+from freemerge.serving.local import _end, free_port, still_running
 
 READY_WITHIN_S = 120  # Ray, Serve and the tiny model on 2 shared CPUs
 EXIT_WITHIN_S = 90  # the server's own bound on stopping (STOP_DEADLINE_S) is under this
@@ -94,22 +94,11 @@ def _in_session(sid: int) -> list[psutil.Process]:
     return found
 
 
-def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
-    living = []
-    for process in processes:
-        try:
-            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-                living.append(process)
-        except psutil.Error:
-            pass
-    return living
-
-
 def _left_behind(server: subprocess.Popen, seen: dict[int, psutil.Process]) -> list[str]:
     """What is still running, of what the server started, a few seconds after it exited."""
     deadline = time.monotonic() + GONE_WITHIN_S
     while True:
-        left = _alive(list({*seen.values(), *_in_session(server.pid)}))
+        left = still_running(list({*seen.values(), *_in_session(server.pid)}))
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.2)
@@ -129,7 +118,7 @@ def _kill_leftovers(server: subprocess.Popen, seen: dict[int, psutil.Process]) -
         except ProcessLookupError:
             pass
         server.wait()
-    for process in _alive(list({*seen.values(), *_in_session(server.pid)})):
+    for process in still_running(list({*seen.values(), *_in_session(server.pid)})):
         try:
             process.kill()
         except psutil.Error:
@@ -141,7 +130,7 @@ def test_a_stopped_server_leaves_no_process_behind(tiny_routed_artifact, stop_si
     log = tmp_path / "serve.log"
     with _serve(tiny_routed_artifact, log) as (server, port, seen):
         _wait_ready(server, port, seen)
-        assert any("raylet" in p.name() for p in _alive(list(seen.values())))
+        assert any("raylet" in p.name() for p in still_running(list(seen.values())))
         started = time.monotonic()
         server.send_signal(stop_signal)
         server.wait(timeout=EXIT_WITHIN_S)

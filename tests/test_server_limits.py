@@ -1,12 +1,9 @@
 """End to end on a local Ray: API keys, the replica's request limit and readiness, over HTTP."""
 
-import json
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from live_server import live_server
+from live_server import bearer, live_server, post_status
 
 from freemerge.benchmarks.loadgen import call
 
@@ -24,10 +21,6 @@ def keyed_server(tiny_routed_artifact):
     }
     with live_server(options, api_keys=KEYS) as urls:
         yield urls[0]
-
-
-def bearer(key):
-    return {"Authorization": f"Bearer {key}"}
 
 
 def test_v1_routes_need_a_key_and_probes_do_not(keyed_server):
@@ -50,17 +43,6 @@ def test_openapi_documents_the_bearer_scheme(keyed_server):
     assert spec["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
     assert spec["paths"]["/v1/classify"]["post"]["security"] == [{"apiKey": []}]
     assert "security" not in spec["paths"]["/healthz"]["get"]
-
-
-def post_status(url, body, key):
-    """(status, Retry-After header) of one classify request (``key`` None: no key)."""
-    headers = {"content-type": "application/json", **(bearer(key) if key else {})}
-    request = urllib.request.Request(url, json.dumps(body).encode(), headers)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, response.headers.get("Retry-After")
-    except urllib.error.HTTPError as err:
-        return err.code, err.headers.get("Retry-After")
 
 
 def test_requests_beyond_the_replica_limit_are_refused_with_retry_after(keyed_server):

@@ -1,8 +1,7 @@
 """End to end on a local Ray: a request with no answer within the request timeout gets a 503
 with Retry-After (its own server: one local Ray at a time)."""
 
-from live_server import live_server
-from test_server_limits import post_status
+from live_server import live_server, post_status
 
 from freemerge.benchmarks.loadgen import call
 
