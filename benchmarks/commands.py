@@ -75,6 +75,27 @@ def _bench_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_router(args: argparse.Namespace) -> int:
+    from freemerge.benchmarks.demo import cached_artifact
+    from freemerge.benchmarks.routing import router_markdown, run_router_bench
+    from freemerge.merging.files import (
+        default_cache_dir,
+        write_json_atomically,
+        write_text_atomically,
+    )
+    from freemerge.merging.zoo_folder import open_zoo
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    artifact = args.artifact or cached_artifact(Path("configs/free.yaml"), cache_dir, args.zoo)
+    kinds = args.kinds.split(",") if args.kinds else None
+    result = run_router_bench(open_zoo(args.zoo, cache_dir), artifact, kinds, args.rounds)
+    markdown = router_markdown(result, _command())
+    write_json_atomically(args.out / "router.json", result)
+    write_text_atomically(args.out / "router.md", markdown)
+    print(markdown)
+    return 0
+
+
 def _bench_load(args: argparse.Namespace) -> int:
     from freemerge.benchmarks.demo import cached_artifact
     from freemerge.benchmarks.load import LoadPlan, write_load_results
@@ -172,11 +193,25 @@ def _add_zoo_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
-    bench = commands.add_parser("bench", help="benchmarks: quality, load, autoscaling, faults")
+    bench = commands.add_parser(
+        "bench", help="benchmarks: quality, router, load, autoscaling, faults"
+    )
     kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     quality = kinds.add_parser("quality", help="the merge quality table on a zoo")
     quality.add_argument(
         "--quick", action="store_true", help="one candidate per row (default: the grid)"
+    )
+    router = kinds.add_parser(
+        "router", help="every router kind fitted and compared; the default picked on validation"
+    )
+    router.add_argument(
+        "--kinds",
+        default=None,
+        help="comma-separated router kinds (default: ngrams, embeddings, layers, experts and "
+        "their combinations, as listed in merging/router_config.py)",
+    )
+    router.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds of the cost timing (default: 3)"
     )
     load = kinds.add_parser("load", help="load test: merged server against separate models")
     load.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
@@ -201,6 +236,7 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     )
     for parser, handler in (
         (quality, _bench_quality),
+        (router, _bench_router),
         (load, _bench_load),
         (autoscale, _bench_autoscale),
         (faults, _bench_faults),
@@ -215,7 +251,7 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
                 "--artifact",
                 type=Path,
                 default=None,
-                help="artifact to serve (default: configs/free.yaml merged over --zoo)",
+                help="artifact to use (default: configs/free.yaml merged over --zoo)",
             )
         parser.set_defaults(handler=handler)
 

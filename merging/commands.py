@@ -64,6 +64,29 @@ def _methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _router_fit(args: argparse.Namespace) -> int:
+    from freemerge.merging.artifact import ArtifactError, read_manifest
+    from freemerge.merging.refit import refit_router, router_data
+    from freemerge.merging.router_config import RouterConfig
+
+    given = {}
+    for item in args.data:
+        task, sep, path = item.partition("=")
+        if not sep or not task or not path:
+            raise ArtifactError(f"--data {item!r}: expected TASK=FILE.jsonl")
+        given[task] = path
+    data = router_data(read_manifest(args.artifact)[0], given)
+    config = RouterConfig(
+        kind=args.kind, examples_per_task=args.examples_per_task, seed=args.seed, data=data
+    )
+    metrics, version = refit_router(args.artifact, config, args.out)
+    accuracy, error = metrics["held_out_accuracy"], metrics["held_out_ece"]
+    print(f"router ({config.kind}) fitted on {metrics['examples']} texts: held-out accuracy ")
+    print(f"{accuracy:.4f}, calibration error {error:.4f}")
+    print(f"artifact {args.out or args.artifact}: version {version}")
+    return 0
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     """Add ``merge``, ``verify``, ``export`` and ``methods`` to the ``freemerge`` parser."""
     merge = commands.add_parser("merge", help="merge fine-tuned models into an artifact")
@@ -102,3 +125,46 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     methods = commands.add_parser("methods", help="list the merge methods and their parameters")
     methods.set_defaults(handler=_methods)
+    _register_router(commands)
+
+
+def _register_router(commands: argparse._SubParsersAction) -> None:
+    """``freemerge router fit``."""
+    from freemerge.merging.router_config import ROUTER_KINDS, RouterConfig
+
+    router = commands.add_parser("router", help="the task router of an artifact")
+    actions = router.add_subparsers(dest="router_command", required=True, metavar="ACTION")
+    fit = actions.add_parser(
+        "fit",
+        help="fit a new router for an artifact without re-merging; writes a new artifact version",
+    )
+    fit.add_argument("artifact", type=Path, help="artifact folder")
+    fit.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="TASK=FILE.jsonl",
+        help='texts of one task (JSONL lines of {"text": ...}); repeatable (default: the '
+        "files the artifact's router was fitted on)",
+    )
+    fit.add_argument(
+        "--kind",
+        default=RouterConfig.kind,
+        help=f"router kind: one of {', '.join(ROUTER_KINDS)}, or any '+'-joined set of "
+        f"ngrams, layers and experts (default: {RouterConfig.kind})",
+    )
+    fit.add_argument(
+        "--examples-per-task",
+        type=int,
+        default=RouterConfig.examples_per_task,
+        help=f"texts drawn per task (default: {RouterConfig.examples_per_task})",
+    )
+    fit.add_argument("--seed", type=int, default=0, help="seed of the draw and fit (default: 0)")
+    fit.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="write the new artifact here (must not exist) (default: replace the artifact in "
+        "one step)",
+    )
+    fit.set_defaults(handler=_router_fit)

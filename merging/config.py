@@ -30,7 +30,7 @@ import yaml
 
 from freemerge.merging.experts import DEFAULT_EXPERT_KIND, Expert, expert_settings, make_expert
 from freemerge.merging.methods import MergeMethod, get_method, resolve_parameters
-from freemerge.merging.router_training import RouterConfig
+from freemerge.merging.router_config import RouterConfig
 from freemerge.merging.zoo_folder import Zoo, ZooError, open_zoo
 
 TOP_KEYS = ("zoo", "base_model", "models", "method", "parameters", "experts", "router")

@@ -187,7 +187,7 @@ def _write_artifact(
     }
     router = None
     if config.router is not None:
-        router = build_router(config.router, list(models), backbone, tmp)
+        router = build_router(config.router, tmp, tasks)
     (tmp / "filter_report.json").write_text(
         json.dumps(_filter_report(merged.removed_energy), indent=2)
     )

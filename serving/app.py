@@ -20,7 +20,7 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import torch
 from fastapi import FastAPI, Request
@@ -122,6 +122,20 @@ class ClassifyBody(BaseModel):
     inputs: list[StrictStr] = Field(
         ..., description="texts to classify", min_length=1, max_length=MAX_ITEMS_CEILING
     )
+    candidates: list[Annotated[str, Field(max_length=MAX_TASK_CHARS)]] | None = Field(
+        None,
+        description="untagged requests: the tasks the router may choose among (default all)",
+        min_length=1,
+        max_length=MAX_ITEMS_CEILING,
+    )
+    min_confidence: float | None = Field(
+        None,
+        description="untagged requests: refuse with 422 (naming the top candidate tasks) when "
+        "the router's top probability for a text is below this (default: the server's "
+        "--min-router-confidence)",
+        ge=0.0,
+        le=1.0,
+    )
 
 
 class Result(BaseModel):
@@ -141,6 +155,21 @@ class ClassifyResponse(BaseModel):
 
 class ErrorBody(BaseModel):
     error: str
+
+
+class Candidate(BaseModel):
+    task: str
+    probability: float
+
+
+class Unrouted(BaseModel):
+    input: int = Field(..., description="the text's index in `inputs`")
+    candidates: list[Candidate] = Field(..., description="the top tasks, most probable first")
+
+
+class UnroutedBody(BaseModel):
+    error: str
+    unrouted: list[Unrouted]
 
 
 @api.exception_handler(RequestValidationError)
@@ -164,7 +193,7 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
 
 
 def build_limits(options: ServingOptions) -> Limits:
-    return Limits(options.max_items, options.max_chars)
+    return Limits(options.max_items, options.max_chars, options.min_router_confidence)
 
 
 def build_engine(options: ServingOptions) -> Engine:
@@ -507,12 +536,17 @@ class ClassifierServer:
             400: {"model": ErrorBody},
             404: {"model": ErrorBody},
             413: {"model": ErrorBody, "description": "too many texts, too long, or body too big"},
+            422: {
+                "model": UnroutedBody,
+                "description": "the router's top probability for an untagged text was below "
+                "`min_confidence`",
+            },
             503: {"model": ErrorBody, "description": "overloaded: retry after Retry-After"},
         },
     )
     async def classify(self, body: ClassifyBody) -> Any:
         try:
-            request = self.front.check(body.task, body.inputs)
+            request = self.front.check(body.task, body.inputs, body.candidates, body.min_confidence)
         except RequestError as err:
             # one label for every task name a client invents, so the metrics stay bounded
             self.metrics.request("unknown" if err.status == 404 else body.task, err.status)
@@ -523,6 +557,9 @@ class ClassifierServer:
             self.metrics.request(body.task, 503)
             retry = {"Retry-After": str(RETRY_AFTER_S)}
             return JSONResponse({"error": self._unavailable(err)}, 503, headers=retry)
+        if isinstance(answers, RequestError):  # the router was unsure (422)
+            self.metrics.request(body.task, answers.status)
+            return JSONResponse(answers.body(), status_code=answers.status)
         if isinstance(answers, Exception):  # this request failed alone: the server's fault
             self.metrics.request(body.task, 500)
             message = f"the model failed on this request ({type(answers).__name__})"

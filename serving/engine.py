@@ -21,6 +21,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from freemerge.merging.artifact import Artifact, open_artifact
 from freemerge.merging.batching import PassPlan, Tokenized, forward_in_passes
 from freemerge.merging.zoo_folder import open_zoo
+from freemerge.serving.router import Route
 from freemerge.serving.runtime import MergedClassifier, Prediction, StageTimings, predictions
 from freemerge.serving.settings import ServingOptions
 
@@ -28,15 +29,24 @@ from freemerge.serving.settings import ServingOptions
 class RequestError(ValueError):
     """A request the server refuses: ``status`` is the HTTP code, the message says why."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, details: dict | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.details = details or {}  # more fields of the error body, beside "error"
+
+    def __reduce__(self) -> tuple:  # sent between Ray processes whole, details included
+        return (type(self), (self.status, str(self), self.details))
+
+    def body(self) -> dict:
+        """The JSON error body: ``{"error": message, **details}``."""
+        return {"error": str(self), **self.details}
 
 
 @dataclass(frozen=True)
 class Limits:
     max_items: int = ServingOptions.max_items
     max_chars: int = ServingOptions.max_chars
+    min_router_confidence: float = ServingOptions.min_router_confidence
 
 
 @dataclass
@@ -44,6 +54,8 @@ class ClassifyRequest:
     task: str | None
     inputs: list[str]
     arrived: float  # time.perf_counter() when the replica received it
+    candidates: list[str] | None = None  # untagged: the tasks the router may choose among
+    min_confidence: float = 0.0  # untagged: below this top probability, refuse with 422
 
 
 def wants_gpu(device: str = "auto") -> bool:
@@ -82,7 +94,13 @@ class Engine(Protocol):
         """Expert device-cache (hits, misses) so far; None without a cache."""
         ...
 
-    def check(self, task: str | None, inputs: object) -> ClassifyRequest: ...
+    def check(
+        self,
+        task: str | None,
+        inputs: object,
+        candidates: list[str] | None = None,
+        min_confidence: float | None = None,
+    ) -> ClassifyRequest: ...
 
     def classify_requests(
         self, requests: list[ClassifyRequest], timings: StageTimings
@@ -128,6 +146,27 @@ def _is_unicode_text(text: str) -> bool:
     return True
 
 
+def check_routing(
+    task: str | None, candidates: list[str] | None, known: list[str], has_router: bool, what: str
+) -> None:
+    """A task must be known; an untagged request needs a router, and its candidates must be
+    known tasks (a tagged request takes none)."""
+    names = ", ".join(known)
+    if task is not None and task not in known:
+        raise RequestError(404, f"unknown task {task!r}; known tasks: {names}")
+    if task is not None and candidates is not None:
+        raise RequestError(
+            400, "`candidates` is for untagged requests: give `task` or `candidates`, not both"
+        )
+    if task is None and not has_router:
+        raise RequestError(
+            400, f"{what} has no router, so `task` is required; known tasks: {names}"
+        )
+    unknown = [name for name in candidates or [] if name not in known]
+    if unknown:
+        raise RequestError(404, f"unknown candidate task {unknown[0]!r}; known tasks: {names}")
+
+
 def split_by_request(
     answers: list[Prediction], requests: list[ClassifyRequest]
 ) -> list[list[Prediction]]:
@@ -137,6 +176,26 @@ def split_by_request(
         out.append(answers[start : start + len(request.inputs)])
         start += len(request.inputs)
     return out
+
+
+def unsure(request: ClassifyRequest, routes: list[Route | None]) -> RequestError | None:
+    """A 422 when a text of ``request`` was routed below its ``min_confidence``, naming each
+    such text's top candidate tasks and their probabilities; else None."""
+    low = [
+        {"input": i, "candidates": route.top()}
+        for i, route in enumerate(routes)
+        if route is not None and route.confidence < request.min_confidence
+    ]
+    if not low:
+        return None
+    first = low[0]["candidates"][0]
+    return RequestError(
+        422,
+        f"the router could not choose a task for {len(low)} of {len(routes)} inputs with "
+        f"confidence {request.min_confidence:g} (input {low[0]['input']}: {first['task']} at "
+        f"{first['probability']:g}); give `task`, or fewer `candidates`",
+        {"unrouted": low},
+    )
 
 
 class ArtifactTasks:
@@ -149,15 +208,21 @@ class ArtifactTasks:
         self.task_names = list(artifact.tasks)
         self.has_router = bool(artifact.manifest.get("router"))
 
-    def check(self, task: str | None, inputs: object) -> ClassifyRequest:
-        known = ", ".join(self.task_names)
-        if task is not None and task not in self.task_names:
-            raise RequestError(404, f"unknown task {task!r}; known tasks: {known}")
-        if task is None and not self.has_router:
-            raise RequestError(
-                400, f"this artifact has no router, so `task` is required; known tasks: {known}"
-            )
-        return ClassifyRequest(task, check_inputs(inputs, self.limits), time.perf_counter())
+    def check(
+        self,
+        task: str | None,
+        inputs: object,
+        candidates: list[str] | None = None,
+        min_confidence: float | None = None,
+    ) -> ClassifyRequest:
+        check_routing(task, candidates, self.task_names, self.has_router, "this artifact")
+        return ClassifyRequest(
+            task,
+            check_inputs(inputs, self.limits),
+            time.perf_counter(),
+            list(dict.fromkeys(candidates)) if candidates is not None else None,
+            self.limits.min_router_confidence if min_confidence is None else min_confidence,
+        )
 
 
 class MergedEngine(ArtifactTasks):
@@ -215,11 +280,48 @@ class MergedEngine(ArtifactTasks):
     def classify_requests(
         self, requests: list[ClassifyRequest], timings: StageTimings
     ) -> list[list[Prediction]]:
-        """All rows of all requests in one call: grouped by task, untagged rows routed."""
-        texts = [text for request in requests for text in request.inputs]
-        tasks = [request.task for request in requests for _ in request.inputs]
-        answers = self.model.classify_rows(texts, tasks, self.mixing, timings=timings)
-        return split_by_request(answers, requests)
+        """All rows of all requests in one call: untagged rows routed first (one router pass
+        for all); a request with a text routed below its ``min_confidence`` gets a 422 naming
+        the top candidate tasks instead of answers, and costs no forward; the other requests'
+        rows then run together."""
+        routes = self._routes(requests, timings)
+        refused = {k: refusal for k, r in enumerate(requests) if (refusal := unsure(r, routes[k]))}
+        kept = [r for k, r in enumerate(requests) if k not in refused]
+        texts: list[str] = []
+        tasks: list[str | None] = []
+        by_row: dict[int, Route] = {}
+        for k, request in enumerate(requests):
+            for text, route in zip(request.inputs, routes[k], strict=True):
+                if k in refused:
+                    break
+                if route is not None:
+                    by_row[len(texts)] = route
+                texts.append(text)
+                tasks.append(request.task)
+        answers = (
+            self.model.classify_rows(texts, tasks, self.mixing, timings=timings, routes=by_row)
+            if kept
+            else []
+        )
+        split = iter(split_by_request(answers, kept))
+        return [refused[k] if k in refused else next(split) for k in range(len(requests))]
+
+    def _routes(
+        self, requests: list[ClassifyRequest], timings: StageTimings
+    ) -> list[list[Route | None]]:
+        """Per request, per text: the router's route (None for a tagged request's texts)."""
+        untagged = [r for r in requests if r.task is None]
+        if not untagged:
+            return [[None] * len(r.inputs) for r in requests]
+        start = time.perf_counter()
+        found = iter(
+            self.model.route(
+                [text for r in untagged for text in r.inputs],
+                [r.candidates for r in untagged for _ in r.inputs],
+            )
+        )
+        timings.add("route", time.perf_counter() - start)
+        return [[next(found) if r.task is None else None for _ in r.inputs] for r in requests]
 
     def memory(self) -> dict[str, int]:
         return {
@@ -263,13 +365,14 @@ class ZooTasks:
             for name, labels in self.labels.items()
         ]
 
-    def check(self, task: str | None, inputs: object) -> ClassifyRequest:
-        if task is None:
-            raise RequestError(
-                400, f"separate models need a `task`; known tasks: {', '.join(self.labels)}"
-            )
-        if task not in self.labels:
-            raise RequestError(404, f"unknown task {task!r}; known tasks: {', '.join(self.labels)}")
+    def check(
+        self,
+        task: str | None,
+        inputs: object,
+        candidates: list[str] | None = None,
+        min_confidence: float | None = None,
+    ) -> ClassifyRequest:
+        check_routing(task, candidates, list(self.labels), False, "the separate models")
         return ClassifyRequest(task, check_inputs(inputs, self.limits), time.perf_counter())
 
 

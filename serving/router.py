@@ -1,33 +1,61 @@
-"""Router inference: task probabilities for untagged texts, on the bare merged backbone.
+"""Router inference: calibrated task probabilities for untagged texts.
 
-The router's model and file format are :mod:`freemerge.merging.router`'s; it runs through the
-one tokenize-and-run loop, with no expert applied (no row adapters assigned).
+The router's kinds, features and file format are :mod:`freemerge.merging.router`'s. A kind
+with dense parts runs the bare merged backbone (no expert applied: no row adapters assigned)
+through the one tokenize-and-run loop; ``ngrams`` reads the text alone.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from freemerge.merging.batching import PassPlan, Tokenized, forward_in_passes
-from freemerge.merging.router import load_router, mean_pooled
+from freemerge.merging.router import (
+    RouterInputs,
+    dense_features,
+    expert_subspaces,
+    load_router,
+    ngram_ids,
+)
+from freemerge.merging.router_config import DENSE_PARTS, parse_kind
 
 
 class RouterMissingError(LookupError):
     """An untagged input for an artifact that was built without a router."""
 
 
-class Router:
-    """The artifact's router on ``device``: :meth:`probabilities` per text."""
+@dataclass(frozen=True)
+class Route:
+    """The router's choice for one text: the task, its probability, and the probability of
+    every task it chose among (the candidates, or all tasks)."""
 
-    def __init__(self, root: Path, device: torch.device) -> None:
+    task: str
+    confidence: float
+    probabilities: dict[str, float]
+
+    def top(self, count: int = 3) -> list[dict[str, float | str]]:
+        """The ``count`` most probable tasks, most probable first."""
+        ranked = sorted(self.probabilities.items(), key=lambda item: -item[1])[:count]
+        return [{"task": task, "probability": round(p, 4)} for task, p in ranked]
+
+
+class Router:
+    """The artifact's router on ``device``: :meth:`routes` per text."""
+
+    def __init__(self, root: Path, device: torch.device, experts: dict) -> None:
         self.model, record = load_router(root)
         self.model.to(device)
         self.tasks: list[str] = record["tasks"]
+        self.kind: str = record["kind"]
+        self.parts = parse_kind(self.kind)
+        self.buckets: int = record["buckets"]
         self.max_length: int = record["max_length"]
         self.device = device
+        self.subspaces = expert_subspaces(experts, self.tasks) if "experts" in self.parts else None
 
     @torch.no_grad()
     def probabilities(
@@ -36,13 +64,44 @@ class Router:
         tokenizer: PreTrainedTokenizerBase,
         texts: list[str],
         plan: PassPlan,
+        candidates: list[list[str] | None] | None = None,
     ) -> torch.Tensor:
-        """Task probabilities per text (rows), columns in :attr:`tasks` order."""
-        tokens = Tokenized(tokenizer, texts, self.max_length)
-        features = forward_in_passes(
-            tokens,
-            plan.passes(tokens.lengths),
-            self.device,
-            lambda _rows, batch: mean_pooled(backbone, batch),
-        )
-        return torch.softmax(self.model(features.to(self.device)), dim=-1).cpu()
+        """Calibrated task probabilities per text (rows, columns in :attr:`tasks` order); a
+        row with candidates has probability only among them (the others 0)."""
+        inputs = RouterInputs(ngram_ids(texts, self.buckets) if "ngrams" in self.parts else None)
+        if any(part in DENSE_PARTS for part in self.parts):
+            tokens = Tokenized(tokenizer, texts, self.max_length)
+            inputs.dense = forward_in_passes(
+                tokens,
+                plan.passes(tokens.lengths),
+                self.device,
+                lambda _rows, batch: dense_features(backbone, batch, self.parts, self.subspaces),
+            )
+        logits = self.model(inputs).float().cpu()
+        for row, allowed in enumerate(candidates or []):
+            if allowed is not None:
+                keep = torch.tensor([task in allowed for task in self.tasks])
+                logits[row, ~keep] = float("-inf")
+        return torch.softmax(logits, dim=-1)
+
+    def routes(
+        self,
+        backbone: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        texts: list[str],
+        plan: PassPlan,
+        candidates: list[list[str] | None] | None = None,
+    ) -> list[Route]:
+        """The chosen task per text, with its probability and every candidate's."""
+        probabilities = self.probabilities(backbone, tokenizer, texts, plan, candidates)
+        routes = []
+        for row, p in enumerate(probabilities):
+            allowed = candidates[row] if candidates and candidates[row] is not None else None
+            shares = {
+                task: float(q)
+                for task, q in zip(self.tasks, p.tolist(), strict=True)
+                if allowed is None or task in allowed
+            }
+            best = max(shares, key=shares.__getitem__)
+            routes.append(Route(best, shares[best], shares))
+        return routes

@@ -38,7 +38,7 @@ from freemerge.serving.adapters import (
     supports_row_adapters,
 )
 from freemerge.serving.expert_store import ExpertStore, held_bytes
-from freemerge.serving.router import Router, RouterMissingError
+from freemerge.serving.router import Route, Router, RouterMissingError
 from freemerge.serving.settings import MIXING_MODES
 
 
@@ -141,7 +141,7 @@ class MergedClassifier:
         if row_adapters and experts and supports_row_adapters(experts, self.backbone):
             self.row_adapters = install_row_adapters(self.backbone, experts, self.device)
         self.router = (
-            Router(artifact.root, self.device) if artifact.manifest.get("router") else None
+            Router(artifact.root, self.device, experts) if artifact.manifest.get("router") else None
         )
         self.damaged: str | None = None  # set if restoring the merged weights ever failed
 
@@ -195,14 +195,17 @@ class MergedClassifier:
                 self.damaged = f"restoring the merged weights failed ({type(err).__name__})"
             raise
 
-    def route(self, texts: list[str]) -> torch.Tensor:
-        """Task probabilities per text (rows), columns in ``self.router.tasks`` order."""
+    def route(
+        self, texts: list[str], candidates: list[list[str] | None] | None = None
+    ) -> list[Route]:
+        """The router's task per text (among the row's candidates, when given), in one router
+        pass for all texts."""
         if self.router is None:
             raise RouterMissingError(
                 "this artifact has no router, so a task is required; "
                 f"tasks: {', '.join(self.tasks)}"
             )
-        return self.router.probabilities(self.backbone, self.tokenizer, texts, self.plan)
+        return self.router.routes(self.backbone, self.tokenizer, texts, self.plan, candidates)
 
     @torch.no_grad()
     def classify_rows(
@@ -212,16 +215,18 @@ class MergedClassifier:
         mixing: str = "argmax",
         max_length: int | None = None,
         timings: StageTimings | None = None,
+        routes: dict[int, Route] | None = None,
     ) -> list[Prediction]:
-        """Answer each text with its own task; rows whose task is None are routed first (one
-        router pass for all of them), then every row runs in the passes :meth:`_passes` plans,
-        and each task's head reads its rows' pooled output."""
+        """Answer each text with its own task; rows whose task is None take their route from
+        ``routes`` (by row) or are routed first (one router pass for all of them), then every
+        row runs in the passes :meth:`_passes` plans, and each task's head reads its rows'
+        pooled output."""
         if mixing not in MIXING_MODES:
             raise ValueError(f"unknown mixing {mixing!r}; allowed: {', '.join(MIXING_MODES)}")
         timings = timings if timings is not None else StageTimings()
         for task in set(tasks) - {None}:
             self.artifact.task(task)  # unknown tasks fail before any work
-        chosen, confidence, mixtures = self._routed(texts, tasks, mixing, timings)
+        chosen, confidence, mixtures = self._routed(texts, tasks, mixing, timings, routes)
         pooled, tokens = self._pooled_rows(texts, chosen, mixtures, max_length, timings)
         answers: list[Prediction | None] = [None] * len(texts)
         for task in dict.fromkeys(chosen):
@@ -275,23 +280,31 @@ class MergedClassifier:
         return self.classify_rows(texts, [task] * len(texts), mixing)
 
     def _routed(
-        self, texts: list[str], tasks: list[str | None], mixing: str, timings: StageTimings
+        self,
+        texts: list[str],
+        tasks: list[str | None],
+        mixing: str,
+        timings: StageTimings,
+        routes: dict[int, Route] | None,
     ) -> tuple[list[str], dict[int, float], dict[int, dict[str, float]]]:
         """Each row's task (routed rows: the router's top task), the router's confidence per
-        routed row, and with softmax mixing each routed row's mixture weights."""
-        routed = [i for i, task in enumerate(tasks) if task is None]
+        routed row, and with softmax mixing each routed row's mixture weights (the
+        probabilities of the tasks it was routed among)."""
+        routes = dict(routes or {})
+        unrouted = [i for i, task in enumerate(tasks) if task is None and i not in routes]
+        if unrouted:
+            start = time.perf_counter()
+            routes.update(zip(unrouted, self.route([texts[i] for i in unrouted]), strict=True))
+            timings.add("route", time.perf_counter() - start)
         chosen = list(tasks)
         confidence: dict[int, float] = {}
         mixtures: dict[int, dict[str, float]] = {}
-        if routed:
-            start = time.perf_counter()
-            probabilities = self.route([texts[i] for i in routed])
-            timings.add("route", time.perf_counter() - start)
-            for row, p in zip(routed, probabilities, strict=True):
-                chosen[row] = self.router.tasks[int(p.argmax())]
-                confidence[row] = float(p.max())
+        for row, task in enumerate(tasks):
+            if task is None:
+                chosen[row] = routes[row].task
+                confidence[row] = routes[row].confidence
                 if mixing == "softmax":
-                    mixtures[row] = dict(zip(self.router.tasks, p.tolist(), strict=True))
+                    mixtures[row] = routes[row].probabilities
         return chosen, confidence, mixtures
 
     def _passes(self, chosen: list[str], mixed: set[int], lengths: list[int]) -> list[list[int]]:

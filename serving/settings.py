@@ -77,6 +77,12 @@ class ServingOptions:
         "mix of every expert (softmax, one pass per text)",
         choices=MIXING_MODES,
     )
+    min_router_confidence: float = _option(
+        0.0,
+        "untagged texts: when the router's top probability (calibrated) is below this, the "
+        "request is refused with 422 naming the top candidate tasks, so the caller can tag "
+        "it; a request's own `min_confidence` overrides it; 0 routes every text",
+    )
     expert_cache_size: int = _option(
         8,
         "on a GPU, experts applied in place (sparse experts, softmax mixing) kept on the "
@@ -98,6 +104,10 @@ class ServingOptions:
             if f.metadata["choices"] and value not in f.metadata["choices"]:
                 allowed = ", ".join(f.metadata["choices"])
                 raise ValueError(f"unknown {f.name} {value!r}; allowed: {allowed}")
+        if not 0.0 <= self.min_router_confidence <= 1.0:
+            raise ValueError(
+                f"min_router_confidence must be in [0, 1], got {self.min_router_confidence}"
+            )
         if self.models_per_replica is not None and (not self.zoo or self.models_per_replica < 1):
             raise ValueError(
                 "models_per_replica (multiplexed separate models) needs `zoo` and a value >= 1"
