@@ -486,6 +486,7 @@ def router_costs(
         "tagged_ms": 1000 * float(np.median([r["tagged"] for r in per_round])),
         "untagged_ms": 1000 * float(np.median([r["untagged"] for r in per_round])),
         "router_overhead_ms": spread([1000 * (r["untagged"] - r["tagged"]) for r in per_round]),
+        "untagged_over_tagged": spread([r["untagged"] / r["tagged"] for r in per_round]),
     }
 
 
@@ -957,6 +958,12 @@ def _cost_lines(result: dict) -> list[str]:
             f"| router overhead | {_formatted(overhead['median'], 'ms')} "
             f"| {_range(overhead, 'ms')} |",
         ]
+        if "untagged_over_tagged" in router:  # runs before the router issue lack it
+            ratio = router["untagged_over_tagged"]
+            lines.append(
+                f"| untagged / tagged, one text (target <= 1.10x) | {ratio['median']:.2f}x "
+                f"| {ratio['min']:.2f}x..{ratio['max']:.2f}x |"
+            )
     return lines
 
 

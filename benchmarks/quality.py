@@ -45,7 +45,7 @@ class QualityGrid:
     ranks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     paper_density: float = 0.01
     rank: int = 4
-    router: dict = field(default_factory=lambda: {"examples_per_task": 500})
+    router: dict = field(default_factory=dict)  # the default router (RouterConfig)
     refit_examples: int = 2000
 
     @classmethod
@@ -93,7 +93,7 @@ class QualityRun:
         raw = {"zoo": str(self.zoo.root), "method": method, "parameters": parameters}
         if experts:
             raw["experts"] = experts
-        if router:
+        if router is not None:
             raw["router"] = router
         start = time.perf_counter()
         run_merge(parse_config(raw), out, show_progress=False)
@@ -117,12 +117,14 @@ class QualityRun:
             if self.show_progress:
                 print(f"  {name} {parameters}: validation {scored[-1][0]:.4f}", flush=True)
         _, parameters, artifact, seconds, validation = max(scored, key=lambda s: s[0])
-        if router:  # the same merge plus a router: tagged validation accuracy is unchanged
+        if (
+            router is not None
+        ):  # the same merge plus a router: tagged validation accuracy is unchanged
             artifact, seconds = self.merge(method, parameters, router)
         extra = 100 * _largest_expert_share(artifact)
         test = self.evaluate(artifact, "test", routed=router is not None)
         rows = [Row(name, parameters, _accuracies(validation), _accuracies(test), extra, seconds)]
-        if router:
+        if router is not None:
             routed = {t: s["routed_accuracy"] for t, s in test["tasks"].items()}
             routing = float(np.mean([s["routing_accuracy"] for s in test["tasks"].values()]))
             note = (

@@ -22,6 +22,7 @@ import dataclasses
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,15 @@ from tqdm.auto import tqdm
 from freemerge.benchmarks.evaluate import answers_for, task_texts
 from freemerge.benchmarks.machine import describe_machine, machine_line
 from freemerge.merging.artifact import open_artifact
-from freemerge.merging.batching import PassPlan, run_texts
-from freemerge.merging.router import RouterInputs, dense_features, ngram_ids, save_router
+from freemerge.merging.batching import PassPlan
+from freemerge.merging.router import (
+    RouterInputs,
+    TaskRouter,
+    dense_inputs,
+    load_router,
+    ngram_ids,
+    save_router,
+)
 from freemerge.merging.router_config import DENSE_PARTS, ROUTER_KINDS, RouterConfig, parse_kind
 from freemerge.merging.router_training import (
     RouterBackbone,
@@ -70,8 +78,9 @@ def load_split(model: MergedClassifier, zoo: Zoo, tasks: list[str], split: str) 
     for index, task in enumerate(tasks):
         chunk, labels = task_texts(task, split)
         truth = [model.labels(task)[y] for y in labels]
-        tagged = answers_for(model, chunk, task, max_length=128)
+        tagged = answers_for(model, chunk, task, max_length=zoo.recipe["max_length"])
         alone = TaskModel(zoo.tasks[task].path, task, torch.device("cpu"))
+        alone.max_length = zoo.recipe["max_length"]  # as it was fine-tuned and scored
         own = alone.classify(chunk, StageTimings())
         texts += chunk
         task_index += [index] * len(chunk)
@@ -83,12 +92,15 @@ def load_split(model: MergedClassifier, zoo: Zoo, tasks: list[str], split: str) 
 def all_features(texts: list[str], backbone: RouterBackbone, buckets: int) -> dict:
     """The n-gram ids and every dense part's features of ``texts`` (one backbone forward)."""
     model = backbone.model
-    dense = run_texts(
-        backbone.tokenizer,
+    plan = PassPlan.for_device(model.device)
+    dense = dense_inputs(
+        DENSE_PARTS,
         texts,
+        model,
+        backbone.tokenizer,
         RouterConfig.max_length,
-        model.device,
-        lambda batch: dense_features(model, batch, DENSE_PARTS, backbone.subspaces),
+        plan,
+        backbone.subspaces,
     )
     hidden = model.config.hidden_size
     layers = hidden * (model.config.num_hidden_layers + 1)
@@ -129,28 +141,45 @@ def routed_scores(probabilities: torch.Tensor, split: Split, tasks: list[str]) -
     return {"mean": mean, "tasks": per_task}
 
 
-def coverage_curve(probabilities: torch.Tensor, split: Split, tasks: list[str]) -> list[dict]:
+def normalised(right: np.ndarray, split: Split, keep: np.ndarray) -> float | None:
+    """Mean over tasks of the share of kept texts ``right`` over the individual model's share
+    on the same texts (None when no task has a kept text the individual model answers)."""
+    shares = []
+    for index in np.unique(split.task):
+        members = (split.task == index) & keep
+        if members.any() and split.individual_right[members].any():
+            shares.append(right[members].mean() / split.individual_right[members].mean())
+    return float(np.mean(shares)) if shares else None
+
+
+def true_task_scores(split: Split) -> dict:
+    """The merged model given the true task (a perfect router): accuracy (mean over tasks) and
+    normalised accuracy."""
+    every = np.ones(len(split.task), dtype=bool)
+    accuracy = [split.merged_right[split.task == i].mean() for i in np.unique(split.task)]
+    return {
+        "accuracy": float(np.mean(accuracy)),
+        "normalised": normalised(split.merged_right, split, every),
+    }
+
+
+def coverage_curve(probabilities: torch.Tensor, split: Split) -> list[dict]:
     """Per threshold (and at 90% coverage): the share of texts routed, the routing accuracy
-    and the normalised routed accuracy on them."""
+    and the normalised routed accuracy on them, and the same texts' normalised accuracy with
+    the true task (what a perfect router would give: the ceiling)."""
     confidence = probabilities.max(-1).values.numpy()
+    right_task = probabilities.argmax(-1).numpy() == split.task
     at_90 = float(np.quantile(confidence, 0.10))
     rows = []
     for threshold in [*THRESHOLDS, at_90]:
         keep = confidence >= threshold
-        chosen = probabilities.argmax(-1).numpy()
-        right_task = (chosen == split.task) & keep
-        shares = []
-        for index in range(len(tasks)):
-            members = (split.task == index) & keep
-            if members.any() and split.individual_right[members].any():
-                routed = (right_task & split.merged_right)[members].mean()
-                shares.append(routed / split.individual_right[members].mean())
         rows.append(
             {
                 "threshold": round(threshold, 4),
                 "coverage": float(keep.mean()),
                 "routing_accuracy": float(right_task[keep].mean()) if keep.any() else None,
-                "normalised": float(np.mean(shares)) if shares else None,
+                "normalised": normalised(right_task & split.merged_right, split, keep),
+                "true_task_normalised": normalised(split.merged_right, split, keep),
                 "at_90_coverage": threshold == at_90,
             }
         )
@@ -182,64 +211,53 @@ def cost_per_text(
                     routers[name].routes(model.backbone, model.tokenizer, [text], plan)
             timed[name].append(1000 * (time.perf_counter() - start) / len(texts))
     return {
-        name: {"median": statistics.median(v), "min": min(v), "max": max(v)}
+        name: {"median": statistics.median(v), "min": min(v), "max": max(v), "per_round": v}
         for name, v in timed.items()
     }
 
 
 def fit_kinds(
-    kinds: list[str], artifact: Path, zoo: Zoo, tasks: list[str], splits: dict, show: bool
-) -> tuple[dict, dict, dict]:
-    """Every kind fitted on the zoo's train texts: its probabilities per split, its fitting
-    figures, and the fitted routers (kind -> TaskRouter)."""
+    kinds: list[str], artifact: Path, zoo: Zoo, tasks: list[str], splits: dict, scratch: Path
+) -> tuple[dict, dict]:
+    """Every kind fitted on the zoo's train texts and saved under ``scratch/<kind>`` as a merge
+    saves it; the saved router's probabilities per split, and the fitting figures."""
     config = RouterConfig(data={t: str(zoo.tasks[t].path / "texts.jsonl") for t in tasks})
     texts, labels = router_examples(config, tasks)
     manifest_tasks = open_artifact(artifact, verify=False).tasks
     backbone = open_router_backbone(artifact, manifest_tasks, subspaces=True)
-    if show:
-        print("features: train, validation, test", flush=True)
+    print("features: train, validation, test", flush=True)
     features = {"train": all_features(texts, backbone, config.buckets)}
-    features |= {
-        s: all_features(split.texts, backbone, config.buckets) for s, split in splits.items()
-    }
+    for name, split in splits.items():
+        features[name] = all_features(split.texts, backbone, config.buckets)
     probabilities: dict[str, dict] = {}
     fitting: dict[str, dict] = {}
-    routers = {}
-    for kind in tqdm(kinds, desc="router kinds", disable=not show):
+    for kind in tqdm(kinds, desc="router kinds"):
         start = time.perf_counter()
-        kind_config = dataclasses.replace(config, kind=kind)
-        router, metrics = fit_calibrated(
-            kind_inputs(kind, features["train"]), labels, len(tasks), kind_config
-        )
+        train = kind_inputs(kind, features["train"])
+        router, metrics = fit_calibrated(train, labels, len(tasks), replace(config, kind=kind))
         fitting[kind] = {**metrics, "fit_seconds": time.perf_counter() - start}
+        folder = scratch / kind
+        folder.mkdir()
+        save_router(folder, router, router_record(router, kind, tasks))
+        saved = load_router(folder)[0]  # as served: the n-gram table in 16-bit floats
         with torch.no_grad():
             probabilities[kind] = {
-                s: torch.softmax(router(kind_inputs(kind, features[s])), -1) for s in splits
+                s: torch.softmax(saved(kind_inputs(kind, features[s])), -1) for s in splits
             }
-        routers[kind] = router
-    return probabilities, fitting, routers
+    return probabilities, fitting
 
 
-def serving_routers(
-    routers: dict, tasks: list[str], model: MergedClassifier, scratch: Path
-) -> dict:
-    """Each fitted router saved and loaded back as the server loads it."""
-    loaded = {}
-    for kind, router in routers.items():
-        folder = scratch / kind.replace("+", "_")
-        folder.mkdir()
-        record = {
-            "kind": kind,
-            "tasks": tasks,
-            "buckets": RouterConfig.buckets,
-            "ngram_dim": router.bag.embedding_dim if router.bag is not None else 0,
-            "dense_features": len(router.dense_mean),
-            "hidden": RouterConfig.hidden,
-            "max_length": RouterConfig.max_length,
-        }
-        save_router(folder, router, record)
-        loaded[kind] = Router(folder, model.device, model.store.host)
-    return loaded
+def router_record(router: TaskRouter, kind: str, tasks: list[str]) -> dict:
+    """What a merge records beside a router fitted with the default settings."""
+    return {
+        "kind": kind,
+        "tasks": tasks,
+        "buckets": RouterConfig.buckets,
+        "ngram_dim": router.bag.embedding_dim if router.bag is not None else 0,
+        "dense_features": len(router.dense_mean),
+        "hidden": RouterConfig.hidden,
+        "max_length": RouterConfig.max_length,
+    }
 
 
 def pick_default(kinds: dict[str, dict]) -> str:
@@ -249,7 +267,7 @@ def pick_default(kinds: dict[str, dict]) -> str:
 
 
 def run_router_bench(
-    zoo: Zoo, artifact: Path, kinds: list[str] | None = None, rounds: int = 3, show: bool = True
+    zoo: Zoo, artifact: Path, kinds: list[str] | None = None, rounds: int = 3
 ) -> dict:
     """Every kind fitted and scored; the default picked; its confusion matrix and coverage."""
     start = time.perf_counter()
@@ -257,12 +275,11 @@ def run_router_bench(
     model = MergedClassifier(open_artifact(artifact))
     tasks = list(model.tasks)
     splits = {s: load_split(model, zoo, tasks, s) for s in ("validation", "test")}
-    probabilities, fitting, routers = fit_kinds(kinds, artifact, zoo, tasks, splits, show)
+    sample = splits["test"].texts[:: max(1, len(splits["test"].texts) // 100)]
     with tempfile.TemporaryDirectory(prefix="freemerge-routers-") as scratch:
-        loaded = serving_routers(routers, tasks, model, Path(scratch))
-        costs = cost_per_text(
-            loaded, model, splits["test"].texts[:: max(1, len(splits["test"].texts) // 100)], rounds
-        )
+        probabilities, fitting = fit_kinds(kinds, artifact, zoo, tasks, splits, Path(scratch))
+        served = {k: Router(Path(scratch) / k, model.device, model.store.host) for k in kinds}
+        costs = cost_per_text(served, model, sample, rounds)
     results = {
         kind: {
             "fitting": fitting[kind],
@@ -283,9 +300,9 @@ def run_router_bench(
         "default": default,
         "confusion": confusion(test, splits["test"], tasks),
         "coverage": {
-            kind: coverage_curve(probabilities[kind]["test"], splits["test"], tasks)
-            for kind in kinds
+            kind: coverage_curve(probabilities[kind]["test"], splits["test"]) for kind in kinds
         },
+        "true_task": {name: true_task_scores(split) for name, split in splits.items()},
         "cost_budget_ms": COST_BUDGET_MS,
         "rounds": rounds,
     }
@@ -301,6 +318,11 @@ def _kinds_table(result: dict) -> list[str]:
         "| normalised, test | ECE, test | router cost per text (ms) | fit (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    true_task = result["true_task"]["test"]
+    lines.append(
+        f"| the true task given (no router: the ceiling) | | | {true_task['accuracy']:.3f} "
+        f"| {_pct(true_task['normalised'])} | | | |"
+    )
     for kind, r in result["kinds"].items():
         val, test, cost = r["validation"]["mean"], r["test"]["mean"], r["cost_ms"]
         mark = " (default)" if kind == result["default"] else ""
@@ -316,14 +338,15 @@ def _kinds_table(result: dict) -> list[str]:
 
 def _coverage_table(rows: list[dict]) -> list[str]:
     lines = [
-        "| min confidence | coverage | routing accuracy | normalised routed accuracy |",
-        "|---|---|---|---|",
+        "| min confidence | coverage | routing accuracy | normalised routed accuracy "
+        "| the same texts with the true task (ceiling) |",
+        "|---|---|---|---|---|",
     ]
     for row in sorted(rows, key=lambda r: r["threshold"]):
         label = f"{row['threshold']:.3f}" + (" (90% coverage)" if row["at_90_coverage"] else "")
         lines.append(
             f"| {label} | {_pct(row['coverage'])} | {_pct(row['routing_accuracy'])} "
-            f"| {_pct(row['normalised'])} |"
+            f"| {_pct(row['normalised'])} | {_pct(row['true_task_normalised'])} |"
         )
     return lines
 
@@ -357,6 +380,13 @@ def _targets(result: dict) -> list[str]:
     lines = ["| target (default router, test) | measured | met |", "|---|---|---|"]
     for name, value, goal in checks:
         lines.append(f"| {name} | {_pct(value)} | {'yes' if value >= goal else 'no'} |")
+    tagged = result["tagged_answer_ms"]["per_round"]
+    ratios = [(r + t) / t for r, t in zip(cost["per_round"], tagged, strict=True)]
+    lines.append(
+        f"| untagged answer within 1.10x of tagged (router + tagged answer over the tagged "
+        f"answer, one text, every round) | {statistics.median(ratios):.3f}x "
+        f"({min(ratios):.3f}..{max(ratios):.3f}) | {'yes' if max(ratios) <= 1.10 else 'no'} |"
+    )
     met = cost["max"] <= COST_BUDGET_MS
     lines.append(
         f"| router cost <= {COST_BUDGET_MS:g} ms per text (every round) "

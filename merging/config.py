@@ -11,9 +11,11 @@ parameters: {}          # the method's own parameters; names and defaults are it
                         #   (`freemerge methods` lists them)
 experts:                # optional for any method; `free` always builds experts
   kind: lowrank         # lowrank (rank, vectors, skip) | sparse (density, granularity, rescale)
-router:                 # optional: train a task router (an artifact without one has none)
+router:                 # optional: fit a task router (an artifact without one has none)
+  kind: ngrams+embeddings # a '+'-joined set of ngrams, embeddings, layers, experts
   data: {sms_spam: zoo, other_task: texts.jsonl}   # default: `zoo` for every zoo task
-  examples_per_task: 500  # and hidden, epochs, learning_rate, weight_decay, batch_size, ...
+  examples_per_task: 2000 # and buckets, ngram_dim, hidden, epochs, learning_rate, ...
+                          #   (merging/router_config.py: RouterConfig)
 ```
 """
 

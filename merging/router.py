@@ -17,7 +17,8 @@ A router kind is a ``+``-joined set of feature parts (``ngrams``, ``layers+ngram
 The parts' features are concatenated (the dense ones standardised) into a head, linear or an
 MLP with ``hidden`` units, whose logits are divided by a temperature fitted on held-out texts,
 so the probabilities are calibrated. Saved as ``router.safetensors`` (weights) plus
-``router.json`` (kind, tasks, feature settings, temperature, how it was fitted).
+``router.json`` (kind, tasks, feature settings, temperature, how it was fitted); the n-gram
+embeddings are stored in 16-bit floats.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import BatchEncoding, PreTrainedModel
+from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 
+from freemerge.merging.batching import PassPlan, Tokenized, forward_in_passes
 from freemerge.merging.router_config import FORWARD_PARTS, parse_kind
 
 ROUTER_WEIGHTS = "router.safetensors"
@@ -191,24 +193,19 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
-def dense_features(
+def forward_features(
     backbone: PreTrainedModel,
     batch: BatchEncoding,
     parts: tuple[str, ...],
     subspaces: ExpertSubspaces | None = None,
 ) -> torch.Tensor:
-    """The dense parts' features of one pass (``embeddings``, ``layers``, then ``experts``),
-    one row per text; the bare backbone runs only for ``layers`` and ``experts``."""
+    """The ``layers`` and ``experts`` parts' features of one pass of the bare backbone, one row
+    per text."""
     mask = batch["attention_mask"].unsqueeze(-1).float()
-    features = []
-    if "embeddings" in parts:
-        embedded = backbone.get_input_embeddings()(batch["input_ids"])
-        features.append(_masked_mean(embedded.float(), mask))
-    if not any(part in FORWARD_PARTS for part in parts):
-        return torch.cat(features, dim=1)
     paths = list(subspaces.factors) if subspaces is not None and "experts" in parts else []
     with captured_inputs(backbone, paths) as captured:
         out = backbone(**batch, output_hidden_states="layers" in parts)
+    features = []
     if "layers" in parts:
         features += [_masked_mean(h.float(), mask) for h in out.hidden_states]
     for path in paths:
@@ -220,9 +217,53 @@ def dense_features(
     return torch.cat(features, dim=1)
 
 
+def embedding_means(backbone: PreTrainedModel, tokens: Tokenized) -> torch.Tensor:
+    """The ``embeddings`` part: per text, the mean of the input embeddings of its tokens
+    (special tokens included), one ``embedding_bag`` over the unpadded ids."""
+    ids = tokens.encoding["input_ids"]
+    weight = backbone.get_input_embeddings().weight
+    flat = torch.tensor([i for row in ids for i in row], device=weight.device)
+    offsets = torch.tensor([0, *np.cumsum([len(row) for row in ids])[:-1].tolist()])
+    means = torch.nn.functional.embedding_bag(flat, weight, offsets.to(weight.device), mode="mean")
+    return means.float().cpu()
+
+
+@torch.no_grad()
+def dense_inputs(
+    parts: tuple[str, ...],
+    texts: list[str],
+    backbone: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    plan: PassPlan,
+    subspaces: ExpertSubspaces | None = None,
+) -> torch.Tensor | None:
+    """The dense parts' features of ``texts`` (``embeddings``, then ``layers`` and
+    ``experts`` from one bare forward in the passes ``plan`` cuts), on the CPU; None for a kind
+    without dense parts. The texts are tokenized once for both."""
+    forward = any(part in FORWARD_PARTS for part in parts)
+    if "embeddings" not in parts and not forward:
+        return None
+    tokens = Tokenized(tokenizer, texts, max_length)
+    features = [embedding_means(backbone, tokens)] if "embeddings" in parts else []
+    if forward:
+        device = backbone.device
+        features.append(
+            forward_in_passes(
+                tokens,
+                plan.passes(tokens.lengths),
+                device,
+                lambda _rows, batch: forward_features(backbone, batch, parts, subspaces),
+            )
+        )
+    return torch.cat(features, dim=1)
+
+
 def save_router(root: Path, router: TaskRouter, record: dict) -> None:
     """Weights and record (``record`` holds kind, tasks, sizes and how it was fitted)."""
     weights = {k: v.contiguous() for k, v in router.state_dict().items()}
+    if "bag.weight" in weights:  # half the bytes; loaded back into float32
+        weights["bag.weight"] = weights["bag.weight"].to(torch.float16)
     save_file(weights, str(Path(root) / ROUTER_WEIGHTS))
     full = {"format": ROUTER_FORMAT, **record, "temperature": float(router.temperature)}
     (Path(root) / ROUTER_RECORD).write_text(json.dumps(full, indent=2))

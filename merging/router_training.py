@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from freemerge.merging.batching import run_texts
+from freemerge.merging.batching import PassPlan
 from freemerge.merging.experts import load_expert
 from freemerge.merging.router import (
     ExpertSubspaces,
     RouterInputs,
     TaskRouter,
-    dense_features,
+    dense_inputs,
     expert_subspaces,
     ngram_ids,
     save_router,
@@ -56,7 +56,6 @@ def open_router_backbone(root: Path, tasks: dict[str, dict], subspaces: bool) ->
     return RouterBackbone(backbone, tokenizer, found)
 
 
-@torch.no_grad()
 def router_inputs(
     kind: str, texts: list[str], buckets: int, max_length: int, backbone: RouterBackbone | None
 ) -> RouterInputs:
@@ -64,15 +63,12 @@ def router_inputs(
     parts = parse_kind(kind)
     dense = None
     if any(part in DENSE_PARTS for part in parts):
-        if "experts" in parts and (backbone is None or backbone.subspaces is None):
-            raise ValueError("the `experts` router part needs a low-rank expert for every task")
+        if backbone is None or ("experts" in parts and backbone.subspaces is None):
+            raise ValueError(f"router kind {kind!r} needs the backbone (and experts)")
         model = backbone.model
-        dense = run_texts(
-            backbone.tokenizer,
-            texts,
-            max_length,
-            model.device,
-            lambda batch: dense_features(model, batch, parts, backbone.subspaces),
+        plan = PassPlan.for_device(model.device)
+        dense = dense_inputs(
+            parts, texts, model, backbone.tokenizer, max_length, plan, backbone.subspaces
         )
     return RouterInputs(ngram_ids(texts, buckets) if "ngrams" in parts else None, dense)
 

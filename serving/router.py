@@ -13,15 +13,15 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from freemerge.merging.batching import PassPlan, Tokenized, forward_in_passes
+from freemerge.merging.batching import PassPlan
 from freemerge.merging.router import (
     RouterInputs,
-    dense_features,
+    dense_inputs,
     expert_subspaces,
     load_router,
     ngram_ids,
 )
-from freemerge.merging.router_config import DENSE_PARTS, parse_kind
+from freemerge.merging.router_config import parse_kind
 
 
 class RouterMissingError(LookupError):
@@ -68,15 +68,11 @@ class Router:
     ) -> torch.Tensor:
         """Calibrated task probabilities per text (rows, columns in :attr:`tasks` order); a
         row with candidates has probability only among them (the others 0)."""
-        inputs = RouterInputs(ngram_ids(texts, self.buckets) if "ngrams" in self.parts else None)
-        if any(part in DENSE_PARTS for part in self.parts):
-            tokens = Tokenized(tokenizer, texts, self.max_length)
-            inputs.dense = forward_in_passes(
-                tokens,
-                plan.passes(tokens.lengths),
-                self.device,
-                lambda _rows, batch: dense_features(backbone, batch, self.parts, self.subspaces),
-            )
+        ids = ngram_ids(texts, self.buckets) if "ngrams" in self.parts else None
+        dense = dense_inputs(
+            self.parts, texts, backbone, tokenizer, self.max_length, plan, self.subspaces
+        )
+        inputs = RouterInputs(ids, dense)
         logits = self.model(inputs).float().cpu()
         for row, allowed in enumerate(candidates or []):
             if allowed is not None:

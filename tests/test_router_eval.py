@@ -12,6 +12,7 @@ from freemerge.merging.batching import Tokenized
 from freemerge.merging.config import ConfigError, parse_config
 from freemerge.merging.merge import run_merge
 from freemerge.merging.router import load_router
+from freemerge.merging.router_config import RouterConfig
 from freemerge.serving.cli import main
 from freemerge.serving.runtime import MergedClassifier, RouterMissingError
 
@@ -42,7 +43,7 @@ def test_router_is_saved_in_the_artifact_and_covered_by_hashes(routed_model):
     router, record = load_router(root)
     assert record["tasks"] == ["sms_spam", "bbc_topic", "debate_party"]  # the config order
     assert sorted(routed_model.tasks) == sorted(record["tasks"])
-    assert record["metrics"]["examples"] == 240 and record["kind"] == "ngrams"
+    assert record["metrics"]["examples"] == 240 and record["kind"] == RouterConfig.kind
     assert routed_model.artifact.manifest["router"]["held_out_accuracy"] > 0.6
 
 

@@ -1,6 +1,7 @@
 """Router kinds, calibration, candidates and refitting without a re-merge, on the tiny zoo."""
 
 import json
+import pickle
 import subprocess
 import sys
 
@@ -20,7 +21,8 @@ from freemerge.merging.router_training import (
     held_out_rows,
 )
 from freemerge.serving.cli import main
-from freemerge.serving.runtime import MergedClassifier
+from freemerge.serving.engine import MergedEngine, RequestError
+from freemerge.serving.runtime import MergedClassifier, StageTimings
 
 TASKS = ("sms_spam", "bbc_topic", "debate_party")
 
@@ -161,3 +163,21 @@ def test_ngram_hashes_are_the_same_in_another_process():
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(there.stdout) == here
     assert len(set(here)) > 50  # distinct n-grams of a 26-character text
+
+
+def test_an_unsure_request_is_refused_alone_in_a_batch(tiny_routed_artifact, texts):
+    engine = MergedEngine(tiny_routed_artifact, "cpu")
+    inputs = texts["bbc_topic"][:3]
+    requests = [
+        engine.check("sms_spam", inputs),
+        engine.check(None, inputs, min_confidence=1.0),
+        engine.check(None, inputs, candidates=["debate_party", "sms_spam"]),
+    ]
+    answers = engine.classify_requests(requests, StageTimings())
+    assert isinstance(answers[1], RequestError) and answers[1].status == 422
+    assert [e["input"] for e in answers[1].body()["unrouted"]] == [0, 1, 2]
+    assert pickle.loads(pickle.dumps(answers[1])).body() == answers[1].body()
+    for k in (0, 2):
+        alone = engine.classify_requests([requests[k]], StageTimings())[0]
+        assert [(a.task, a.label) for a in answers[k]] == [(a.task, a.label) for a in alone]
+    assert all(a.task in ("debate_party", "sms_spam") for a in answers[2])

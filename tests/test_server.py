@@ -196,3 +196,34 @@ def test_metrics_appear_on_the_metrics_port(server, texts):
     assert "unknown" in tasks and "imdb" not in tasks  # invented names share one label
     backbone = [s.value for s in families["ray_freemerge_backbone_bytes"].samples]
     assert backbone and backbone[0] > 0
+
+
+def test_candidates_and_abstention_over_http(server, artifact, texts):
+    url, _ = server
+    classify = f"{url}/v1/classify"
+    inputs = texts["bbc_topic"][:2] + texts["sms_spam"][:2]
+    status, body = call(classify, {"inputs": inputs, "candidates": ["sms_spam", "debate_party"]})
+    assert status == 200
+    assert all(r["routed"] and r["task"] in ("sms_spam", "debate_party") for r in body["results"])
+    confidence = [r.confidence for r in MergedEngine(artifact, "cpu").model.route(inputs)]
+    assert min(confidence) < max(confidence)
+    threshold = (min(confidence) + max(confidence)) / 2
+    status, body = call(classify, {"inputs": inputs, "min_confidence": threshold})
+    assert status == 422 and "could not choose a task" in body["error"]
+    low = [i for i, c in enumerate(confidence) if c < threshold]
+    assert [entry["input"] for entry in body["unrouted"]] == low
+    for entry in body["unrouted"]:
+        shares = [c["probability"] for c in entry["candidates"]]
+        assert len(shares) == 3 and shares == sorted(shares, reverse=True)
+        assert shares[0] == pytest.approx(confidence[entry["input"]], abs=1e-3)
+    tagged = {"task": "sms_spam", "inputs": inputs, "min_confidence": 1.0}
+    assert call(classify, tagged)[0] == 200  # a tagged request is never refused for confidence
+    refused = [
+        ({"task": "sms_spam", "inputs": inputs, "candidates": ["bbc_topic"]}, 400, "not both"),
+        ({"inputs": inputs, "candidates": ["imdb"]}, 404, "unknown candidate task 'imdb'"),
+        ({"inputs": inputs, "candidates": []}, 400, "candidates"),
+        ({"inputs": inputs, "min_confidence": 1.5}, 400, "min_confidence"),
+    ]
+    for request, code, message in refused:
+        status, body = call(classify, request)
+        assert (status, message in body["error"]) == (code, True), body
