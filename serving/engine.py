@@ -372,6 +372,10 @@ class ZooTasks:
         candidates: list[str] | None = None,
         min_confidence: float | None = None,
     ) -> ClassifyRequest:
+        if task is None:
+            raise RequestError(
+                400, f"separate models need a `task`; known tasks: {', '.join(self.labels)}"
+            )
         check_routing(task, candidates, list(self.labels), False, "the separate models")
         return ClassifyRequest(task, check_inputs(inputs, self.limits), time.perf_counter())
 

@@ -82,14 +82,18 @@ class ServerMetrics:
         self.model_load.observe(seconds)
 
     def batch(
-        self, queue_seconds: list[float], timings: StageTimings, answers: list[list[Prediction]]
+        self,
+        queue_seconds: list[float],
+        timings: StageTimings,
+        answers: list[list[Prediction] | Exception],
     ) -> None:
         for seconds in queue_seconds:
             self.stage.observe(seconds, tags={"stage": "queue"})
         for stage, seconds in timings.seconds.items():
             self.stage.observe(seconds, tags={"stage": stage})
-        self.batch_size.observe(sum(len(a) for a in answers))
-        for prediction in (p for request in answers for p in request):
+        answered = [a for a in answers if not isinstance(a, Exception)]  # not: 422s, failures
+        self.batch_size.observe(sum(len(a) for a in answered))
+        for prediction in (p for request in answered for p in request):
             if prediction.routed:
                 self.routed.inc(tags={"task": prediction.task})
                 self.confidence.observe(prediction.router_confidence)
