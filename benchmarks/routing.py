@@ -217,11 +217,18 @@ def cost_per_text(
 
 
 def fit_kinds(
-    kinds: list[str], artifact: Path, zoo: Zoo, tasks: list[str], splits: dict, scratch: Path
+    kinds: list[str],
+    artifact: Path,
+    zoo: Zoo,
+    splits: dict,
+    scratch: Path,
+    examples_per_task: int = RouterConfig.examples_per_task,
 ) -> tuple[dict, dict]:
     """Every kind fitted on the zoo's train texts and saved under ``scratch/<kind>`` as a merge
     saves it; the saved router's probabilities per split, and the fitting figures."""
-    config = RouterConfig(data={t: str(zoo.tasks[t].path / "texts.jsonl") for t in tasks})
+    tasks = list(open_artifact(artifact, verify=False).tasks)
+    data = {task: str(zoo.tasks[task].path / "texts.jsonl") for task in tasks}
+    config = RouterConfig(examples_per_task=examples_per_task, data=data)
     texts, labels = router_examples(config, tasks)
     manifest_tasks = open_artifact(artifact, verify=False).tasks
     backbone = open_router_backbone(artifact, manifest_tasks, subspaces=True)
@@ -267,7 +274,11 @@ def pick_default(kinds: dict[str, dict]) -> str:
 
 
 def run_router_bench(
-    zoo: Zoo, artifact: Path, kinds: list[str] | None = None, rounds: int = 3
+    zoo: Zoo,
+    artifact: Path,
+    kinds: list[str] | None = None,
+    rounds: int = 3,
+    examples_per_task: int = RouterConfig.examples_per_task,
 ) -> dict:
     """Every kind fitted and scored; the default picked; its confusion matrix and coverage."""
     start = time.perf_counter()
@@ -277,7 +288,9 @@ def run_router_bench(
     splits = {s: load_split(model, zoo, tasks, s) for s in ("validation", "test")}
     sample = splits["test"].texts[:: max(1, len(splits["test"].texts) // 100)]
     with tempfile.TemporaryDirectory(prefix="freemerge-routers-") as scratch:
-        probabilities, fitting = fit_kinds(kinds, artifact, zoo, tasks, splits, Path(scratch))
+        probabilities, fitting = fit_kinds(
+            kinds, artifact, zoo, splits, Path(scratch), examples_per_task
+        )
         served = {k: Router(Path(scratch) / k, model.device, model.store.host) for k in kinds}
         costs = cost_per_text(served, model, sample, rounds)
     results = {

@@ -224,10 +224,10 @@ def _router_config(
         if not path.is_file():
             raise ConfigError(f"router.data: file {path} for {model.name!r} does not exist")
         data[model.name] = str(path)
-    router = RouterConfig(**block, data=data)
-    if router.examples_per_task < 1:
-        raise ConfigError(f"router.examples_per_task must be >= 1, got {router.examples_per_task}")
-    return router
+    try:
+        return RouterConfig(**block, data=data)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"router: {err}") from None
 
 
 def load_config(path: Path, zoo: str | Path | None = None) -> MergeConfig:

@@ -1,8 +1,10 @@
 """Router inference: calibrated task probabilities for untagged texts.
 
-The router's kinds, features and file format are :mod:`freemerge.merging.router`'s. A kind
-with dense parts runs the bare merged backbone (no expert applied: no row adapters assigned)
-through the one tokenize-and-run loop; ``ngrams`` reads the text alone.
+The router's kinds, features and file format are :mod:`freemerge.merging.router`'s. The
+``layers`` and ``experts`` parts run the bare merged backbone (no expert applied: no row
+adapters assigned) through the one tokenize-and-run loop; ``embeddings`` reads the token
+embedding table only, and ``ngrams`` the text alone. With candidates, a row's probabilities are
+renormalised over them (the others' logits set to minus infinity).
 """
 
 from __future__ import annotations

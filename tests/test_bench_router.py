@@ -76,7 +76,7 @@ def test_the_default_is_the_best_within_the_cost_budget():
 
 def test_a_whole_run_on_the_tiny_zoo(tiny_zoo, tiny_routed_artifact):
     kinds = ["ngrams", "ngrams+embeddings", "experts"]
-    result = run_router_bench(tiny_zoo, tiny_routed_artifact, kinds, rounds=1)
+    result = run_router_bench(tiny_zoo, tiny_routed_artifact, kinds, rounds=1, examples_per_task=60)
     assert set(result["kinds"]) == set(kinds) and result["default"] in kinds
     for scores in result["kinds"].values():
         assert 0.5 < scores["test"]["mean"]["routing_accuracy_all"] <= 1

@@ -103,6 +103,10 @@ def test_router_config_errors(tiny_zoo, tmp_path):
         routed_config(tiny_zoo, data={"sms_spam": str(tmp_path / "missing.jsonl")})
     with pytest.raises(ConfigError, match="unknown key 'layers' in router"):
         routed_config(tiny_zoo, layers=3)
+    with pytest.raises(ConfigError, match="router: unknown router kind 'tfidf'"):
+        routed_config(tiny_zoo, kind="tfidf")
+    with pytest.raises(ConfigError, match="router: router examples_per_task must be >= 1"):
+        routed_config(tiny_zoo, examples_per_task=0)
 
 
 def test_router_examples_from_a_jsonl_file(tiny_zoo, tmp_path):
