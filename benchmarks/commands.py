@@ -61,62 +61,82 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _written(out: Path, name: str, result: dict, markdown: str) -> int:
+    """Write ``out/name.json`` and ``out/name.md``, print the markdown; exit status 0."""
+    from freemerge.merging.files import write_json_atomically, write_text_atomically
+
+    write_json_atomically(out / f"{name}.json", result)
+    write_text_atomically(out / f"{name}.md", markdown)
+    print(markdown)
+    return 0
+
+
+def _artifact(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The cache folder, and ``--artifact`` or else configs/free.yaml merged over ``--zoo``."""
+    from freemerge.benchmarks.demo import cached_artifact
+    from freemerge.merging.files import default_cache_dir
+
+    cache_dir = args.cache_dir or default_cache_dir()
+    shipped = Path("configs/free.yaml")
+    return cache_dir, args.artifact or cached_artifact(shipped, cache_dir, args.zoo)
+
+
 def _bench_quality(args: argparse.Namespace) -> int:
     from freemerge.benchmarks.quality import QualityGrid, quality_markdown, run_quality
-    from freemerge.merging.files import write_json_atomically, write_text_atomically
     from freemerge.merging.zoo_folder import open_zoo
 
     grid = QualityGrid.quick() if args.quick else QualityGrid()
     result = run_quality(open_zoo(args.zoo, args.cache_dir), grid)
-    markdown = quality_markdown(result, _command())
-    write_json_atomically(args.out / "merge_quality.json", result)
-    write_text_atomically(args.out / "merge_quality.md", markdown)
-    print(markdown)
-    return 0
+    return _written(args.out, "merge_quality", result, quality_markdown(result, _command()))
+
+
+def _bench_experts(args: argparse.Namespace) -> int:
+    from freemerge.benchmarks.expert_precision import expert_markdown, run_expert_bench
+    from freemerge.merging.zoo_folder import open_zoo
+
+    result = run_expert_bench(open_zoo(args.zoo, args.cache_dir), args.config)
+    return _written(args.out, "experts", result, expert_markdown(result, _command()))
 
 
 def _bench_router(args: argparse.Namespace) -> int:
-    from freemerge.benchmarks.demo import cached_artifact
     from freemerge.benchmarks.routing import router_markdown, run_router_bench
-    from freemerge.merging.files import (
-        default_cache_dir,
-        write_json_atomically,
-        write_text_atomically,
-    )
     from freemerge.merging.zoo_folder import open_zoo
 
-    cache_dir = args.cache_dir or default_cache_dir()
-    artifact = args.artifact or cached_artifact(Path("configs/free.yaml"), cache_dir, args.zoo)
+    cache_dir, artifact = _artifact(args)
     kinds = args.kinds.split(",") if args.kinds else None
     result = run_router_bench(open_zoo(args.zoo, cache_dir), artifact, kinds, args.rounds)
-    markdown = router_markdown(result, _command())
-    write_json_atomically(args.out / "router.json", result)
-    write_text_atomically(args.out / "router.md", markdown)
-    print(markdown)
-    return 0
+    return _written(args.out, "router", result, router_markdown(result, _command()))
 
 
 def _bench_load(args: argparse.Namespace) -> int:
-    from freemerge.benchmarks.demo import cached_artifact
-    from freemerge.benchmarks.load import LoadPlan, write_load_results
-    from freemerge.merging.files import default_cache_dir
+    from freemerge.benchmarks.load import LoadPlan, write_cost_results, write_load_results
     from freemerge.merging.zoo_folder import open_zoo
 
-    cache_dir = args.cache_dir or default_cache_dir()
+    cache_dir, artifact = _artifact(args)
+    if args.costs_only:
+        print(write_cost_results(artifact, args.out, _command()))
+        return 0
     zoo = open_zoo(args.zoo, cache_dir).root
-    artifact = args.artifact or cached_artifact(Path("configs/free.yaml"), cache_dir, args.zoo)
     plan = LoadPlan.quick() if args.quick else LoadPlan()
     print(write_load_results(artifact, zoo, plan, args.out, _command(), args.quick))
     return 0
 
 
+def _bench_scale(args: argparse.Namespace) -> int:
+    from freemerge.benchmarks.scale import run_scale_bench, scale_markdown
+    from freemerge.merging.zoo_folder import open_zoo
+
+    cache_dir, artifact = _artifact(args)
+    zoo = open_zoo(args.zoo, cache_dir)
+    result = run_scale_bench(artifact, zoo, cache_dir, args.tasks, args.rounds)
+    return _written(args.out, "scale", result, scale_markdown(result, _command()))
+
+
 def _bench_autoscale(args: argparse.Namespace) -> int:
     from freemerge.benchmarks.autoscale import write_autoscale_results
     from freemerge.benchmarks.demo import cached_artifact
-    from freemerge.merging.files import default_cache_dir
 
-    cache_dir = args.cache_dir or default_cache_dir()
-    artifact = args.artifact or cached_artifact(Path("configs/free.yaml"), cache_dir, args.zoo)
+    cache_dir, artifact = _artifact(args)
     new_artifact = args.new_artifact or cached_artifact(
         Path("configs/free_sparse.yaml"), cache_dir, args.zoo
     )
@@ -125,13 +145,9 @@ def _bench_autoscale(args: argparse.Namespace) -> int:
 
 
 def _bench_faults(args: argparse.Namespace) -> int:
-    from freemerge.benchmarks.demo import cached_artifact
     from freemerge.benchmarks.faults import write_fault_results
-    from freemerge.merging.files import default_cache_dir
 
-    cache_dir = args.cache_dir or default_cache_dir()
-    artifact = args.artifact or cached_artifact(Path("configs/free.yaml"), cache_dir, args.zoo)
-    print(write_fault_results(artifact, args.out, _command(), args.full))
+    print(write_fault_results(_artifact(args)[1], args.out, _command(), args.full))
     return 0
 
 
@@ -194,12 +210,22 @@ def _add_zoo_commands(commands: argparse._SubParsersAction) -> None:
 
 def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser(
-        "bench", help="benchmarks: quality, router, load, autoscaling, faults"
+        "bench", help="benchmarks: quality, experts, router, load, scale, autoscaling, faults"
     )
     kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     quality = kinds.add_parser("quality", help="the merge quality table on a zoo")
     quality.add_argument(
         "--quick", action="store_true", help="one candidate per row (default: the grid)"
+    )
+    experts = kinds.add_parser(
+        "experts", help="expert factors in 16 or 32 bits, and the rank picked on validation"
+    )
+    experts.add_argument(
+        "--config",
+        type=Path,
+        default=Path("configs/free.yaml"),
+        help="the merge config whose method and parameters every row uses "
+        "(default: configs/free.yaml)",
     )
     router = kinds.add_parser(
         "router", help="every router kind fitted and compared; the default picked on validation"
@@ -215,6 +241,24 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     )
     load = kinds.add_parser("load", help="load test: merged server against separate models")
     load.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
+    load.add_argument(
+        "--costs-only",
+        action="store_true",
+        help="only the costs of the expert path and the router, in one process "
+        "(a few minutes) -> costs.{md,json}",
+    )
+    scale = kinds.add_parser(
+        "scale", help="a thousand tasks on one replica: memory, fetches, Zipf load, live edits"
+    )
+    scale.add_argument(
+        "--tasks",
+        type=int,
+        default=1000,
+        help="tasks in all: the zoo's plus synthetic ones (default: 1000)",
+    )
+    scale.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds of the HTTP runs (default: 3)"
+    )
     autoscale = kinds.add_parser("autoscale", help="autoscaling 1->2->1 and a rolling update")
     autoscale.add_argument(
         "--new-artifact",
@@ -236,8 +280,10 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     )
     for parser, handler in (
         (quality, _bench_quality),
+        (experts, _bench_experts),
         (router, _bench_router),
         (load, _bench_load),
+        (scale, _bench_scale),
         (autoscale, _bench_autoscale),
         (faults, _bench_faults),
     ):
@@ -246,7 +292,7 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         parser.add_argument(
             "--out", type=Path, default=RESULTS, help=f"results folder (default: {RESULTS})"
         )
-        if parser is not quality:
+        if parser not in (quality, experts):
             parser.add_argument(
                 "--artifact",
                 type=Path,

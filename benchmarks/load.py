@@ -326,13 +326,13 @@ def _measure_memory_child(kind: str, n: int, artifact: str, zoo: str) -> dict:
 def _merged_weights(model: MergedClassifier, n: int) -> int:
     """Bytes of the backbone and ``n`` experts (synthetic ones of the same kind and shapes
     beyond the artifact's), after one classify."""
-    experts = model.store.host
-    real = [e for e in experts.values() if e is not None]
-    for i in range(len(experts), n if real else 0):
-        experts[f"synthetic_{i}"] = _synthetic_like(real[i % len(real)], seed=i)
+    real = [model.store.prefetch(task) for task in model.store.files]
+    experts = real + [
+        synthetic_like(real[i % len(real)], seed=i) for i in range(len(real), n if real else 0)
+    ]
     model.classify([WARM_TEXT], task=model.tasks[0])
     weights = sum(p.numel() * p.element_size() for p in model.parameters.values())
-    return weights + sum(e.nbytes() for e in list(experts.values())[:n] if e is not None)
+    return weights + sum(e.nbytes() for e in experts[:n])
 
 
 @torch.no_grad()
@@ -351,23 +351,23 @@ def _separate_weights(zoo: str, n: int) -> int:
     return sum(p.numel() * p.element_size() for m in models for p in m.parameters())
 
 
-def _synthetic_like(
-    expert: LowRankExpert | SparseExpert, seed: int
-) -> LowRankExpert | SparseExpert:
+def synthetic_like(expert: LowRankExpert | SparseExpert, seed: int) -> LowRankExpert | SparseExpert:
+    """An expert of the same kind, settings, shapes and dtypes as ``expert``, with random
+    values (B small, so the update stays small)."""
     generator = torch.Generator().manual_seed(seed)
     if isinstance(expert, LowRankExpert):
-        copy = LowRankExpert(expert.rank, expert.vectors, expert.skip)
+        copy = LowRankExpert(expert.rank, expert.vectors, expert.skip, expert.dtype)
         copy.factors = {
             n: (
-                torch.randn(b.shape, generator=generator) * 1e-3,
-                torch.randn(a.shape, generator=generator),
+                (torch.randn(b.shape, generator=generator) * 1e-3).to(b.dtype),
+                torch.randn(a.shape, generator=generator).to(a.dtype),
             )
             for n, (b, a) in expert.factors.items()
         }
         return copy
     copy = SparseExpert(expert.density, expert.granularity, expert.rescale)
     copy.entries = {
-        n: (i.clone(), torch.randn(v.shape, generator=generator) * 1e-3)
+        n: (i.clone(), (torch.randn(v.shape, generator=generator) * 1e-3).to(v.dtype))
         for n, (i, v) in expert.entries.items()
     }
     return copy
@@ -491,7 +491,9 @@ def router_costs(
 
 
 def _adapted_forward(model: MergedClassifier, task: str, batch: object) -> None:
-    with rows_assigned(model.row_adapters, [task] * len(batch["input_ids"])):
+    """As the server runs a pass: the task's expert from the store, the rows assigned."""
+    experts = {task: model.store.get(task)}
+    with rows_assigned(model.row_adapters, [task] * len(batch["input_ids"]), experts):
         model.backbone(**batch)
 
 
@@ -1075,4 +1077,34 @@ def write_load_results(
     markdown = load_markdown(result, command)
     write_text_atomically(out / f"{name}.md", markdown)
     load_plots(result, out, prefix=f"{name}_")
+    return markdown
+
+
+def write_cost_results(artifact: Path, out: Path, command: str) -> str:
+    """``bench load --costs-only``: the costs alone (expert apply, row adapters, router) of
+    ``artifact``, written to ``out/costs.{json,md}``; the markdown."""
+    from freemerge.merging.files import write_json_atomically, write_text_atomically
+
+    start = time.perf_counter()
+    tasks = list(open_artifact(artifact, verify=False).tasks)
+    result = {
+        "machine": describe_machine(),
+        "artifact": str(artifact),
+        "costs": costs(artifact, contender_texts(tasks)[tasks[0]]),
+        "wall_seconds": round(time.perf_counter() - start),
+    }
+    target = _apply_target(result["costs"]["batch_1"])
+    lines = [
+        "# Costs of the expert path",
+        "",
+        f"Machine: {machine_line(result['machine'])}. Whole run: {result['wall_seconds']} s.",
+        f"Artifact: `{artifact}`. Command: `{command}`",
+        "",
+        f"Target: {target['target']}: {_formatted(target['median'], '%')} "
+        f"({_range(target, '%')}), {'met' if target['met'] else 'not met'}.",
+        *_cost_lines(result),
+    ]
+    markdown = "\n".join(lines) + "\n"
+    write_json_atomically(out / "costs.json", result)
+    write_text_atomically(out / "costs.md", markdown)
     return markdown

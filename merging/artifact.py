@@ -13,7 +13,9 @@ Every path the manifest names is relative, ``/``-separated, without ``..``, and 
 the artifact (symlinks followed); a symlink in the artifact may only lead to a file inside it.
 :func:`open_artifact` verifies by copying the artifact into a private snapshot, hashing each
 file from the very bytes it writes, and hands out the snapshot: what is loaded is what was
-verified, whatever happens to the original folder afterwards.
+verified, whatever happens to the original folder afterwards. Files under a *deferred* folder
+(a server's ``experts/``, read on demand) are hard-linked into the snapshot instead (copied
+where links fail) and hashed when read, by :meth:`Artifact.read_verified`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from freemerge.merging.files import (
 ARTIFACT_FORMAT = "freemerge-artifact"
 ARTIFACT_VERSION = 1
 MANIFEST = "manifest.json"
+EXPERTS_FOLDER = "experts"  # a server reads these files on demand
 SNAPSHOT_PREFIX = "freemerge-snapshot"
 _VERSION_PREFIX = re.compile(r"[0-9a-f]{12,64}")
 
@@ -167,6 +170,7 @@ class Artifact:
     version: str  # sha256 of manifest.json
     source: Path | None = None
     _finalizer: weakref.finalize | None = field(default=None, repr=False, compare=False)
+    deferred: tuple[str, ...] = ()  # folders whose files are hashed when read, not at open
 
     def __post_init__(self) -> None:
         if self.source is None:
@@ -190,6 +194,16 @@ class Artifact:
                 f"unknown task {name!r}; this artifact has: {', '.join(self.tasks)}"
             )
         return self.tasks[name]
+
+    def read_verified(self, name: str) -> bytes:
+        """The bytes of file ``name``, once their sha256 matches the manifest's (ArtifactError
+        otherwise): what the caller parses is what was checked."""
+        data = self.path(name).read_bytes()
+        expected = self.manifest.get("files", {}).get(name)
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise ArtifactError(f"altered file: {name} (sha256 {actual}, manifest says {expected})")
+        return data
 
     def close(self) -> None:
         """Remove the snapshot, if any; the Artifact's files are unusable afterwards."""
@@ -281,17 +295,35 @@ def _copy_hashed(source: Path, target: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _snapshot(root: Path, raw: bytes, manifest: dict, parent: Path | None) -> Path:
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link ``source`` at the new path ``target`` (copy it where links fail)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:
+        shutil.copyfile(source, target, follow_symlinks=False)
+
+
+def _snapshot(
+    root: Path, raw: bytes, manifest: dict, parent: Path | None, deferred: tuple[str, ...]
+) -> Path:
     """Copy the artifact at ``root`` into a new private folder in ``parent``, checking each
-    file's hash on the bytes copied; the folder, or ArtifactError with it removed."""
+    file's hash on the bytes copied (files under ``deferred`` folders: linked, hashed when
+    read); the folder, or ArtifactError with it removed."""
     expected: dict[str, str] = manifest.get("files", {})
     snapshot = owned_tempdir(parent, SNAPSHOT_PREFIX)
+
+    def taken(name: str, path: Path) -> str | None:
+        if name not in expected:
+            return None
+        if name.startswith(tuple(f"{folder}/" for folder in deferred)):
+            _link_or_copy(path, snapshot / name)
+            return expected[name]
+        return _copy_hashed(path, snapshot / name)
+
     try:
         (snapshot / MANIFEST).write_bytes(raw)
-        actual: dict[str, str | None] = {
-            name: _copy_hashed(path, snapshot / name) if name in expected else None
-            for name, path in _artifact_files(root)
-        }
+        actual = {name: taken(name, path) for name, path in _artifact_files(root)}
         problems = _problems(expected, actual)
         if problems:
             raise ArtifactError(f"artifact {root} failed verification:\n  " + "\n  ".join(problems))
@@ -311,6 +343,7 @@ def open_artifact(
     verify: bool = True,
     expect_version: str | None = None,
     snapshot_dir: Path | None = None,
+    deferred: tuple[str, ...] = (),
 ) -> Artifact:
     """Open an artifact; its manifest's paths are always checked.
 
@@ -319,7 +352,9 @@ def open_artifact(
     copied, and the Artifact's ``root`` is that snapshot, so later changes to the folder never
     reach what is loaded; close the Artifact (or let it go) to remove it. Without ``verify``
     ``root`` is the folder itself. ``expect_version``: the sha256 of manifest.json, or at
-    least its first 12 hex digits; another version is an ArtifactError."""
+    least its first 12 hex digits; another version is an ArtifactError. ``deferred``: folders
+    whose files the snapshot links instead of copying, hashed by :meth:`Artifact.read_verified`
+    when read (a server's ``experts``)."""
     source = Path(root)
     raw = _manifest_bytes(source)
     manifest, version = _parse_manifest(raw, source / MANIFEST), hashlib.sha256(raw).hexdigest()
@@ -330,8 +365,8 @@ def open_artifact(
         return Artifact(source, manifest, version, source)
     parent = Path(snapshot_dir) if snapshot_dir is not None else None
     remove_stale_snapshots(parent)
-    snapshot = _snapshot(source, raw, manifest, parent)
-    artifact = Artifact(snapshot, manifest, version, source)
+    snapshot = _snapshot(source, raw, manifest, parent, deferred)
+    artifact = Artifact(snapshot, manifest, version, source, deferred=deferred)
     artifact._finalizer = weakref.finalize(artifact, _remove_snapshot, snapshot, os.getpid())
     return artifact
 

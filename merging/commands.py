@@ -1,6 +1,7 @@
 """``freemerge`` subcommands of the offline half: ``merge``, ``verify``, ``export``,
-``methods``. Registered through the ``freemerge.commands`` entry point; handlers import the
-heavy modules (torch, transformers) only when they run."""
+``methods``, ``router fit``, ``add-task``, ``remove-task``. Registered through the
+``freemerge.commands`` entry point; handlers import the heavy modules (torch, transformers)
+only when they run."""
 
 from __future__ import annotations
 
@@ -87,8 +88,40 @@ def _router_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_edit(
+    args: argparse.Namespace, tasks: list[str], router: dict | None, version: str
+) -> None:
+    if router:
+        print(f"router fitted again over {len(tasks)} tasks: held-out accuracy ", end="")
+        print(f"{router['held_out_accuracy']:.4f}, calibration error {router['held_out_ece']:.4f}")
+    print(f"artifact {args.out or args.artifact}: tasks {', '.join(tasks)}")
+    print(f"version {version}")
+
+
+def _add_task(args: argparse.Namespace) -> int:
+    from freemerge.merging.task_edit import add_task
+
+    done = add_task(args.artifact, args.name, args.model, args.router_data, args.out)
+    print(f"task {args.name} added: relative distance from the merged backbone ", end="")
+    print(f"{done.distance:.4f}, expert {done.expert_bytes / MIB:.2f} MiB")
+    if args.router_data is not None and done.router is None:
+        print("note: the artifact has no router; --router-data was not used")
+    _print_edit(args, done.tasks, done.router, done.version)
+    return 0
+
+
+def _remove_task(args: argparse.Namespace) -> int:
+    from freemerge.merging.task_edit import remove_task
+
+    done = remove_task(args.artifact, args.name, args.out)
+    print(f"task {args.name} removed")
+    _print_edit(args, done.tasks, done.router, done.version)
+    return 0
+
+
 def register(commands: argparse._SubParsersAction) -> None:
-    """Add ``merge``, ``verify``, ``export`` and ``methods`` to the ``freemerge`` parser."""
+    """Add ``merge``, ``verify``, ``export``, ``methods``, ``router fit``, ``add-task`` and
+    ``remove-task`` to the ``freemerge`` parser."""
     merge = commands.add_parser("merge", help="merge fine-tuned models into an artifact")
     merge.add_argument("config", type=Path, help="merge config (YAML; see configs/)")
     merge.add_argument("--out", type=Path, required=True, help="artifact folder to write")
@@ -126,6 +159,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     methods = commands.add_parser("methods", help="list the merge methods and their parameters")
     methods.set_defaults(handler=_methods)
     _register_router(commands)
+    _register_task_edits(commands)
 
 
 def _register_router(commands: argparse._SubParsersAction) -> None:
@@ -160,11 +194,58 @@ def _register_router(commands: argparse._SubParsersAction) -> None:
         help=f"texts drawn per task (default: {RouterConfig.examples_per_task})",
     )
     fit.add_argument("--seed", type=int, default=0, help="seed of the draw and fit (default: 0)")
-    fit.add_argument(
+    _out_argument(fit)
+    fit.set_defaults(handler=_router_fit)
+
+
+def _out_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--out",
         type=Path,
         default=None,
         help="write the new artifact here (must not exist) (default: replace the artifact in "
         "one step)",
     )
-    fit.set_defaults(handler=_router_fit)
+
+
+def _register_task_edits(commands: argparse._SubParsersAction) -> None:
+    """``freemerge add-task`` and ``freemerge remove-task``."""
+    add = commands.add_parser(
+        "add-task",
+        help="add a task to an artifact without re-merging (its expert against the merged "
+        "backbone; the router fitted again); writes a new artifact version",
+    )
+    add.add_argument("artifact", type=Path, help="artifact folder")
+    add.add_argument(
+        "--name",
+        required=True,
+        help="the new task's name: 1 to 64 letters, digits, '.', '_', '-', starting with a "
+        "letter or digit",
+    )
+    add.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="the task's model folder: a *ForSequenceClassification (safetensors) fine-tuned "
+        "from the artifact's base model",
+    )
+    add.add_argument(
+        "--router-data",
+        type=Path,
+        default=None,
+        metavar="FILE.jsonl",
+        help='the task\'s texts (JSONL lines of {"text": ...}) for the router; needed when '
+        "the artifact has one (default: none)",
+    )
+    _out_argument(add)
+    add.set_defaults(handler=_add_task)
+
+    remove = commands.add_parser(
+        "remove-task",
+        help="remove a task (head and expert) from an artifact without re-merging (the router "
+        "fitted again); writes a new artifact version",
+    )
+    remove.add_argument("artifact", type=Path, help="artifact folder")
+    remove.add_argument("--name", required=True, help="the task to remove")
+    _out_argument(remove)
+    remove.set_defaults(handler=_remove_task)

@@ -11,29 +11,35 @@ writes theta_m[i] + e_t[i] at those indices after saving the original values, an
 saved values back on exit: never add-then-subtract, so nothing drifts.
 
 ``lowrank`` (the default kind): for each shared 2-D matrix, the truncated SVD of the residual
-at ``rank`` (default 4), stored as B = U_r S_r (out x r) and A = V_r^T (r x in), so
-theta_m + B A is the best rank-r approximation of theta_t. 1-D tensors (biases, LayerNorm) are
-left out by default (``vectors: skip``; ``full`` stores them whole), and so are tensors whose
-name matches ``skip`` (default: the embeddings), so by default an expert touches the linear
-layers only and the server runs it beside them, LoRA-style (:mod:`freemerge.serving.adapters`).
-Applied in place the same way as sparse experts (originals saved, written back) elsewhere.
+at ``rank`` (default 8), stored as B = U_r S_r (out x r) and A = V_r^T (r x in), so
+theta_m + B A is the best rank-r approximation of theta_t. The factors are stored in 16-bit
+floats by default (``dtype: float32`` keeps full precision) and computed with in the backbone's
+dtype. 1-D tensors (biases, LayerNorm) are left out by default (``vectors: skip``; ``full``
+stores them whole), and so are tensors whose name matches ``skip`` (default: the embeddings),
+so by default an expert touches the linear layers only and the server runs it beside them,
+LoRA-style (:mod:`freemerge.serving.adapters`). Applied in place the same way as sparse
+experts (originals saved, written back) elsewhere.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import re
+import struct
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 GRANULARITIES = ("tensor", "row")
 VECTOR_MODES = ("full", "skip")
+FACTOR_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class Expert(Protocol):
@@ -50,7 +56,7 @@ class Expert(Protocol):
 
     def save(self, path: Path) -> None: ...
 
-    def to(self, device: torch.device | str) -> Expert: ...
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Expert: ...
 
     @classmethod
     def mix(cls, experts: list[Expert], weights: list[float]) -> Expert: ...
@@ -112,11 +118,12 @@ class SparseExpert:
         save_file(tensors, str(path), metadata=self.settings)
 
     @classmethod
-    def load(cls, path: Path, metadata: dict[str, str]) -> SparseExpert:
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+    ) -> SparseExpert:
         expert = cls(
             float(metadata["density"]), metadata["granularity"], float(metadata["rescale"])
         )
-        tensors = load_file(str(path))
         for key in tensors:
             if key.endswith(".indices"):
                 name = key[: -len(".indices")]
@@ -140,11 +147,13 @@ class SparseExpert:
             mixed.entries[name] = (unique, summed.index_add_(0, inverse, values))
         return mixed
 
-    def to(self, device: torch.device | str) -> SparseExpert:
-        """A copy on ``device``, indices as int64 ready to index; this expert is unchanged."""
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> SparseExpert:
+        """A copy on ``device`` (values in ``dtype``), indices as int64 ready to index; this
+        expert is unchanged."""
         moved = SparseExpert(self.density, self.granularity, self.rescale)
         moved.entries = {
-            n: (i.to(device, torch.int64), v.to(device)) for n, (i, v) in self.entries.items()
+            n: (i.to(device, torch.int64), v.to(device, dtype))
+            for n, (i, v) in self.entries.items()
         }
         return moved
 
@@ -172,9 +181,17 @@ class LowRankExpert:
 
     kind = "lowrank"
 
-    def __init__(self, rank: int = 4, vectors: str = "skip", skip: str = r"embeddings\."):
+    def __init__(
+        self,
+        rank: int = 8,
+        vectors: str = "skip",
+        skip: str = r"embeddings\.",
+        dtype: str = "float16",
+    ):
         if rank < 1:
             raise ValueError(f"expert rank must be >= 1, got {rank}")
+        if dtype not in FACTOR_DTYPES:
+            raise ValueError(f"unknown expert dtype {dtype!r}; allowed: {', '.join(FACTOR_DTYPES)}")
         if vectors not in VECTOR_MODES:
             raise ValueError(
                 f"unknown vectors mode {vectors!r}; allowed: {', '.join(VECTOR_MODES)}"
@@ -182,6 +199,7 @@ class LowRankExpert:
         self.rank = rank
         self.vectors = vectors
         self.skip = skip
+        self.dtype = dtype  # how the factors are stored
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (B, A)
         self.full: dict[str, torch.Tensor] = {}
 
@@ -192,20 +210,22 @@ class LowRankExpert:
             "rank": str(self.rank),
             "vectors": self.vectors,
             "skip": self.skip,
+            "dtype": self.dtype,
         }
 
     def add(self, name: str, residual: torch.Tensor) -> None:
         """B A = the best rank-r approximation of a 2-D residual (Eckart-Young); 1-D in full."""
         if self.skip and re.search(self.skip, name):
             return
+        stored = FACTOR_DTYPES[self.dtype]
         residual = residual.detach().to(torch.float32)
         if residual.ndim == 2:
             u, s, vh = torch.linalg.svd(residual.to(torch.float64), full_matrices=False)
             r = min(self.rank, len(s))
-            b = (u[:, :r] * s[:r]).to(torch.float32).contiguous()
-            self.factors[name] = (b, vh[:r].to(torch.float32).contiguous())
+            b = (u[:, :r] * s[:r]).to(stored).contiguous()
+            self.factors[name] = (b, vh[:r].to(stored).contiguous())
         elif self.vectors == "full":
-            self.full[name] = residual.clone()
+            self.full[name] = residual.to(stored).clone()
 
     def nbytes(self) -> int:
         tensors = [t for pair in self.factors.values() for t in pair] + list(self.full.values())
@@ -221,9 +241,13 @@ class LowRankExpert:
         save_file(tensors, str(path), metadata=self.settings)
 
     @classmethod
-    def load(cls, path: Path, metadata: dict[str, str]) -> LowRankExpert:
-        expert = cls(int(metadata["rank"]), metadata["vectors"], metadata["skip"])
-        for key, tensor in load_file(str(path)).items():
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+    ) -> LowRankExpert:
+        # files written before the dtype setting hold float32 factors
+        dtype = metadata.get("dtype", "float32")
+        expert = cls(int(metadata["rank"]), metadata["vectors"], metadata["skip"], dtype)
+        for key, tensor in tensors.items():
             name, _, part = key.rpartition(".")
             if part == "lora_B":
                 expert.factors[name] = (tensor, expert.factors.get(name, (None, None))[1])
@@ -236,7 +260,10 @@ class LowRankExpert:
     @classmethod
     def mix(cls, experts: list[LowRankExpert], weights: list[float]) -> LowRankExpert:
         """sum_t w_t B_t A_t = [w_1 B_1 | w_2 B_2 | ...] [A_1; A_2; ...], vectors summed."""
-        mixed = cls(sum(e.rank for e in experts), experts[0].vectors, experts[0].skip)
+        # computed in float32: a mixture is built per text and never stored
+        experts = [e.to(e.device, torch.float32) for e in experts]
+        first = experts[0]
+        mixed = cls(sum(e.rank for e in experts), first.vectors, first.skip, "float32")
         for name in {n for e in experts for n in e.factors}:
             parts = [
                 (e.factors[name], w)
@@ -253,18 +280,30 @@ class LowRankExpert:
             )
         return mixed
 
-    def to(self, device: torch.device | str) -> LowRankExpert:
-        """A copy on ``device``; this expert is unchanged."""
-        moved = LowRankExpert(self.rank, self.vectors, self.skip)
-        moved.factors = {n: (b.to(device), a.to(device)) for n, (b, a) in self.factors.items()}
-        moved.full = {n: t.to(device) for n, t in self.full.items()}
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LowRankExpert:
+        """A copy on ``device`` (and in ``dtype``, the dtype it computes in); this expert is
+        unchanged."""
+        name = next((k for k, v in FACTOR_DTYPES.items() if v == dtype), self.dtype)
+        moved = LowRankExpert(self.rank, self.vectors, self.skip, name)
+        moved.factors = {
+            n: (b.to(device, dtype), a.to(device, dtype)) for n, (b, a) in self.factors.items()
+        }
+        moved.full = {n: t.to(device, dtype) for n, t in self.full.items()}
         return moved
 
+    @property
+    def device(self) -> torch.device:
+        """Where the factors live (the CPU for an empty expert)."""
+        pair = next(iter(self.factors.values()), None)
+        return pair[0].device if pair else torch.device("cpu")
+
     def delta(self, name: str) -> torch.Tensor | None:
-        """The dense update this expert makes to tensor ``name`` (B A, or the full vector)."""
+        """The dense update this expert makes to tensor ``name`` (B A, or the full vector),
+        computed in float32 at least."""
         if name in self.factors:
             b, a = self.factors[name]
-            return b @ a
+            wide = torch.promote_types(b.dtype, torch.float32)
+            return b.to(wide) @ a.to(wide)
         return self.full.get(name)
 
     @contextmanager
@@ -310,13 +349,54 @@ def make_expert(kind: str = DEFAULT_EXPERT_KIND, **settings: object) -> Expert:
     return EXPERT_KINDS[kind](**settings)
 
 
-def load_expert(path: Path) -> Expert:
-    """Load a saved expert; its kind and settings come from the file's metadata."""
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+def _kind_of(metadata: dict[str, str], where: object) -> type:
     kind = metadata.get("kind")
     if kind not in EXPERT_KINDS:
         raise ValueError(
-            f"{path}: unknown expert kind {kind!r}; allowed: {', '.join(EXPERT_KINDS)}"
+            f"{where}: unknown expert kind {kind!r}; allowed: {', '.join(EXPERT_KINDS)}"
         )
-    return EXPERT_KINDS[kind].load(path, metadata)
+    return EXPERT_KINDS[kind]
+
+
+def load_expert(path: Path) -> Expert:
+    """Load a saved expert; its kind and settings come from the file's metadata."""
+    return expert_from_bytes(Path(path).read_bytes(), path)
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's bytes (the header: a little-endian u64
+    length, then JSON)."""
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + length]).get("__metadata__") or {}
+
+
+def expert_from_bytes(data: bytes, where: object = "expert") -> Expert:
+    """An expert parsed from the bytes of its file (so what is parsed is what was hashed),
+    its tensors in name order (``safetensors.torch.load`` returns them in an order that
+    varies between processes)."""
+    metadata = safetensors_metadata(data)
+    tensors = load(data)
+    return _kind_of(metadata, where).from_tensors(
+        {name: tensors[name] for name in sorted(tensors)}, metadata
+    )
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """What an expert file holds, read from its header alone: the kind, the weights it adapts
+    with low-rank factors, and whether it holds anything else (sparse entries, full vectors)."""
+
+    kind: str
+    matrices: frozenset[str]
+    other: bool
+
+
+def expert_layout(path: Path) -> ExpertLayout:
+    """The :class:`ExpertLayout` of the expert file at ``path``, without loading a tensor."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        keys = list(handle.keys())
+    kind = _kind_of(metadata, path).kind
+    matrices = {k.rpartition(".")[0] for k in keys if k.endswith((".lora_A", ".lora_B"))}
+    other = any(not k.endswith((".lora_A", ".lora_B")) for k in keys)
+    return ExpertLayout(kind, frozenset(matrices), other)

@@ -53,8 +53,11 @@ class Merged:
     removed_energy: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def _check_compatible(base: Checkpoint, models: dict[str, Checkpoint]) -> list[str]:
-    """Shared float tensor names; raise if any model differs from the base in type or shape."""
+def check_compatible(
+    base: Checkpoint, models: dict[str, Checkpoint], reference: str = "the base"
+) -> list[str]:
+    """Shared float tensor names; CheckpointError if a model is not a sequence classifier or
+    differs from ``base`` (``reference`` in messages) in type or in a tensor's shape."""
     if base.model_type not in POOLER_HEAD_MODEL_TYPES:
         raise CheckpointError(
             f"base model type {base.model_type!r} is not supported; supported: "
@@ -64,7 +67,7 @@ def _check_compatible(base: Checkpoint, models: dict[str, Checkpoint]) -> list[s
     for name, model in models.items():
         if model.model_type != base.model_type:
             raise CheckpointError(
-                f"model {name}: model type {model.model_type!r} differs from the base's "
+                f"model {name}: model type {model.model_type!r} differs from {reference}'s "
                 f"{base.model_type!r}"
             )
         heads = sorted(n for n in model.names if model.is_head(n))
@@ -75,11 +78,11 @@ def _check_compatible(base: Checkpoint, models: dict[str, Checkpoint]) -> list[s
             )
         for tensor in shared:
             if tensor not in model.names:
-                raise CheckpointError(f"model {name}: lacks tensor {tensor!r} of the base model")
+                raise CheckpointError(f"model {name}: lacks tensor {tensor!r} of {reference}")
             if model.shape(tensor) != base.shape(tensor):
                 raise CheckpointError(
                     f"model {name}: tensor {tensor!r} has shape {model.shape(tensor)}, "
-                    f"the base has {base.shape(tensor)}"
+                    f"{reference} has {base.shape(tensor)}"
                 )
     return shared
 
@@ -134,7 +137,7 @@ def run_merge(
     start = time.perf_counter()
     base = Checkpoint(config.base_model, "base_model")
     models = {m.name: Checkpoint(m.path, f"model {m.name}") for m in config.models}
-    shared = _check_compatible(base, models)
+    shared = check_compatible(base, models)
     merged = merge_tensors(config, base, models, shared, show_progress)
     with staged_directory(out, overwrite) as tmp:
         tasks = _write_artifact(config, base, models, merged, tmp)
@@ -182,7 +185,7 @@ def _write_artifact(
     (tmp / "heads").mkdir()
     (tmp / "experts").mkdir()
     tasks = {
-        task: _write_task(task, model, merged.experts.get(task), tmp)
+        task: write_task(task, model, merged.experts.get(task), tmp)
         for task, model in models.items()
     }
     router = None
@@ -209,8 +212,9 @@ def _write_artifact(
     return tasks
 
 
-def _write_task(task: str, model: Checkpoint, expert: Expert | None, tmp: Path) -> dict:
-    """Write one task's head (and expert); its manifest entry."""
+def write_task(task: str, model: Checkpoint, expert: Expert | None, tmp: Path) -> dict:
+    """Write one task's head (and expert) into the artifact being written in ``tmp``, whose
+    ``heads`` and ``experts`` folders must exist; the task's manifest entry."""
     head = {n: model.tensor(n).contiguous() for n in HEAD_TENSORS}
     save_file(head, str(tmp / "heads" / f"{task}.safetensors"))
     id2label = model.config.get("id2label") or {}

@@ -165,7 +165,8 @@ def expert_subspaces(experts: dict, tasks: list[str]) -> ExpertSubspaces:
             "has none"
         )
     factors = [experts[task].factors for task in tasks]
-    shared = [n for n in factors[0] if all(n in f for f in factors) and "pooler" not in n]
+    # in name order: the features' columns must line up between fitting and serving
+    shared = sorted(n for n in factors[0] if all(n in f for f in factors) and "pooler" not in n)
     stacked = {
         name.removesuffix(".weight"): torch.cat([f[name][1] for f in factors]).float()
         for name in shared

@@ -5,101 +5,104 @@ As in PEFT's LoRA layer, the adapter math wraps the base layer:
 forward), so one forward pass serves a batch that mixes tasks, and the base weights are never
 written. Equal to applying theta_m + B_t A_t in place up to float rounding.
 
-The caller puts each task's rows next to each other, so a task's rows are a slice of the batch:
-the update is two small matmuls on a view and one in-place ``addmm_``, with no gather or
-scatter of rows. The adapters are transposed *views* of the expert's factors on the device (on
-the CPU, the host expert's own tensors), so they add no copy of their own there.
+The layers hold no adapters: the experts of a pass come from the expert store and are handed
+to every wrapped layer through :class:`RowTasks` for that pass only, with the rows they apply
+to. The caller puts each task's rows next to each other, so a task's rows are a slice of the
+batch: the update is two small matmuls on a view and one in-place ``addmm_``, with no gather
+or scatter of rows (BLAS reads the transposed factors in place).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from itertools import groupby
 
 import torch
 
-from freemerge.merging.experts import Expert, LowRankExpert
+from freemerge.merging.experts import Expert, ExpertLayout
 
 
 class RowTasks:
-    """Which batch rows belong to which task during one forward pass (shared by all layers):
-    ``segments`` holds ``(task, start, stop)`` for each run of consecutive rows of one task.
-    """
+    """Which batch rows use which expert during one forward pass (shared by all layers):
+    ``segments`` holds ``(expert or None, start, stop)`` for each run of rows of one task."""
 
     def __init__(self) -> None:
-        self.segments: list[tuple[str, int, int]] = []
+        self.segments: list[tuple[Expert | None, int, int]] = []
 
 
 class LowRankLinear(torch.nn.Module):
-    """A linear layer plus one adapter per task, applied to that task's rows only; the
-    adapters are kept as ``(A^T, B^T)`` views (BLAS reads a transposed operand in place).
-    """
+    """A linear layer plus, for each segment of rows, that segment's expert factors for this
+    layer's weight (``weight``: the weight's name in the backbone)."""
 
-    def __init__(self, base: torch.nn.Linear, rows: RowTasks) -> None:
+    def __init__(self, base: torch.nn.Linear, weight: str, rows: RowTasks) -> None:
         super().__init__()
         self.base = base
+        self.weight = weight
         self.rows = rows
-        self.adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
+        segments = self.rows.segments
+        if not segments:
+            return result
         flat_result = result.view(-1, result.shape[-1])
         flat_x = x.reshape(-1, x.shape[-1])
         per_row = flat_x.shape[0] // x.shape[0]  # tokens per batch row
-        for task, start, stop in self.rows.segments:
-            if task in self.adapters:
-                a_t, b_t = self.adapters[task]
+        for expert, start, stop in segments:
+            pair = _factors(expert, self.weight)
+            if pair is not None:
+                b, a = pair
                 rows = slice(start * per_row, stop * per_row)
-                flat_result[rows].addmm_(flat_x[rows] @ a_t, b_t)
+                flat_result[rows].addmm_(flat_x[rows] @ a.T, b.T)
         return result
 
 
-def supports_row_adapters(experts: dict[str, Expert | None], backbone: torch.nn.Module) -> bool:
-    """True when every expert is low-rank and touches only ``nn.Linear`` weights."""
+def _factors(expert: Expert | None, weight: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(B, A) of ``expert`` for ``weight``, or None."""
+    return expert.factors.get(weight) if expert is not None else None
+
+
+def row_adapter_weights(
+    layouts: Iterable[ExpertLayout], backbone: torch.nn.Module
+) -> set[str] | None:
+    """The weights to wrap when every expert is low-rank and touches ``nn.Linear`` weights
+    only; None otherwise (the experts are applied in place)."""
     modules = dict(backbone.named_modules())
-    for expert in experts.values():
-        if not isinstance(expert, LowRankExpert) or expert.full:
-            return False
-        for name in expert.factors:
+    weights: set[str] = set()
+    for layout in layouts:
+        if layout.kind != "lowrank" or layout.other:
+            return None
+        for name in layout.matrices:
             module = modules.get(name.removesuffix(".weight"))
-            if not name.endswith(".weight") or not isinstance(module, torch.nn.Linear):
-                return False
-    return True
+            linear = isinstance(module, (torch.nn.Linear, LowRankLinear))  # wrapped already
+            if not name.endswith(".weight") or not linear:
+                return None
+        weights |= layout.matrices
+    return weights
 
 
 def install_row_adapters(
-    backbone: torch.nn.Module, experts: dict[str, LowRankExpert], device: torch.device
+    backbone: torch.nn.Module, weights: Iterable[str], rows: RowTasks | None = None
 ) -> RowTasks:
-    """Wrap each adapted linear layer of ``backbone`` in place; return the shared row map."""
-    rows = RowTasks()
-    wrapped: dict[str, LowRankLinear] = {}
-    for task, expert in experts.items():
-        for name, (b, a) in expert.factors.items():
-            path = name.removesuffix(".weight")
-            if path not in wrapped:
-                parent_path, _, child = path.rpartition(".")
-                parent = backbone.get_submodule(parent_path) if parent_path else backbone
-                wrapped[path] = LowRankLinear(getattr(parent, child), rows)
-                setattr(parent, child, wrapped[path])
-            wrapped[path].adapters[task] = (a.to(device).T, b.to(device).T)
+    """Wrap the linear layer of each weight in ``weights`` in place (those not wrapped yet);
+    return the row map they share."""
+    rows = rows if rows is not None else RowTasks()
+    for name in sorted(weights):
+        path = name.removesuffix(".weight")
+        parent_path, _, child = path.rpartition(".")
+        parent = backbone.get_submodule(parent_path) if parent_path else backbone
+        layer = getattr(parent, child)
+        if not isinstance(layer, LowRankLinear):
+            setattr(parent, child, LowRankLinear(layer, name, rows))
     return rows
 
 
-def adapter_tensors(backbone: torch.nn.Module) -> list[torch.Tensor]:
-    """Every adapter factor installed in ``backbone`` (for counting the bytes held)."""
-    return [
-        factor
-        for module in backbone.modules()
-        if isinstance(module, LowRankLinear)
-        for pair in module.adapters.values()
-        for factor in pair
-    ]
-
-
 @contextmanager
-def rows_assigned(rows: RowTasks, tasks: list[str]) -> Iterator[None]:
-    """During the block, row i of the batch runs with task ``tasks[i]``'s adapters.
+def rows_assigned(
+    rows: RowTasks, tasks: list[str], experts: dict[str, Expert | None]
+) -> Iterator[None]:
+    """During the block, row i of the batch runs with ``experts[tasks[i]]``.
 
     Any order works; rows of one task that sit together cost one update per layer.
     """
@@ -107,7 +110,7 @@ def rows_assigned(rows: RowTasks, tasks: list[str]) -> Iterator[None]:
     rows.segments = []
     for task, run in groupby(tasks):
         stop = start + len(list(run))
-        rows.segments.append((task, start, stop))
+        rows.segments.append((experts.get(task), start, stop))
         start = stop
     try:
         yield

@@ -20,6 +20,7 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import torch
@@ -36,7 +37,7 @@ from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from freemerge.merging.artifact import open_artifact
+from freemerge.merging.artifact import open_artifact, read_manifest
 from freemerge.serving.engine import (
     ArtifactTasks,
     ClassifyRequest,
@@ -61,7 +62,12 @@ from freemerge.serving.guard import (
 )
 from freemerge.serving.metrics import ServerMetrics
 from freemerge.serving.runtime import StageTimings
-from freemerge.serving.settings import API_KEYS_ENV, MAX_ITEMS_CEILING, ServingOptions
+from freemerge.serving.settings import (
+    API_KEYS_ENV,
+    MAX_ITEMS_CEILING,
+    ServingOptions,
+    artifact_update,
+)
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -203,11 +209,12 @@ def build_engine(options: ServingOptions) -> Engine:
             options.artifact,
             device,
             limits,
-            options.mixing,
-            options.expert_cache_size,
-            options.pass_overhead_tokens,
-            options.max_batch_tokens,
-            options.expect_version,
+            mixing=options.mixing,
+            host_expert_bytes=options.host_expert_bytes,
+            device_expert_bytes=options.device_expert_bytes,
+            pass_overhead_tokens=options.pass_overhead_tokens,
+            max_batch_tokens=options.max_batch_tokens,
+            expect_version=options.expect_version,
         )
     return SeparateEngine(
         options.zoo,
@@ -340,31 +347,63 @@ class ModelReplica:
     dies."""
 
     def __init__(self, options: ServingOptions) -> None:
+        """A merged artifact arrives through :meth:`reconfigure` (``user_config``), which Serve
+        calls before the replica takes traffic; separate models through ``options``."""
+        self.options = options
         self.metrics = ServerMetrics()
         self.deadline_s = 2 * options.request_timeout_s
         self.model_thread = ModelThread(options.torch_threads)
-        self.engine: Engine = self.model_thread.call(build_engine, options)
-        self.model_thread.call(warm_up, self.engine)
-        self.metrics.refresh_memory_every(2.0, self.engine.memory)
+        # reads cold experts from disk, so a request waiting for one holds up no batch
+        self.fetcher = ThreadPoolExecutor(1, thread_name_prefix="freemerge-fetch")
         set_batching(self.classify_batch, options)
+        self.engine: Engine | None = None
+        if options.zoo or options.artifact:
+            self._start(options)
+
+    def _start(self, options: ServingOptions) -> None:
+        self.engine = self.model_thread.call(build_engine, options)
+        self.model_thread.call(warm_up, self.engine)
+        self.metrics.refresh_memory_every(2.0, lambda: self.engine.memory())
 
     async def classify(self, request: ClassifyRequest) -> Answered | Exception:
         request.arrived = time.perf_counter()  # this process's clock, for the queue stage
-        answers = await self.classify_batch(request)
-        return answers if isinstance(answers, Exception) else Answered(self.engine.version, answers)
+        if self.engine.is_cold(request):
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self.fetcher, self.engine.prefetch, request)
+        return await self.classify_batch(request)
 
     @serve.batch(
         max_batch_size=ServingOptions.max_batch_size,
         batch_wait_timeout_s=ServingOptions.batch_wait_timeout_s,
     )
-    async def classify_batch(self, requests: list[ClassifyRequest]) -> list[list[Any] | Exception]:
+    async def classify_batch(self, requests: list[ClassifyRequest]) -> list[Answered | Exception]:
+        engine = self.engine  # the whole batch runs on one version, even if an update lands
         answers = await answer_batch(
-            self.model_thread, self.engine.classify_requests, requests, self.metrics
+            self.model_thread, engine.classify_requests, requests, self.metrics
         )
-        counts = self.engine.cache_counts()
-        if counts is not None:
-            self.metrics.cache(*counts)
-        return answers
+        self.metrics.experts(engine.expert_tiers(), engine.expert_fetches())
+        return [a if isinstance(a, Exception) else Answered(engine.version, a) for a in answers]
+
+    async def reconfigure(self, config: dict) -> None:
+        """Ray Serve's lightweight update (``user_config``, which ``serve deploy`` and a
+        RayService drive): move to the artifact version it names without a restart. The new
+        version is loaded on the model thread between batches, keeping what is unchanged
+        (the backbone when its files hash the same); batches already running finish on the
+        old version, later ones run on the new; every answer names its version."""
+        update = artifact_update(config)
+        if update is None:
+            return
+        path, expected = update
+        if self.engine is None:  # the replica's first artifact
+            options = dataclasses.replace(self.options, artifact=path, expect_version=expected)
+            await asyncio.get_running_loop().run_in_executor(None, self._start, options)
+            return
+        if not isinstance(self.engine, MergedEngine):
+            raise ValueError("user_config names an artifact, but this replica serves a zoo")
+        if read_manifest(Path(path))[1] == self.engine.version:
+            return
+        self.engine = await self.model_thread.run(self.engine.updated, Path(path), expected)
+        logger.info("now serving artifact version %s", self.engine.version)
 
     def describe(self) -> dict:
         """The ``/v1/tasks`` answer."""
@@ -377,6 +416,8 @@ class ModelReplica:
     def problem(self) -> str | None:
         """Why this replica cannot answer, or None: a backbone restore that failed, or a model
         thread without progress (no forward pass ended) for twice the request timeout."""
+        if self.engine is None:
+            return "no artifact yet: the deployment's user_config names none"
         if self.engine.damaged is not None:
             return f"the backbone may be altered: {self.engine.damaged}"
         if self.model_thread.stuck(self.deadline_s):
@@ -517,11 +558,16 @@ class ClassifierServer:
     replica running it dies, up to three attempts within the request timeout."""
 
     def __init__(self, options: ServingOptions, models: DeploymentHandle) -> None:
+        """Like the model replicas, a merged artifact's tasks arrive through
+        :meth:`reconfigure`."""
         self.metrics = ServerMetrics()
         self.models = models
         self.multiplexed = options.models_per_replica is not None
         self.timeout_s = options.request_timeout_s
-        self.front = front_tasks(options)
+        self.limits = build_limits(options)
+        self.front: ArtifactTasks | ZooTasks | None = (
+            front_tasks(options) if options.zoo or options.artifact else None
+        )
         api.state.guard = Guard(
             parse_api_keys(os.environ.get(API_KEYS_ENV)),
             options.max_body_bytes,
@@ -557,7 +603,7 @@ class ClassifierServer:
             self.metrics.request(body.task, 503)
             retry = {"Retry-After": str(RETRY_AFTER_S)}
             return JSONResponse({"error": self._unavailable(err)}, 503, headers=retry)
-        if isinstance(answers, RequestError):  # the router was unsure (422)
+        if isinstance(answers, RequestError):  # unsure router (422); task not in its version
             self.metrics.request(body.task, answers.status)
             return JSONResponse(answers.body(), status_code=answers.status)
         if isinstance(answers, Exception):  # this request failed alone: the server's fault
@@ -577,6 +623,17 @@ class ClassifierServer:
         if isinstance(err, BackPressureError):
             return "every model replica is full: the server is overloaded"
         return f"the model replicas were lost {ATTEMPTS} times in a row; retry shortly"
+
+    def reconfigure(self, config: dict) -> None:
+        """Ray Serve's lightweight update (``user_config``): check requests against the tasks
+        of the artifact version it names (read from the manifest alone)."""
+        update = artifact_update(config)
+        if update is None:
+            return
+        path, expected = update
+        artifact = open_artifact(Path(path), verify=False, expect_version=expected)
+        if self.front is None or artifact.version != self.front.version:
+            self.front = ArtifactTasks(artifact, self.limits)
 
     async def _answers(self, request: ClassifyRequest) -> Answered | Exception:
         handle = self.models
@@ -626,15 +683,27 @@ def build_app(args: dict[str, Any]) -> Application:
     options = ServingOptions.from_mapping(dict(args))
     gpus = 1 if wants_gpu(options.device) else 0
     models = MultiplexedModels if options.models_per_replica is not None else ModelReplica
+    # A merged artifact goes to the replicas as user_config, not as a constructor argument: a
+    # new `artifact` (or `expect_version`) is then a lightweight update that running replicas
+    # take through reconfigure, without a restart; any other change restarts them.
+    update, bound = {}, options
+    if options.artifact:
+        artifact = {"artifact": options.artifact, "expect_version": options.expect_version}
+        update = {"user_config": artifact}
+        bound = dataclasses.replace(options, artifact=None, expect_version=None)
     models = models.options(
         ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": gpus},
         **replica_count(options),
         **model_settings(options),
+        **update,
     )
     front = ClassifierServer.options(
-        ray_actor_options={"num_cpus": 0}, **replica_count(options), **front_settings(options)
+        ray_actor_options={"num_cpus": 0},
+        **replica_count(options),
+        **front_settings(options),
+        **update,
     )
-    return front.bind(dataclasses.replace(options, threads=1), models.bind(options))
+    return front.bind(dataclasses.replace(bound, threads=1), models.bind(bound))
 
 
 # A rolling update starts new replicas (a quarter more, at least one) before old ones stop, so

@@ -8,6 +8,7 @@ either.
 
 from __future__ import annotations
 
+import copy
 import resource
 import time
 from collections.abc import Callable
@@ -18,9 +19,10 @@ from typing import Protocol
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from freemerge.merging.artifact import Artifact, open_artifact
+from freemerge.merging.artifact import EXPERTS_FOLDER, Artifact, open_artifact
 from freemerge.merging.batching import PassPlan, Tokenized, forward_in_passes
 from freemerge.merging.zoo_folder import open_zoo
+from freemerge.serving.expert_store import TierCounts
 from freemerge.serving.router import Route
 from freemerge.serving.runtime import MergedClassifier, Prediction, StageTimings, predictions
 from freemerge.serving.settings import ServingOptions
@@ -90,8 +92,20 @@ class Engine(Protocol):
 
     def tasks_info(self) -> list[dict]: ...
 
-    def cache_counts(self) -> tuple[int, int] | None:
-        """Expert device-cache (hits, misses) so far; None without a cache."""
+    def expert_tiers(self) -> dict[str, TierCounts]:
+        """Each expert tier's counts so far (empty without experts)."""
+        ...
+
+    def expert_fetches(self) -> list[tuple[str, float]]:
+        """(tier fetched from, seconds) of each expert fetch since the last call."""
+        ...
+
+    def is_cold(self, request: ClassifyRequest) -> bool:
+        """Whether the request's expert must be read from disk before it can run."""
+        ...
+
+    def prefetch(self, request: ClassifyRequest) -> None:
+        """Bring the request's expert into memory (called off the model thread)."""
         ...
 
     def check(
@@ -146,25 +160,37 @@ def _is_unicode_text(text: str) -> bool:
     return True
 
 
+NAMED_TASKS = 20  # task names an error message lists at most
+
+
+def named(tasks: list[str]) -> str:
+    """The task names for an error message: all of them, or the first few and a count."""
+    if len(tasks) <= NAMED_TASKS:
+        return ", ".join(tasks)
+    shown = ", ".join(tasks[:NAMED_TASKS])
+    return f"{shown} and {len(tasks) - NAMED_TASKS} more (GET /v1/tasks lists them all)"
+
+
 def check_routing(
     task: str | None, candidates: list[str] | None, known: list[str], has_router: bool, what: str
 ) -> None:
     """A task must be known; an untagged request needs a router, and its candidates must be
     known tasks (a tagged request takes none)."""
-    names = ", ".join(known)
     if task is not None and task not in known:
-        raise RequestError(404, f"unknown task {task!r}; known tasks: {names}")
+        raise RequestError(404, f"unknown task {task!r}; known tasks: {named(known)}")
     if task is not None and candidates is not None:
         raise RequestError(
             400, "`candidates` is for untagged requests: give `task` or `candidates`, not both"
         )
     if task is None and not has_router:
         raise RequestError(
-            400, f"{what} has no router, so `task` is required; known tasks: {names}"
+            400, f"{what} has no router, so `task` is required; known tasks: {named(known)}"
         )
     unknown = [name for name in candidates or [] if name not in known]
     if unknown:
-        raise RequestError(404, f"unknown candidate task {unknown[0]!r}; known tasks: {names}")
+        raise RequestError(
+            404, f"unknown candidate task {unknown[0]!r}; known tasks: {named(known)}"
+        )
 
 
 def split_by_request(
@@ -234,17 +260,21 @@ class MergedEngine(ArtifactTasks):
         device: str = "auto",
         limits: Limits | None = None,
         mixing: str = ServingOptions.mixing,
-        expert_cache_size: int = ServingOptions.expert_cache_size,
+        host_expert_bytes: int = ServingOptions.host_expert_bytes,
+        device_expert_bytes: int = ServingOptions.device_expert_bytes,
         pass_overhead_tokens: int | None = None,
         max_batch_tokens: int | None = None,
         expect_version: str | None = None,
     ) -> None:
-        artifact = open_artifact(artifact_dir, expect_version=expect_version)
+        artifact = open_artifact(
+            artifact_dir, expect_version=expect_version, deferred=(EXPERTS_FOLDER,)
+        )
         super().__init__(artifact, limits)
         self.model = MergedClassifier(
             artifact,
             pick_device(device),
-            expert_cache_size,
+            host_expert_bytes,
+            device_expert_bytes,
             pass_overhead_tokens=pass_overhead_tokens,
             max_batch_tokens=max_batch_tokens,
         )
@@ -263,16 +293,28 @@ class MergedEngine(ArtifactTasks):
         """Why the backbone may no longer hold the merged weights (a failed restore), or None."""
         return self.model.damaged
 
-    def cache_counts(self) -> tuple[int, int]:
-        return self.model.store.hits, self.model.store.misses
+    def expert_tiers(self) -> dict[str, TierCounts]:
+        return self.model.store.counts()
+
+    def expert_fetches(self) -> list[tuple[str, float]]:
+        return self.model.store.drain_fetches()
+
+    def prefetch(self, request: ClassifyRequest) -> None:
+        """Read a tagged request's expert into host memory if it is in no memory tier."""
+        if request.task is not None and self.model.store.is_cold(request.task):
+            self.model.store.prefetch(request.task)
+
+    def is_cold(self, request: ClassifyRequest) -> bool:
+        return request.task is not None and self.model.store.is_cold(request.task)
 
     def tasks_info(self) -> list[dict]:
+        layouts = self.model.store.layouts
         return [
             {
                 "task": task,
                 "labels": entry["labels"],
                 "expert_bytes": entry["expert_bytes"],
-                "expert_kind": entry["expert"] and self.model.store.host[task].kind,
+                "expert_kind": layouts[task].kind if task in layouts else None,
             }
             for task, entry in self.model.artifact.tasks.items()
         ]
@@ -283,9 +325,14 @@ class MergedEngine(ArtifactTasks):
         """All rows of all requests in one call: untagged rows routed first (one router pass
         for all); a request with a text routed below its ``min_confidence`` gets a 422 naming
         the top candidate tasks instead of answers, and costs no forward; the other requests'
-        rows then run together."""
+        rows then run together. A task this version does not serve (a request checked against
+        another version during a live update) is refused with 404, alone."""
         routes = self._routes(requests, timings)
-        refused = {k: refusal for k, r in enumerate(requests) if (refusal := unsure(r, routes[k]))}
+        refused = {
+            k: refusal
+            for k, r in enumerate(requests)
+            if (refusal := self._unknown(r) or unsure(r, routes[k]))
+        }
         kept = [r for k, r in enumerate(requests) if k not in refused]
         texts: list[str] = []
         tasks: list[str | None] = []
@@ -305,6 +352,29 @@ class MergedEngine(ArtifactTasks):
         )
         split = iter(split_by_request(answers, kept))
         return [refused[k] if k in refused else next(split) for k in range(len(requests))]
+
+    def _unknown(self, request: ClassifyRequest) -> RequestError | None:
+        if request.task is None or request.task in self.task_names:
+            return None
+        return RequestError(
+            404,
+            f"unknown task {request.task!r}; artifact version {self.version[:12]} has: "
+            f"{named(self.task_names)}",
+        )
+
+    def updated(self, artifact_dir: Path, expect_version: str | None = None) -> MergedEngine:
+        """This engine moved to the artifact now in ``artifact_dir`` (verified), keeping what
+        is unchanged (:meth:`MergedClassifier.updated`); this engine is left as it was."""
+        artifact = open_artifact(
+            artifact_dir, expect_version=expect_version, deferred=(EXPERTS_FOLDER,)
+        )
+        new = copy.copy(self)
+        ArtifactTasks.__init__(new, artifact, self.limits)
+        new.model = self.model.updated(artifact)
+        new.backbone_bytes = sum(
+            p.numel() * p.element_size() for p in new.model.parameters.values()
+        )
+        return new
 
     def _routes(
         self, requests: list[ClassifyRequest], timings: StageTimings
@@ -356,7 +426,16 @@ class ZooTasks:
     has_router = False
     damaged = None  # separate models are never altered in place
 
-    def cache_counts(self) -> None:
+    def expert_tiers(self) -> dict[str, TierCounts]:
+        return {}
+
+    def expert_fetches(self) -> list[tuple[str, float]]:
+        return []
+
+    def is_cold(self, request: ClassifyRequest) -> bool:
+        return False
+
+    def prefetch(self, request: ClassifyRequest) -> None:
         return None
 
     def tasks_info(self) -> list[dict]:

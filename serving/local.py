@@ -22,6 +22,8 @@ from typing import Any
 import psutil
 import ray
 from ray import serve
+from ray.serve.context import _get_global_client  # what `serve run CONFIG.yaml` deploys with
+from ray.serve.schema import ServeDeploySchema
 
 from freemerge.serving.app import build_app
 
@@ -83,7 +85,43 @@ def _start_ray(metrics_port: int, num_cpus: int | None, metrics_interval_ms: int
 
 def _deploy(options: dict[str, Any], host: str, port: int) -> None:
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(options), name=APP_NAME, route_prefix="/")
+    deploy_app(options)
+
+
+def deploy_app(
+    options: dict[str, Any], artifact: str | dict | None = None, timeout_s: float = 600.0
+) -> None:
+    """Deploy (or deploy again) the app on the running local Serve from a config, as
+    ``serve run CONFIG.yaml`` and ``serve deploy`` do, and wait until it runs. ``artifact``
+    (a folder, or ``{"artifact": folder, "expect_version": hex}``) goes into both deployments'
+    ``user_config``, as in ``deploy/serve_config.yaml``: deployed again with only that changed,
+    the running replicas move to that artifact version without a restart (a change of the app's
+    ``args`` restarts them)."""
+    app: dict[str, Any] = {
+        "name": APP_NAME,
+        "route_prefix": "/",
+        "import_path": f"{build_app.__module__}:{build_app.__name__}",
+        "args": {k: v for k, v in options.items() if v is not None},
+    }
+    if artifact is not None:
+        user_config = artifact if isinstance(artifact, dict) else {"artifact": str(artifact)}
+        app["deployments"] = [
+            {"name": name, "user_config": user_config}
+            for name in ("ModelReplica", "ClassifierServer")
+        ]
+    client = _get_global_client()
+    client.deploy_apps(ServeDeploySchema.model_validate({"applications": [app]}))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = serve.status().applications.get(APP_NAME)
+        state = status.status if status else None
+        deployments = status.deployments.values() if status else []
+        if state == "RUNNING" and all(d.status == "HEALTHY" for d in deployments):
+            return
+        if state == "DEPLOY_FAILED" or time.monotonic() > deadline:
+            message = status.message if status else "no status"
+            raise RuntimeError(f"deploying the app failed ({state}): {message}")
+        time.sleep(0.5)
 
 
 def _ray_processes() -> list[psutil.Process]:

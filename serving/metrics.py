@@ -15,6 +15,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from ray.serve.metrics import Counter, Gauge, Histogram
 
+from freemerge.serving.expert_store import TierCounts
 from freemerge.serving.runtime import Prediction, StageTimings
 
 logger = logging.getLogger(__name__)
@@ -22,6 +23,11 @@ logger = logging.getLogger(__name__)
 LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 CONFIDENCE_BOUNDARIES = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
+TIER_COUNTERS = {
+    "hits": "Expert lookups a tier answered",
+    "misses": "Expert lookups a tier did not hold",
+    "evictions": "Experts a tier let go to stay within its byte budget",
+}
 MEMORY_GAUGES = (
     "process_resident_bytes",
     "device_allocated_bytes",
@@ -50,9 +56,19 @@ class ServerMetrics:
             tag_keys=("stage",),
         )
         self.batch_size = Histogram("freemerge_batch_size", "Texts per batch", BATCH_BOUNDARIES)
-        self.cache_hits = Counter("freemerge_expert_cache_hits_total", "Expert device-cache hits")
-        self.cache_misses = Counter(
-            "freemerge_expert_cache_misses_total", "Expert device-cache misses"
+        self.tier_counters = {
+            name: Counter(f"freemerge_expert_{name}_total", text, tag_keys=("tier",))
+            for name, text in TIER_COUNTERS.items()
+        }
+        self.tier_bytes = Gauge(
+            "freemerge_expert_tier_bytes", "Bytes of experts held per tier", tag_keys=("tier",)
+        )
+        self.fetch = Histogram(
+            "freemerge_expert_fetch_seconds",
+            "Seconds to fetch an expert from a tier (disk: into host memory; host: onto the "
+            "device)",
+            LATENCY_BOUNDARIES,
+            tag_keys=("tier",),
         )
         self.routed = Counter("freemerge_routed_total", "Texts routed per task", tag_keys=("task",))
         self.confidence = Histogram(
@@ -69,7 +85,7 @@ class ServerMetrics:
         self.memory = {
             name: Gauge(f"freemerge_{name}", name.replace("_", " ")) for name in MEMORY_GAUGES
         }
-        self._cache_seen = (0, 0)
+        self._tiers_seen: dict[str, TierCounts] = {}
 
     def request(self, task: str | None, status: int, seconds: float | None = None) -> None:
         tag = task or "routed"
@@ -98,14 +114,19 @@ class ServerMetrics:
                 self.routed.inc(tags={"task": prediction.task})
                 self.confidence.observe(prediction.router_confidence)
 
-    def cache(self, hits: int, misses: int) -> None:
-        """Counters advance by what the cache counted since the last call."""
-        seen_hits, seen_misses = self._cache_seen
-        if hits > seen_hits:
-            self.cache_hits.inc(hits - seen_hits)
-        if misses > seen_misses:
-            self.cache_misses.inc(misses - seen_misses)
-        self._cache_seen = (hits, misses)
+    def experts(self, tiers: dict[str, TierCounts], fetches: list[tuple[str, float]]) -> None:
+        """Tier counters advance by what each tier counted since the last call; its bytes and
+        the fetches' seconds are recorded."""
+        for tier, counts in tiers.items():
+            seen = self._tiers_seen.get(tier, TierCounts())
+            for name, counter in self.tier_counters.items():
+                grown = getattr(counts, name) - getattr(seen, name)
+                if grown > 0:
+                    counter.inc(grown, tags={"tier": tier})
+            self.tier_bytes.set(counts.bytes, tags={"tier": tier})
+        self._tiers_seen = dict(tiers)
+        for tier, seconds in fetches:
+            self.fetch.observe(seconds, tags={"tier": tier})
 
     def set_memory(self, figures: dict[str, int]) -> None:
         for name, gauge in self.memory.items():

@@ -9,6 +9,7 @@ renormalised over them (the others' logits set to minus infinity).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from freemerge.merging.batching import PassPlan
+from freemerge.merging.experts import Expert
 from freemerge.merging.router import (
     RouterInputs,
     dense_inputs,
@@ -48,7 +50,10 @@ class Route:
 class Router:
     """The artifact's router on ``device``: :meth:`routes` per text."""
 
-    def __init__(self, root: Path, device: torch.device, experts: dict) -> None:
+    def __init__(
+        self, root: Path, device: torch.device, experts: Callable[[], dict[str, Expert | None]]
+    ) -> None:
+        """``experts()`` gives every task's expert; called only by the ``experts`` part."""
         self.model, record = load_router(root)
         self.model.to(device)
         self.tasks: list[str] = record["tasks"]
@@ -57,7 +62,9 @@ class Router:
         self.buckets: int = record["buckets"]
         self.max_length: int = record["max_length"]
         self.device = device
-        self.subspaces = expert_subspaces(experts, self.tasks) if "experts" in self.parts else None
+        self.subspaces = (
+            expert_subspaces(experts(), self.tasks) if "experts" in self.parts else None
+        )
 
     @torch.no_grad()
     def probabilities(

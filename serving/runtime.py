@@ -18,6 +18,7 @@ Row adapters and the in-place expert compute the same model up to float rounding
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -29,17 +30,15 @@ from transformers import AutoModel, AutoTokenizer, BatchEncoding
 
 from freemerge.merging.artifact import Artifact
 from freemerge.merging.batching import PassPlan, Tokenized, forward_in_passes
-from freemerge.merging.experts import Expert, load_expert
 from freemerge.serving.adapters import (
     RowTasks,
-    adapter_tensors,
     install_row_adapters,
+    row_adapter_weights,
     rows_assigned,
-    supports_row_adapters,
 )
-from freemerge.serving.expert_store import ExpertStore, held_bytes
+from freemerge.serving.expert_store import ExpertStore
 from freemerge.serving.router import Route, Router, RouterMissingError
-from freemerge.serving.settings import MIXING_MODES
+from freemerge.serving.settings import MIXING_MODES, ServingOptions
 
 
 @dataclass
@@ -98,6 +97,21 @@ class StageTimings:
             self.progress()
 
 
+def _files(artifact: Artifact, prefix: str) -> dict[str, str]:
+    """The manifest's hashes of the files whose names start with ``prefix``."""
+    files = artifact.manifest.get("files", {})
+    return {name: digest for name, digest in files.items() if name.startswith(prefix)}
+
+
+def _same_file(old: Artifact, new: Artifact, task: str, key: str) -> bool:
+    """Whether ``task``'s ``key`` file (head or expert) is the same name and hash in both."""
+    if task not in old.tasks:
+        return False
+    name = old.tasks[task].get(key)
+    same = name is not None and name == new.tasks[task].get(key)
+    return same and old.manifest["files"].get(name) == new.manifest["files"].get(name)
+
+
 def load_head(path: str) -> torch.nn.Linear:
     state = load_file(path)
     out_features, in_features = state["classifier.weight"].shape
@@ -113,13 +127,15 @@ class MergedClassifier:
         self,
         artifact: Artifact,
         device: str | torch.device = "cpu",
-        expert_cache_size: int = 8,
+        host_expert_bytes: int = ServingOptions.host_expert_bytes,
+        device_expert_bytes: int = ServingOptions.device_expert_bytes,
         row_adapters: bool = True,
         pass_overhead_tokens: int | None = None,
         max_batch_tokens: int | None = None,
     ) -> None:
         self.artifact = artifact
         self.device = torch.device(device)
+        self.budgets = (host_expert_bytes, device_expert_bytes)
         # how batches are cut into forward passes: by length, within a token budget
         self.plan = PassPlan.for_device(self.device, pass_overhead_tokens, max_batch_tokens)
         self.tokenizer = AutoTokenizer.from_pretrained(artifact.backbone)
@@ -131,19 +147,57 @@ class MergedClassifier:
             task: load_head(str(artifact.path(entry["head"]))).to(self.device)
             for task, entry in artifact.tasks.items()
         }
-        experts: dict[str, Expert | None] = {
-            task: load_expert(artifact.path(entry["expert"])) if entry.get("expert") else None
-            for task, entry in artifact.tasks.items()
-        }
-        self.store = ExpertStore(experts, self.device, expert_cache_size)
+        dtype = next(iter(self.parameters.values())).dtype
+        self.store = ExpertStore(
+            artifact, self.device, dtype, host_expert_bytes, device_expert_bytes
+        )
         # Low-rank experts on linear layers only: run them per row beside the base layers.
         self.row_adapters: RowTasks | None = None
-        if row_adapters and experts and supports_row_adapters(experts, self.backbone):
-            self.row_adapters = install_row_adapters(self.backbone, experts, self.device)
-        self.router = (
-            Router(artifact.root, self.device, experts) if artifact.manifest.get("router") else None
-        )
+        weights = row_adapter_weights(self.store.layouts.values(), self.backbone)
+        if row_adapters and self.store.files and weights is not None:
+            self.row_adapters = install_row_adapters(self.backbone, weights)
+        self.router = self._load_router()
         self.damaged: str | None = None  # set if restoring the merged weights ever failed
+
+    def _load_router(self) -> Router | None:
+        if not self.artifact.manifest.get("router"):
+            return None
+        return Router(self.artifact.root, self.device, self.store.load_all)
+
+    def updated(self, artifact: Artifact) -> MergedClassifier:
+        """This model moved to ``artifact``, another version of its artifact. When the backbone's
+        files hash as this one's, the loaded backbone (with its row adapters), tokenizer and
+        settings are kept, and only the heads, experts and router whose files changed are
+        loaded; otherwise everything is loaded afresh. This model is left as it was, so
+        batches already running on it finish on its version."""
+        if _files(artifact, "backbone/") != _files(self.artifact, "backbone/"):
+            host, device = self.budgets
+            return MergedClassifier(
+                artifact,
+                self.device,
+                host,
+                device,
+                self.row_adapters is not None,
+                self.plan.overhead,
+                self.plan.max_tokens,
+            )
+        new = copy.copy(self)
+        new.artifact = artifact
+        new.heads = {
+            task: self.heads[task]
+            if _same_file(self.artifact, artifact, task, "head")
+            else load_head(str(artifact.path(entry["head"]))).to(self.device)
+            for task, entry in artifact.tasks.items()
+        }
+        new.store = self.store.moved_to(artifact)
+        if self.row_adapters is not None:
+            weights = row_adapter_weights(new.store.layouts.values(), self.backbone)
+            if weights is None:
+                raise ValueError("the new version's experts cannot run as row adapters")
+            install_row_adapters(self.backbone, weights, self.row_adapters)
+        same_router = _files(artifact, "router") == _files(self.artifact, "router")
+        new.router = self.router if same_router else new._load_router()
+        return new
 
     @property
     def tasks(self) -> list[str]:
@@ -153,8 +207,8 @@ class MergedClassifier:
         return self.artifact.task(task)["labels"]
 
     def expert_bytes(self) -> int:
-        """Bytes of every copy of an expert held: host, device cache, row adapters."""
-        return held_bytes(self.store.tensors() + adapter_tensors(self.backbone))
+        """Bytes of every copy of an expert held in memory: host and device tiers."""
+        return self.store.held_bytes()
 
     @contextmanager
     def expert_applied(self, task: str | None) -> Iterator[None]:
@@ -170,7 +224,7 @@ class MergedClassifier:
     @contextmanager
     def mixture_applied(self, weights: dict[str, float]) -> Iterator[None]:
         """The backbone holds theta_m + sum_t w_t e_t inside the block (softmax routing)."""
-        experts = [(self.store.get(t), w) for t, w in weights.items() if self.store.host[t]]
+        experts = [(self.store.get(t), w) for t, w in weights.items() if self.store.has_expert(t)]
         if not experts:
             yield
             return
@@ -338,8 +392,8 @@ class MergedClassifier:
         if weights:
             context = self.mixture_applied(weights)
         elif self.row_adapters is not None:
-            context = rows_assigned(self.row_adapters, row_tasks)
-            self.store.count_resident(len(set(row_tasks)))
+            experts = {task: self.store.get(task) for task in dict.fromkeys(row_tasks)}
+            context = rows_assigned(self.row_adapters, row_tasks, experts)
         else:
             context = self.expert_applied(row_tasks[0])
         with context:

@@ -83,11 +83,16 @@ class ServingOptions:
         "request is refused with 422 naming the top candidate tasks, so the caller can tag "
         "it; a request's own `min_confidence` overrides it; 0 routes every text",
     )
-    expert_cache_size: int = _option(
-        8,
-        "on a GPU, experts applied in place (sparse experts, softmax mixing) kept on the "
-        "device, least recently used out first; low-rank experts served as row adapters all "
-        "live on the device from the start and are not counted here",
+    host_expert_bytes: int = _option(
+        256 * 2**20,
+        "bytes of experts a replica keeps in host memory as stored (16-bit factors by "
+        "default), least recently used out first; the others are read from the artifact's "
+        "files when asked for",
+    )
+    device_expert_bytes: int = _option(
+        128 * 2**20,
+        "bytes of experts a replica keeps ready on its device in the backbone's dtype (on the "
+        "CPU: the float32 copies the forward reads), least recently used out first",
     )
     pass_overhead_tokens: int | None = _option(
         None,
@@ -112,17 +117,20 @@ class ServingOptions:
             raise ValueError(
                 "models_per_replica (multiplexed separate models) needs `zoo` and a value >= 1"
             )
-        for name in ("max_items", "max_chars", "max_body_bytes", "max_queued_requests"):
+        for name in (
+            "max_items",
+            "max_chars",
+            "max_body_bytes",
+            "max_queued_requests",
+            "host_expert_bytes",
+            "device_expert_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_items > MAX_ITEMS_CEILING:
             raise ValueError(f"max_items must be <= {MAX_ITEMS_CEILING}, got {self.max_items}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
-        if not (self.artifact or self.zoo):
-            raise ValueError(
-                "the app needs `artifact` (a merged artifact) or `zoo` (separate models)"
-            )
 
     @property
     def torch_threads(self) -> int:
@@ -136,6 +144,10 @@ class ServingOptions:
         unknown = sorted(set(options) - set(names))
         if unknown:
             raise ValueError(f"unknown serving option {unknown[0]!r}; allowed: {', '.join(names)}")
+        if not (options.get("artifact") or options.get("zoo")):
+            raise ValueError(
+                "the app needs `artifact` (a merged artifact) or `zoo` (separate models)"
+            )
         return cls(**{k: _coerce(k, v, hints[k]) for k, v in options.items()})
 
 
@@ -186,3 +198,21 @@ def cli_options(args: argparse.Namespace) -> dict[str, Any]:
         for f in dataclasses.fields(ServingOptions)
         if f.metadata["cli"]
     }
+
+
+USER_CONFIG_KEYS = ("artifact", "expect_version")
+
+
+def artifact_update(config: dict | None) -> tuple[str, str | None] | None:
+    """The artifact folder and expected version (sha256 of manifest.json, or 12+ of its first
+    hex digits) that a deployment's ``user_config`` names; None when it names no artifact.
+    ValueError for another key."""
+    config = config or {}
+    unknown = sorted(set(config) - set(USER_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(
+            f"unknown user_config key {unknown[0]!r}; allowed: {', '.join(USER_CONFIG_KEYS)}"
+        )
+    if not config.get("artifact"):
+        return None
+    return str(config["artifact"]), config.get("expect_version")

@@ -15,11 +15,16 @@ def test_shipped_configs_parse(name, tiny_zoo):
     assert [m.name for m in config.models] == list(tiny_zoo.tasks)
 
 
-def test_the_recommended_config_is_fr_with_rank_4_linear_experts_and_a_router(tiny_zoo):
+def test_the_recommended_config_is_fr_with_rank_8_linear_experts_and_a_router(tiny_zoo):
     config = load_config(CONFIGS / "free.yaml", zoo=tiny_zoo.root)
     assert config.method == "free" and config.parameters["scaling"] == 0.5
     assert config.parameters["filter"].mode == "reference"
     assert config.parameters["filter"].ratio == 0.5
     assert config.experts.kind == "lowrank"
-    assert config.experts.settings == {"rank": 4, "vectors": "skip", "skip": r"embeddings\."}
+    assert config.experts.settings == {
+        "rank": 8,
+        "vectors": "skip",
+        "skip": r"embeddings\.",
+        "dtype": "float16",
+    }
     assert config.router is not None

@@ -113,7 +113,7 @@ def test_backbone_is_bitwise_unchanged_after_thousands_of_swaps(artifacts, texts
 def test_stage_timings_and_memory(artifacts, texts):
     engine = MergedEngine(artifacts["sparse"], "cpu")
     timings = StageTimings()
-    engine.classify_requests(
+    answers = engine.classify_requests(
         [request(None, texts["sms_spam"]), request("bbc_topic", ["x"])], timings
     )
     assert set(timings.seconds) == {"route", "expert_apply", "forward"}
@@ -122,21 +122,26 @@ def test_stage_timings_and_memory(artifacts, texts):
         memory["backbone_bytes"] == open_artifact(artifacts["sparse"]).manifest["backbone"]["bytes"]
     )
     manifest = open_artifact(artifacts["sparse"]).manifest
-    # on the CPU the host experts are the only copies: exactly the bytes the artifact lists
-    assert memory["resident_expert_bytes"] == sum(
-        t["expert_bytes"] for t in manifest["tasks"].values()
-    )
+    # only the experts asked for are held: as stored (host), and ready to apply (the device
+    # tier, on the CPU too: int64 indices beside the stored int32, the float32 values shared)
+    used = {a.task for a in answers[0]} | {"bbc_topic"}
+    tiers = engine.expert_tiers()
+    assert tiers["host"].bytes == sum(manifest["tasks"][t]["expert_bytes"] for t in used)
+    held = memory["resident_expert_bytes"]
+    assert tiers["host"].bytes < held < tiers["host"].bytes + tiers["device"].bytes
 
 
 def test_expert_bytes_count_every_copy_and_views_once(artifacts):
-    """Row adapters are views of the host experts on the CPU (no bytes of their own); a copy
-    held elsewhere, as a GPU's would be, is counted."""
+    """The ready copy of a float32 expert on the CPU is the stored one (no bytes of its own);
+    a 16-bit expert's float32 copy is counted."""
     model = MergedClassifier(open_artifact(artifacts["lowrank"]))
-    listed = sum(t["expert_bytes"] for t in model.artifact.tasks.values())
-    assert model.row_adapters is not None and model.expert_bytes() == listed
-    factor = next(iter(model.store.host.values())).factors
-    name = next(iter(factor))
-    b, a = factor[name]
+    task = model.tasks[0]
+    model.classify(["hello"], task)
+    stored = model.store.prefetch(task)
+    listed = model.artifact.tasks[task]["expert_bytes"]
+    assert model.row_adapters is not None
+    assert model.expert_bytes() == listed + (listed * 2 if stored.dtype == "float16" else 0)
+    b, a = next(iter(stored.factors.values()))
     assert held_bytes([b, b.T, a]) == b.nbytes + a.nbytes
     assert held_bytes([b, b.clone()]) == 2 * b.nbytes
 
@@ -206,7 +211,8 @@ def test_row_adapters_follow_the_task_of_each_row_in_any_order(artifacts, texts)
     rows = [texts["sms_spam"][0], texts["debate_party"][0], texts["sms_spam"][1]]
     tasks = ["sms_spam", "debate_party", "sms_spam"]
     batch = Tokenized(model.tokenizer, rows, 128).padded([0, 1, 2], model.device)
-    with torch.no_grad(), rows_assigned(model.row_adapters, tasks):
+    experts = {task: model.store.get(task) for task in tasks}
+    with torch.no_grad(), rows_assigned(model.row_adapters, tasks, experts):
         together = model.backbone(**batch).pooler_output
     for i, (text, task) in enumerate(zip(rows, tasks, strict=True)):
         alone = model.pooled_rows([text], [task])
@@ -264,3 +270,16 @@ def test_lone_surrogates_are_refused_before_any_work(artifacts):
         engine.check("sms_spam", ["fine \u00e9", "bad \ud800"])
     assert caught.value.status == 400
     assert engine.check("sms_spam", ["caf\u00e9 \U0001f600"]).inputs == ["caf\u00e9 \U0001f600"]
+
+
+def test_error_messages_name_at_most_twenty_tasks():
+    from freemerge.serving.engine import check_routing
+
+    many = [f"task-{i:04d}" for i in range(1000)]
+    with pytest.raises(RequestError) as refused:
+        check_routing("nope", None, many, False, "this artifact")
+    message = str(refused.value)
+    assert refused.value.status == 404 and "task-0019" in message and "task-0020" not in message
+    assert "and 980 more (GET /v1/tasks lists them all)" in message
+    with pytest.raises(RequestError, match="known tasks: a, b$"):
+        check_routing("nope", None, ["a", "b"], False, "this artifact")

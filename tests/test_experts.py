@@ -1,5 +1,6 @@
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from freemerge.merging.experts import LowRankExpert, SparseExpert, load_expert, make_expert
 
@@ -84,7 +85,7 @@ def test_unknown_kind_is_refused():
 
 
 def test_lowrank_expert_is_the_truncated_svd_of_the_residual():
-    expert = LowRankExpert(rank=3, vectors="full")
+    expert = LowRankExpert(rank=3, vectors="full", dtype="float32")
     for name, residual in residuals().items():
         expert.add(name, residual)
     w = residuals()["w"]
@@ -97,6 +98,42 @@ def test_lowrank_expert_is_the_truncated_svd_of_the_residual():
     )
     assert torch.equal(expert.full["b"], residuals()["b"])  # 1-D stored in full
     assert expert.nbytes() == 4 * (20 * 3 + 3 * 50 + 50)
+
+
+def test_lowrank_factors_are_stored_in_16_bits_by_default(tmp_path):
+    wide = LowRankExpert(rank=3, vectors="full", dtype="float32")
+    narrow = LowRankExpert(rank=3, vectors="full")
+    for name, residual in residuals().items():
+        wide.add(name, residual)
+        narrow.add(name, residual)
+    assert narrow.settings["dtype"] == "float16"
+    assert {t.dtype for pair in narrow.factors.values() for t in pair} == {torch.float16}
+    assert narrow.nbytes() * 2 == wide.nbytes()
+    # the product is computed in float32 and differs only by the factors' rounding
+    assert narrow.delta("w").dtype == torch.float32
+    assert torch.allclose(narrow.delta("w"), wide.delta("w"), rtol=0, atol=2e-3)
+    narrow.save(tmp_path / "e.safetensors")
+    loaded = load_expert(tmp_path / "e.safetensors")
+    assert loaded.settings == narrow.settings
+    assert torch.equal(loaded.factors["w"][0], narrow.factors["w"][0])
+    # on the device in the dtype it computes in, as the expert store puts it there
+    moved = loaded.to("cpu", torch.float32)
+    assert moved.factors["w"][1].dtype == torch.float32 and moved.dtype == "float32"
+
+
+def test_expert_files_from_before_the_dtype_setting_load_as_float32(tmp_path):
+    old = LowRankExpert(rank=2, dtype="float32")
+    old.add("w", residuals()["w"])
+    settings = {k: v for k, v in old.settings.items() if k != "dtype"}
+    tensors = {"w.lora_B": old.factors["w"][0], "w.lora_A": old.factors["w"][1]}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=settings)
+    loaded = load_expert(tmp_path / "old.safetensors")
+    assert loaded.dtype == "float32" and torch.equal(loaded.delta("w"), old.delta("w"))
+
+
+def test_an_unknown_factor_dtype_is_refused():
+    with pytest.raises(ValueError, match="unknown expert dtype 'int8'; allowed: float16"):
+        LowRankExpert(dtype="int8")
 
 
 def test_lowrank_round_trip_is_exact_and_skip_and_vectors_apply(tmp_path):
@@ -149,3 +186,21 @@ def test_mixture_of_experts_is_the_weighted_sum(kind, settings):
         for n in base
     }
     assert all(torch.allclose(mixed[n], expected[n], atol=1e-6) for n in base)
+
+
+def test_loaded_factors_are_in_name_order_whatever_the_file_order(tmp_path):
+    """A router's feature columns follow the factors' order, so it must not vary between
+    processes (safetensors' loader returns tensors in an order that does)."""
+    from freemerge.merging.router import expert_subspaces
+
+    names = [f"layer.{i}.weight" for i in (3, 1, 2, 0)]
+    expert = LowRankExpert(rank=1, skip="")
+    for name in names:
+        expert.add(name, torch.randn(4, 3))
+    expert.save(tmp_path / "e.safetensors")
+    loaded = load_expert(tmp_path / "e.safetensors")
+    assert list(loaded.factors) == sorted(names)
+    backwards = LowRankExpert(rank=1, skip="")
+    backwards.factors = dict(reversed(list(loaded.factors.items())))
+    subspaces = expert_subspaces({"a": backwards, "b": loaded}, ["a", "b"])
+    assert list(subspaces.factors) == sorted(n.removesuffix(".weight") for n in names)

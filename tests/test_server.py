@@ -160,7 +160,10 @@ EXPECTED_METRICS = {
     "ray_freemerge_request_latency_seconds": "histogram",
     "ray_freemerge_stage_latency_seconds": "histogram",
     "ray_freemerge_batch_size": "histogram",
-    "ray_freemerge_expert_cache_hits": "counter",
+    "ray_freemerge_expert_hits": "counter",
+    "ray_freemerge_expert_misses": "counter",
+    "ray_freemerge_expert_tier_bytes": "gauge",
+    "ray_freemerge_expert_fetch_seconds": "histogram",
     "ray_freemerge_routed": "counter",
     "ray_freemerge_router_confidence": "histogram",
     "ray_freemerge_process_resident_bytes": "gauge",
@@ -168,6 +171,9 @@ EXPECTED_METRICS = {
     "ray_freemerge_backbone_bytes": "gauge",
     "ray_freemerge_resident_expert_bytes": "gauge",
 }
+
+
+FETCH_SECONDS = "ray_freemerge_expert_fetch_seconds"
 
 
 def labels_of(families, name, label):
@@ -185,6 +191,7 @@ def test_metrics_appear_on_the_metrics_port(server, texts):
             and {"queue", "route", "forward", "expert_apply"}
             <= labels_of(families, "ray_freemerge_stage_latency_seconds", "stage")
             and {"200", "404"} <= labels_of(families, "ray_freemerge_requests", "status")
+            and {"disk", "host"} <= labels_of(families, FETCH_SECONDS, "tier")
         )
 
     families = scrape_until(metrics_url, complete, wait_s=60)
@@ -196,6 +203,10 @@ def test_metrics_appear_on_the_metrics_port(server, texts):
     assert "unknown" in tasks and "imdb" not in tasks  # invented names share one label
     backbone = [s.value for s in families["ray_freemerge_backbone_bytes"].samples]
     assert backbone and backbone[0] > 0
+    # the routed request's expert was read from disk, then put on the device
+    assert {"disk", "host"} <= labels_of(families, FETCH_SECONDS, "tier")
+    held = {s.labels["tier"]: s.value for s in families["ray_freemerge_expert_tier_bytes"].samples}
+    assert held["host"] > 0 and held["device"] > 0 and held["disk"] > held["host"]
 
 
 def test_candidates_and_abstention_over_http(server, artifact, texts):
