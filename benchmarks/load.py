@@ -44,7 +44,7 @@ from freemerge.serving.metrics import (
     scrape,
     scrape_until,
 )
-from freemerge.serving.runtime import MergedClassifier
+from freemerge.serving.runtime import MergedClassifier, StageTimings
 from freemerge.serving.settings import ServingOptions
 
 METRICS_INTERVAL_MS = 1000  # Ray's metrics export interval during the bench
@@ -457,6 +457,7 @@ def forward_costs(
     }
     if served.row_adapters is not None:
         quantities["row_adapter_forward"] = lambda: _adapted_forward(served, task, batch)
+        quantities["served_forward"] = lambda: _served_forward(served, task, batch)
     per_round = _interleaved(quantities, repeats, rounds)
     figures: dict = {
         f"{name}_ms": 1000 * float(np.median([r[name] for r in per_round])) for name in quantities
@@ -465,10 +466,11 @@ def forward_costs(
     figures["apply_share_of_forward"] = spread(
         [r["expert_apply_restore"] / r["forward"] for r in per_round]
     )
-    if "row_adapter_forward" in quantities:
-        figures["row_adapter_share_of_forward"] = spread(
-            [(r["row_adapter_forward"] - r["forward"]) / r["forward"] for r in per_round]
-        )
+    for name in ("row_adapter", "served"):
+        if f"{name}_forward" in quantities:
+            figures[f"{name}_share_of_forward"] = spread(
+                [(r[f"{name}_forward"] - r["forward"]) / r["forward"] for r in per_round]
+            )
     return figures
 
 
@@ -495,6 +497,12 @@ def _adapted_forward(model: MergedClassifier, task: str, batch: object) -> None:
     experts = {task: model.store.get(task)}
     with rows_assigned(model.row_adapters, [task] * len(batch["input_ids"]), experts):
         model.backbone(**batch)
+
+
+def _served_forward(model: MergedClassifier, task: str, batch: object) -> None:
+    """One pass as the runtime runs it: row adapters, or the expert merged in for a large
+    one-task pass (``merge_above_tokens``)."""
+    model.pooled_pass([task] * len(batch["input_ids"]), None, batch, StageTimings())
 
 
 def _enter_and_exit(context: object) -> None:
@@ -913,10 +921,12 @@ COST_QUANTITIES = {
     "forward": "plain forward",
     "expert_apply_restore": "expert apply + restore in place (no forward)",
     "row_adapter_forward": "forward with row adapters",
+    "served_forward": "forward as served (row adapters, or merged above 1,024 tokens)",
 }
 COST_SHARES = {
     "apply_share_of_forward": "expert apply + restore in place, share of a plain forward",
     "row_adapter_share_of_forward": "row adapters, extra over a plain forward",
+    "served_share_of_forward": "as served, extra over a plain forward",
 }
 
 

@@ -292,7 +292,7 @@ def live_update(scale: Path, zoo: Zoo, texts: dict, scratch: Path) -> dict:
     edits["remove"] = time.perf_counter() - edits["remove"]
     options = {**SERVER_SETTINGS, "artifact": str(scale)}
     port, metrics_port = free_port(), free_port()
-    start_local(options, port=port, metrics_port=metrics_port)
+    start_local(options, port=port, metrics_port=metrics_port, from_config=True)
     url = f"http://127.0.0.1:{port}/v1/classify"
     tasks = zipf_order([t for t in open_artifact(scale, verify=False).tasks if t != removed])
     spec = LoadSpec(url, tasks, texts, "skewed", concurrency=8, requests=20_000, max_seconds=70)

@@ -215,6 +215,9 @@ def build_engine(options: ServingOptions) -> Engine:
             pass_overhead_tokens=options.pass_overhead_tokens,
             max_batch_tokens=options.max_batch_tokens,
             expect_version=options.expect_version,
+            merge_above_tokens=options.merge_above_tokens
+            if options.merge_above_tokens and options.merge_above_tokens > 0
+            else None,
         )
     return SeparateEngine(
         options.zoo,

@@ -265,6 +265,7 @@ class MergedEngine(ArtifactTasks):
         pass_overhead_tokens: int | None = None,
         max_batch_tokens: int | None = None,
         expect_version: str | None = None,
+        merge_above_tokens: int | None = ServingOptions.merge_above_tokens,
     ) -> None:
         artifact = open_artifact(
             artifact_dir, expect_version=expect_version, deferred=(EXPERTS_FOLDER,)
@@ -277,6 +278,7 @@ class MergedEngine(ArtifactTasks):
             device_expert_bytes,
             pass_overhead_tokens=pass_overhead_tokens,
             max_batch_tokens=max_batch_tokens,
+            merge_above_tokens=merge_above_tokens,
         )
         self.mixing = mixing
         # Fixed for the life of the engine; the memory gauges read it every few seconds.

@@ -52,15 +52,18 @@ def start_local(
     metrics_port: int = 8080,
     num_cpus: int | None = None,
     metrics_interval_ms: int | None = None,
+    from_config: bool = False,
 ) -> None:
-    """Start Ray (no dashboard) with its metrics export on ``metrics_port``, then deploy.
+    """Start Ray (no dashboard) with its metrics export on ``metrics_port``, then deploy: the
+    app object through ``serve.run`` (fast: built here), or with ``from_config`` as a config
+    (:func:`deploy_app`), which later deploys can update in place.
 
     If starting fails (or is interrupted), what was started is stopped (:func:`stop_local`)
     before the error propagates.
     """
     try:
         _start_ray(metrics_port, num_cpus, metrics_interval_ms)
-        _deploy(options, host, port)
+        _deploy(options, host, port, from_config)
     except BaseException:
         stop_local()
         raise
@@ -83,9 +86,12 @@ def _start_ray(metrics_port: int, num_cpus: int | None, metrics_interval_ms: int
     _ray_started = _ray_processes()
 
 
-def _deploy(options: dict[str, Any], host: str, port: int) -> None:
+def _deploy(options: dict[str, Any], host: str, port: int, from_config: bool) -> None:
     serve.start(http_options={"host": host, "port": port})
-    deploy_app(options)
+    if from_config:
+        deploy_app(options)
+    else:
+        serve.run(build_app(options), name=APP_NAME, route_prefix="/")
 
 
 def deploy_app(
@@ -225,7 +231,7 @@ def serve_until_signalled(options: dict[str, Any], host: str, port: int, metrics
         # ray.init() installs its own SIGTERM handlers: sys.exit(15), behind Ray's crash
         # handler, which aborts the process (SIGABRT) 3 s later, in the middle of stopping.
         _on_stop_signals(_interrupt)
-        _deploy(options, host, port)
+        _deploy(options, host, port, from_config=False)
         print(f"freemerge is serving on http://{host}:{port} (OpenAPI page: /docs)", flush=True)
         print(f"Prometheus metrics on http://127.0.0.1:{metrics_port}/metrics", flush=True)
         print("Ctrl-C or SIGTERM stops it.", flush=True)

@@ -7,8 +7,9 @@ expert in one of three ways, chosen per pass by :meth:`MergedClassifier.classify
 - row adapters (low-rank experts on linear layers only, the default artifact): each row's
   task adapter runs beside the base layers (:mod:`freemerge.serving.adapters`), so rows of any
   tasks share one pass and the weights are never written;
-- in place (sparse experts, or an artifact built without row adapters): a pass holds one task,
-  whose expert is written into the weights and restored bitwise after the pass;
+- in place (sparse experts, an artifact built without row adapters, or a one-task pass of at
+  least ``merge_above_tokens`` padded tokens, where merging costs less than row adapters): a
+  pass holds one task, whose expert is written into the weights and restored bitwise after;
 - a softmax mixture (``mixing="softmax"``, untagged rows): each row runs alone with the
   router-weighted sum of all experts applied in place.
 
@@ -132,8 +133,11 @@ class MergedClassifier:
         row_adapters: bool = True,
         pass_overhead_tokens: int | None = None,
         max_batch_tokens: int | None = None,
+        merge_above_tokens: int | None = ServingOptions.merge_above_tokens,
     ) -> None:
         self.artifact = artifact
+        # a one-task pass this large runs with its expert merged into the weights (None: never)
+        self.merge_above_tokens = merge_above_tokens
         self.device = torch.device(device)
         self.budgets = (host_expert_bytes, device_expert_bytes)
         # how batches are cut into forward passes: by length, within a token budget
@@ -180,6 +184,7 @@ class MergedClassifier:
                 self.row_adapters is not None,
                 self.plan.overhead,
                 self.plan.max_tokens,
+                self.merge_above_tokens,
             )
         new = copy.copy(self)
         new.artifact = artifact
@@ -322,7 +327,7 @@ class MergedClassifier:
 
         def forward(rows: list[int], batch: BatchEncoding) -> torch.Tensor:
             weights = mixtures.get(rows[0]) if len(rows) == 1 else None
-            return self._pooled_timed([chosen[i] for i in rows], weights, batch, timings)
+            return self.pooled_pass([chosen[i] for i in rows], weights, batch, timings)
 
         passes = self._passes(chosen, set(mixtures), tokens.lengths)
         return forward_in_passes(tokens, passes, self.device, forward).to(self.device), tokens
@@ -378,7 +383,15 @@ class MergedClassifier:
                 passes.append(sorted((group[k] for k in cut), key=lambda i: (order[chosen[i]], i)))
         return passes + [[row] for row in sorted(mixed)]
 
-    def _pooled_timed(
+    def _merge_pays(self, row_tasks: list[str], batch: BatchEncoding) -> bool:
+        """Whether this pass runs faster with its one task's expert merged into the weights
+        (and restored after) than with row adapters: their cost grows with the tokens, the
+        merge's does not."""
+        limit = self.merge_above_tokens
+        one_task = row_tasks.count(row_tasks[0]) == len(row_tasks)
+        return limit is not None and one_task and batch["input_ids"].numel() >= limit
+
+    def pooled_pass(
         self,
         row_tasks: list[str],
         weights: dict[str, float] | None,
@@ -387,11 +400,12 @@ class MergedClassifier:
     ) -> torch.Tensor:
         """Pooled output of one pass, stages timed: with a weighted mix of experts
         (``weights``), with per-row adapters (any tasks), or with the one task's expert
-        applied in place."""
+        applied in place (sparse experts; or a one-task pass of ``merge_above_tokens``
+        padded tokens or more)."""
         start = time.perf_counter()
         if weights:
             context = self.mixture_applied(weights)
-        elif self.row_adapters is not None:
+        elif self.row_adapters is not None and not self._merge_pays(row_tasks, batch):
             experts = {task: self.store.get(task) for task in dict.fromkeys(row_tasks)}
             context = rows_assigned(self.row_adapters, row_tasks, experts)
         else:

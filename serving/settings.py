@@ -94,6 +94,13 @@ class ServingOptions:
         "bytes of experts a replica keeps ready on its device in the backbone's dtype (on the "
         "CPU: the float32 copies the forward reads), least recently used out first",
     )
+    merge_above_tokens: int | None = _option(
+        1024,
+        "a forward pass of one task with at least this many padded tokens runs with the task's "
+        "low-rank expert merged into the weights (restored bitwise after) instead of row "
+        "adapters, whose cost grows with the tokens; measured on 2 CPU cores, not on a GPU "
+        "(default: 1024; 0 or less: never merge)",
+    )
     pass_overhead_tokens: int | None = _option(
         None,
         "fixed cost of one forward pass in tokens, for cutting batches into passes by length; "

@@ -12,14 +12,17 @@ from freemerge.serving.settings import API_KEYS_ENV
 
 
 @contextmanager
-def live_server(options: dict, api_keys: tuple[str, ...] = ()) -> Iterator[tuple[str, str]]:
+def live_server(
+    options: dict, api_keys: tuple[str, ...] = (), from_config: bool = False
+) -> Iterator[tuple[str, str]]:
     """The app on 2 CPUs with metrics exported every 0.5 s: (base URL, metrics URL). With
-    ``api_keys``, they are in the environment the local Ray's replicas inherit."""
+    ``api_keys``, they are in the environment the local Ray's replicas inherit; with
+    ``from_config``, deployed as a config (so that a later deploy can update it in place)."""
     before = os.environ.get(API_KEYS_ENV)
     if api_keys:
         os.environ[API_KEYS_ENV] = ",".join(api_keys)
     try:
-        with _started(options) as urls:
+        with _started(options, from_config) as urls:
             yield urls
     finally:
         if before is None:
@@ -29,9 +32,16 @@ def live_server(options: dict, api_keys: tuple[str, ...] = ()) -> Iterator[tuple
 
 
 @contextmanager
-def _started(options: dict) -> Iterator[tuple[str, str]]:
+def _started(options: dict, from_config: bool) -> Iterator[tuple[str, str]]:
     port, metrics_port = free_port(), free_port()
-    start_local(options, port=port, metrics_port=metrics_port, num_cpus=2, metrics_interval_ms=500)
+    start_local(
+        options,
+        port=port,
+        metrics_port=metrics_port,
+        num_cpus=2,
+        metrics_interval_ms=500,
+        from_config=from_config,
+    )
     try:
         yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
     finally:

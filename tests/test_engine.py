@@ -283,3 +283,30 @@ def test_error_messages_name_at_most_twenty_tasks():
     assert "and 980 more (GET /v1/tasks lists them all)" in message
     with pytest.raises(RequestError, match="known tasks: a, b$"):
         check_routing("nope", None, ["a", "b"], False, "this artifact")
+
+
+def test_a_large_one_task_pass_merges_its_expert_and_answers_the_same(artifacts, texts):
+    """Above ``merge_above_tokens`` a one-task pass runs with the expert merged into the
+    weights instead of row adapters: same answers, weights restored bitwise, and mixed passes
+    keep their row adapters."""
+    one_pass = 10**9  # every batch one pass, so the mixed batch is a mixed pass
+    merging = MergedClassifier(
+        open_artifact(artifacts["lowrank"]), pass_overhead_tokens=one_pass, merge_above_tokens=1
+    )
+    adapters = MergedClassifier(
+        open_artifact(artifacts["lowrank"]), pass_overhead_tokens=one_pass, merge_above_tokens=None
+    )
+    before = {n: p.clone() for n, p in merging.parameters.items()}
+    applied = []
+    original = merging.expert_applied
+    merging.expert_applied = lambda task: applied.append(task) or original(task)
+    for rows, tasks in (
+        (texts["sms_spam"][:3], ["sms_spam"] * 3),
+        (texts["sms_spam"][:2] + texts["bbc_topic"][:1], ["sms_spam", "sms_spam", "bbc_topic"]),
+    ):
+        a = merging.classify_rows(rows, tasks)
+        b = adapters.classify_rows(rows, tasks)
+        for x, y in zip(a, b, strict=True):
+            assert x.label == y.label and x.scores == pytest.approx(y.scores, abs=1e-5)
+    assert applied == ["sms_spam"]  # the one-task pass only
+    assert all(torch.equal(before[n], p) for n, p in merging.parameters.items())

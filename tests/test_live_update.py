@@ -74,7 +74,7 @@ def test_a_live_update_over_http_with_requests_in_flight(versions):
     does) reconfigures the running replicas: same processes, no failed request, the new task
     answering soon after."""
     options = {"device": "cpu", "max_batch_size": 8, "batch_wait_timeout_s": 0.01}
-    with live_server({**options, "artifact": str(versions["v1"])}) as (url, _):
+    with live_server({**options, "artifact": str(versions["v1"])}, from_config=True) as (url, _):
         pid = requests.get(f"{url}/readyz", timeout=30).json()["pid"]
         v1 = requests.get(f"{url}/v1/tasks", timeout=30).json()["artifact_version"]
         seen: list[tuple[int, str | None]] = []
