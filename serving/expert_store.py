@@ -131,7 +131,7 @@ class ExpertStore:
             return
         stored = max(artifact.tasks[t]["expert_bytes"] for t in self.files)
         widest = max(self.files, key=lambda t: artifact.tasks[t]["expert_bytes"])
-        stored_expert = expert_from_bytes(artifact.read_verified(self.files[widest]), widest)
+        stored_expert = self._read(widest)
         ready = expert_nbytes(stored_expert.to(self.device, self.dtype))
         for tier, need, flag in ((self.host, stored, "host"), (self.ready, ready, "device")):
             if tier.budget < need:
@@ -190,22 +190,23 @@ class ExpertStore:
         if found is not None:
             return found
         start = time.perf_counter()
-        name = self.files[task]
-        stored = expert_from_bytes(self.artifact.read_verified(name), name)
+        stored = self._read(task)
         with self.lock:
             self.host.put(task, stored, expert_nbytes(stored))
             self.disk.hits += 1
             self.fetches.append(("disk", time.perf_counter() - start))
         return stored
 
+    def _read(self, task: str) -> Expert:
+        """``task``'s expert read from its file, the bytes hashed before they are parsed."""
+        name = self.files[task]
+        return expert_from_bytes(self.artifact.read_verified(name), name)
+
     def load_all(self) -> dict[str, Expert | None]:
         """Every task's stored expert, read from disk past the tiers (for a router that needs
         them all at start)."""
         return {
-            task: expert_from_bytes(self.artifact.read_verified(self.files[task]), task)
-            if task in self.files
-            else None
-            for task in self.artifact.tasks
+            task: self._read(task) if task in self.files else None for task in self.artifact.tasks
         }
 
     def counts(self) -> dict[str, TierCounts]:
