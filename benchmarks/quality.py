@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BatchEncoding
 
 from freemerge.benchmarks.evaluate import evaluate_artifact, task_texts
 from freemerge.benchmarks.finetune import accuracy, predict
@@ -44,7 +44,7 @@ class QualityGrid:
     densities: list[float] = field(default_factory=lambda: [0.0037, 0.01, 0.02, 0.05])
     ranks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     paper_density: float = 0.01
-    rank: int = 4
+    rank: int = 8  # the shipped default (16-bit factors, the kind's default dtype)
     router: dict = field(default_factory=dict)  # the default router (RouterConfig)
     refit_examples: int = 2000
 
@@ -57,7 +57,7 @@ class QualityGrid:
             ratios=[0.7],
             cutoffs=[0.05],
             densities=[0.01],
-            ranks=[4],
+            ranks=[8],
             router={"examples_per_task": 100},
             refit_examples=200,
         )
@@ -165,7 +165,8 @@ def individual_row(zoo: Zoo, max_length: int) -> Row:
 @torch.no_grad()
 def refit_heads_row(run: QualityRun, base_row: Row, examples: int) -> Row:
     """Ablation: new linear heads (logistic regression) on the frozen merged backbone's pooled
-    output, trained on each task's train split; uses task data that merging alone does not."""
+    output (the first token's hidden state where the backbone has no pooler), trained on each
+    task's train split; uses task data that merging alone does not."""
     artifact, seconds = run.merge("task_arithmetic", base_row.picked)
     model = MergedClassifier(open_artifact(artifact))
     scores: dict[str, dict[str, float]] = {"validation": {}, "test": {}}
@@ -198,10 +199,15 @@ def refit_heads_row(run: QualityRun, base_row: Row, examples: int) -> Row:
 
 
 def _pooler_features(model: MergedClassifier, texts: list[str]) -> torch.Tensor:
-    """The merged backbone's pooled output (no expert applied), in the order of ``texts``."""
-    return run_texts(
-        model.tokenizer, texts, 128, model.device, lambda b: model.backbone(**b).pooler_output
-    )
+    """The merged backbone's pooled output (no expert applied; the first token's hidden state
+    without a pooler), in the order of ``texts``."""
+
+    def pooled(batch: BatchEncoding) -> torch.Tensor:
+        output = model.backbone(**batch)
+        pooler = getattr(output, "pooler_output", None)
+        return pooler if pooler is not None else output.last_hidden_state[:, 0]
+
+    return run_texts(model.tokenizer, texts, 128, model.device, pooled)
 
 
 def run_quality(zoo: Zoo, grid: QualityGrid | None = None, show_progress: bool = True) -> dict:

@@ -1,9 +1,11 @@
 """The task zoo: every task fine-tuned from the same pretrained backbone with one recipe.
 
-Two named zoos are built under the cache folder (``freemerge zoo build --zoo NAME``):
+Named zoos are built under the cache folder (``freemerge zoo build --zoo NAME``):
 
 - ``demo``: three tasks, a short recipe (a few minutes on 2 CPU cores), for ``make demo``;
-- ``full``: all six tasks with the full recipe (about 20 minutes), for the benchmarks.
+- ``full``: all six tasks with the full recipe (about 20 minutes), for the benchmarks;
+- ``mpnet``: the demo's tasks and recipe on all-mpnet-base-v2 (MPNet, 110M parameters) instead
+  of all-MiniLM-L6-v2 (22.7M), the backbone of the others.
 
 The folder layout is :mod:`freemerge.merging.zoo_folder`'s (the merge reads it). Each task
 folder is written under a temporary name and renamed when complete, so an interrupted build
@@ -26,7 +28,12 @@ from transformers import AutoTokenizer
 from freemerge.benchmarks.datasets import TASKS, TaskData, load_task, task_spec
 from freemerge.benchmarks.finetune import Recipe, accuracy, fine_tune, predict
 from freemerge.benchmarks.machine import describe_machine, machine_line
-from freemerge.benchmarks.sources import backbone_dir
+from freemerge.benchmarks.sources import (
+    BACKBONES,
+    DEFAULT_BACKBONE,
+    MPNET_NAME,
+    backbone_dir,
+)
 from freemerge.merging.files import (
     replaced_directory,
     sha256_file,
@@ -48,16 +55,21 @@ TEXTS_PER_TASK = 2000  # train texts kept in each task's texts.jsonl (for fittin
 
 @dataclass(frozen=True)
 class ZooPlan:
+    """A named zoo: its tasks, the one recipe, and the backbone's name (:data:`BACKBONES`)."""
+
     tasks: tuple[str, ...]
     recipe: Recipe
+    backbone: str = DEFAULT_BACKBONE
 
 
+DEMO = ZooPlan(
+    ("sms_spam", "bbc_topic", "movie_sentiment"),
+    Recipe(epochs=2, max_train_examples=640, max_length=64, learning_rate=1e-4),
+)
 ZOOS = {
-    "demo": ZooPlan(
-        ("sms_spam", "bbc_topic", "movie_sentiment"),
-        Recipe(epochs=2, max_train_examples=640, max_length=64, learning_rate=1e-4),
-    ),
+    "demo": DEMO,
     "full": ZooPlan(tuple(TASKS), Recipe()),
+    "mpnet": dataclasses.replace(DEMO, backbone=MPNET_NAME),
 }
 
 
@@ -114,8 +126,10 @@ def build_zoo(
     cache_dir: Path | None = None,
     force: bool = False,
     show_progress: bool = True,
+    backbone_name: str | None = None,
 ) -> Zoo:
-    """Fine-tune into ``root`` every named task that it does not hold for this recipe yet."""
+    """Fine-tune into ``root`` every named task that it does not hold for this recipe yet;
+    ``backbone_name``, where given, is recorded in ``zoo.json`` for the report."""
     for name in task_names:
         task_spec(name)  # unknown names fail here, before anything is written
     weights = sha256_file(backbone / "model.safetensors")
@@ -144,6 +158,8 @@ def build_zoo(
         "tasks": list(tasks),
         "machine": machine,
     }
+    if backbone_name:
+        record["backbone"] = backbone_name
     write_json_atomically(root / "zoo.json", record)
     return Zoo(root, record["recipe"], tasks, machine)
 
@@ -160,8 +176,38 @@ def build_named_zoo(
         raise ValueError(f"unknown zoo {name!r}; named zoos: {', '.join(ZOOS)}")
     plan = ZOOS[name]
     root = zoo_path(name, cache_dir)
-    backbone = backbone_dir(cache_dir)
-    return build_zoo(root, list(plan.tasks), plan.recipe, backbone, cache_dir, force, show_progress)
+    backbone = backbone_dir(cache_dir, name=plan.backbone)
+    return build_zoo(
+        root,
+        list(plan.tasks),
+        plan.recipe,
+        backbone,
+        cache_dir,
+        force,
+        show_progress,
+        backbone_name=plan.backbone,
+    )
+
+
+def backbone_line(zoo: Zoo) -> str:
+    """The zoo's backbone, e.g. ``all-mpnet-base-v2 (mpnet, 12 layers, hidden 768)``: the name
+    recorded in zoo.json, else the named backbone whose weights base/ holds, else "its base"."""
+    index = zoo.root / "zoo.json"
+    record = json.loads(index.read_text()) if index.is_file() else {}
+    name = record.get("backbone")
+    weights = zoo.base / "model.safetensors"
+    if not name and weights.is_file():
+        digest = sha256_file(weights)
+        name = next((b.name for b in BACKBONES.values() if b.weights_sha256 == digest), None)
+    config_path = zoo.base / "config.json"
+    if not config_path.is_file():
+        return name or "its base model"
+    config = json.loads(config_path.read_text())
+    shape = (
+        f"{config.get('model_type')}, {config.get('num_hidden_layers')} layers, "
+        f"hidden {config.get('hidden_size')}"
+    )
+    return f"{name or 'the base model in base/'} ({shape})"
 
 
 def zoo_table(zoo: Zoo) -> str:
@@ -192,9 +238,9 @@ def zoo_report(zoo: Zoo, command: str) -> str:
     recipe = ", ".join(f"{k}={v}" for k, v in zoo.recipe.items())
     return (
         "# Task zoo\n\n"
-        "Every task fine-tuned from all-MiniLM-L6-v2 (`AutoModelForSequenceClassification`) with "
-        "one shared recipe; accuracy on the fixed test split, the majority baseline predicts the "
-        "train split's most frequent class.\n\n"
+        f"Every task fine-tuned from {backbone_line(zoo)} (`AutoModelForSequenceClassification`) "
+        "with one shared recipe; accuracy on the fixed test split, the majority baseline predicts "
+        "the train split's most frequent class.\n\n"
         f"{zoo_table(zoo)}\n\n"
         f"Fine-tuning, all tasks: {sum(t.build_seconds for t in zoo.tasks.values()) / 60:.1f} min "
         "(reading data and evaluating come on top).\n\n"

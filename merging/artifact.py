@@ -147,7 +147,7 @@ def check_manifest_paths(root: Path, manifest: dict) -> None:
     named = [
         (f"task {task!r} {key}", entry.get(key))
         for task, entry in manifest.get("tasks", {}).items()
-        for key in ("head", "expert")
+        for key in ("head", "expert", "config")
     ]
     router = manifest.get("router") or {}
     named += [(f"router {key}", router.get(key)) for key in ("file", "record")]

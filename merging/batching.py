@@ -19,7 +19,7 @@ with its tokens, its attention scores with tokens times length.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,22 +121,32 @@ class Tokenized:
 
 
 Forward = Callable[[list[int], BatchEncoding], torch.Tensor]
+RowsForward = Callable[[list[int], BatchEncoding], Sequence[object]]
+
+
+def outputs_in_passes(
+    tokens: Tokenized, passes: list[list[int]], device: torch.device, forward: RowsForward
+) -> list:
+    """``forward(rows, batch)`` once per pass, giving one output per row of the pass; the
+    outputs in text order. Every row must be in exactly one pass."""
+    out: list = [None] * len(tokens.lengths)
+    for rows in passes:
+        for row, value in zip(rows, forward(rows, tokens.padded(rows, device)), strict=True):
+            out[row] = value
+    return out
 
 
 def forward_in_passes(
     tokens: Tokenized, passes: list[list[int]], device: torch.device, forward: Forward
 ) -> torch.Tensor:
-    """``forward(rows, batch)`` once per pass; the rows' outputs gathered in text order
-    (on the CPU). Every row must be in exactly one pass."""
-    out: torch.Tensor | None = None
-    for rows in passes:
-        result = forward(rows, tokens.padded(rows, device)).float().cpu()
-        if out is None:
-            out = result.new_zeros((len(tokens.lengths), *result.shape[1:]))
-        out[torch.tensor(rows, dtype=torch.long)] = result
-    if out is None:
+    """``forward(rows, batch)`` (a tensor, a row per text) once per pass; the rows' outputs
+    gathered in text order (on the CPU)."""
+    if not passes:
         raise ValueError("no texts to run")
-    return out
+    rows = outputs_in_passes(
+        tokens, passes, device, lambda r, batch: forward(r, batch).float().cpu()
+    )
+    return torch.stack(rows)
 
 
 def run_texts(

@@ -2,9 +2,9 @@
 
 Tensors are read one at a time through ``safetensors.safe_open`` (memory-mapped), so a merge
 holds one tensor per model at a time rather than N whole models. Names are canonical: the
-architecture's ``base_model_prefix`` (``bert.`` for ``BertForSequenceClassification``) is
-stripped, so a base ``BertModel`` and its fine-tuned classifiers name shared tensors alike;
-tensors outside the base model (``classifier.*``) are the task's head.
+architecture's ``base_model_prefix`` (the backbone's attribute in the task model class) is
+stripped, so a bare base model and its fine-tuned classifiers name shared tensors alike;
+tensors outside the base model are the task's head.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors import safe_open
+
+from freemerge.merging.families import FAMILIES
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
@@ -39,6 +41,8 @@ class Checkpoint:
         self.model_type = self.config.get("model_type")
         architecture = (self.config.get("architectures") or [None])[0]
         model_class = getattr(transformers, architecture or "", None)
+        if model_class is None and self.model_type in FAMILIES:  # no architectures recorded
+            model_class = FAMILIES[self.model_type].classifier_class
         self.prefix = getattr(model_class, "base_model_prefix", "") or ""
         self._file_of: dict[str, Path] = {}
         self._stored_name: dict[str, str] = {}
@@ -53,7 +57,7 @@ class Checkpoint:
                     self._stored_name[name] = stored
                     self._shape[name] = tuple(header.get_shape())
                     self._dtype[name] = header.get_dtype()
-        # A bare base model (``BertModel``) stores no prefix and has no head tensors.
+        # A bare base model stores no prefix and has no head tensors.
         self._wrapped = any(stored != name for name, stored in self._stored_name.items())
 
     def _weight_files(self) -> list[Path]:

@@ -10,12 +10,13 @@ residual, per tensor or per matrix row, stored as int32 flat indices plus float3
 writes theta_m[i] + e_t[i] at those indices after saving the original values, and writes the
 saved values back on exit: never add-then-subtract, so nothing drifts.
 
-``lowrank`` (the default kind): for each shared 2-D matrix, the truncated SVD of the residual
+``lowrank`` (the default kind): for each linear layer's weight, the truncated SVD of the residual
 at ``rank`` (default 8), stored as B = U_r S_r (out x r) and A = V_r^T (r x in), so
 theta_m + B A is the best rank-r approximation of theta_t. The factors are stored in 16-bit
 floats by default (``dtype: float32`` keeps full precision) and computed with in the backbone's
-dtype. 1-D tensors (biases, LayerNorm) are left out by default (``vectors: skip``; ``full``
-stores them whole), and so are tensors whose name matches ``skip`` (default: the embeddings),
+dtype. Every other tensor (biases, LayerNorms, and matrices that are no linear layer's weight,
+such as embeddings and relative-position tables) is left out by default (``vectors: skip``;
+``full`` stores them whole), and so are tensors whose name matches ``skip`` (the embeddings),
 so by default an expert touches the linear layers only and the server runs it beside them,
 LoRA-style (:mod:`freemerge.serving.adapters`). Applied in place the same way as sparse
 experts (originals saved, written back) elsewhere.
@@ -50,7 +51,7 @@ class Expert(Protocol):
     @property
     def settings(self) -> dict[str, str]: ...
 
-    def add(self, name: str, residual: torch.Tensor) -> None: ...
+    def add(self, name: str, residual: torch.Tensor, linear: bool = True) -> None: ...
 
     def nbytes(self) -> int: ...
 
@@ -90,8 +91,9 @@ class SparseExpert:
             "rescale": repr(self.rescale),
         }
 
-    def add(self, name: str, residual: torch.Tensor) -> None:
-        """Keep the ``density`` largest-magnitude entries of ``residual`` (times ``rescale``)."""
+    def add(self, name: str, residual: torch.Tensor, linear: bool = True) -> None:
+        """Keep the ``density`` largest-magnitude entries of ``residual`` (times ``rescale``),
+        of any tensor (``linear``, whether it is a linear layer's weight, changes nothing)."""
         flat = residual.detach().reshape(-1).to(torch.float32)
         if self.granularity == "row" and residual.ndim == 2:
             rows, width = residual.shape
@@ -177,7 +179,7 @@ class SparseExpert:
 
 
 class LowRankExpert:
-    """Truncated SVD factors (B, A) per 2-D matrix; optionally 1-D tensors in full."""
+    """Truncated SVD factors (B, A) per linear layer's weight; optionally the rest in full."""
 
     kind = "lowrank"
 
@@ -213,13 +215,14 @@ class LowRankExpert:
             "dtype": self.dtype,
         }
 
-    def add(self, name: str, residual: torch.Tensor) -> None:
-        """B A = the best rank-r approximation of a 2-D residual (Eckart-Young); 1-D in full."""
+    def add(self, name: str, residual: torch.Tensor, linear: bool = True) -> None:
+        """B A = the best rank-r approximation of a linear layer's 2-D residual (Eckart-Young);
+        any other tensor whole with ``vectors: full``, else left out."""
         if self.skip and re.search(self.skip, name):
             return
         stored = FACTOR_DTYPES[self.dtype]
         residual = residual.detach().to(torch.float32)
-        if residual.ndim == 2:
+        if residual.ndim == 2 and linear:
             u, s, vh = torch.linalg.svd(residual.to(torch.float64), full_matrices=False)
             r = min(self.rank, len(s))
             b = (u[:, :r] * s[:r]).to(stored).contiguous()

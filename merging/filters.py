@@ -11,8 +11,9 @@ with the low-frequency part removed:
   sqrt(f_u^2 + f_v^2) < cutoff, f = k / H (resp. k / W) in [-1/2, 1/2) as ``fftfreq`` gives.
   It treats square and rectangular matrices alike and always removes the DC term.
 
-Only the matrices whose name matches ``targets`` are filtered (by default the attention and
-feed-forward matrices of the transformer layers).
+Only the matrices whose name matches ``targets`` are filtered; by default (``targets`` unset)
+the attention and feed-forward matrices of the transformer layers, which the merge finds by
+module type (:func:`freemerge.merging.families.layer_matrices`) and passes in.
 """
 
 from __future__ import annotations
@@ -23,11 +24,6 @@ from dataclasses import dataclass
 import torch
 
 FILTER_MODES = ("reference", "radial")
-# The 2-D matrices of the transformer layers: attention projections and the feed-forward pair.
-DEFAULT_FILTER_TARGETS = (
-    r"^encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
-    r"|intermediate\.dense|output\.dense)\.weight$"
-)
 
 
 def reference_mask(shape: tuple[int, int], ratio: float) -> torch.Tensor:
@@ -49,12 +45,13 @@ def radial_mask(shape: tuple[int, int], cutoff: float) -> torch.Tensor:
 @dataclass(frozen=True)
 class HighPass:
     """One configured filter: ``mode`` with its ``ratio`` (reference) or ``cutoff`` (radial),
-    applied to the matrices whose name matches the regex ``targets``."""
+    applied to the matrices whose name matches the regex ``targets`` (None: the matrices the
+    merge passes in, the layer matrices)."""
 
     mode: str = "reference"
     ratio: float = 0.7
     cutoff: float = 0.05
-    targets: str = DEFAULT_FILTER_TARGETS
+    targets: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in FILTER_MODES:
@@ -66,11 +63,15 @@ class HighPass:
         if not 0 <= self.cutoff <= 0.75:
             raise ValueError(f"filter cutoff must be in [0, 0.75], got {self.cutoff}")
         try:
-            re.compile(self.targets)
+            re.compile(self.targets or "")
         except re.error as err:
             raise ValueError(f"filter targets is not a valid regex: {err}") from None
 
-    def targets_tensor(self, name: str) -> bool:
+    def targets_tensor(self, name: str, matrices: frozenset[str] = frozenset()) -> bool:
+        """Whether tensor ``name`` is filtered: ``targets`` matches it, or (``targets`` None)
+        it is one of ``matrices``."""
+        if self.targets is None:
+            return name in matrices
         return re.search(self.targets, name) is not None
 
     def mask(self, shape: tuple[int, int]) -> torch.Tensor:

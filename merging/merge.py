@@ -3,8 +3,9 @@
 Per shared tensor (one at a time, so peak memory stays near one checkpoint plus a few tensors):
 tau_t = theta_t - theta_0; theta_m = method(theta_0, [tau_t]); then, when the method or the
 config asks for experts, each task's expert takes its part of the residual theta_t - theta_m.
-Heads (tensors outside the base model, ``classifier.*``) are never merged: each task keeps its
-own. The artifact is written to a temporary folder and renamed into place when whole.
+Heads (the tensors outside the base model) are never merged: each task keeps its own, with
+its own config. What differs by architecture comes from :mod:`freemerge.merging.families`.
+The artifact is written to a temporary folder and renamed into place when whole.
 """
 
 from __future__ import annotations
@@ -19,20 +20,26 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
-from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 from freemerge.merging.artifact import staged_directory, write_manifest
 from freemerge.merging.checkpoint import Checkpoint, CheckpointError
 from freemerge.merging.config import MergeConfig
 from freemerge.merging.experts import Expert
+from freemerge.merging.families import (
+    FamilyError,
+    TaskHead,
+    backbone_config_differences,
+    config_from_dict,
+    family_of,
+    head_tensor_names,
+    layer_matrices,
+    linear_weights,
+    skeleton,
+)
 from freemerge.merging.files import sha256_file
+from freemerge.merging.filters import HighPass
 from freemerge.merging.methods import get_method
 from freemerge.merging.router_training import build_router
-
-# The runtime reads a task's head as a linear layer on the backbone's pooled output, which is
-# what these model types' *ForSequenceClassification do.
-POOLER_HEAD_MODEL_TYPES = ("bert",)
-HEAD_TENSORS = ("classifier.bias", "classifier.weight")
 
 
 @dataclass
@@ -56,35 +63,78 @@ class Merged:
 def check_compatible(
     base: Checkpoint, models: dict[str, Checkpoint], reference: str = "the base"
 ) -> list[str]:
-    """Shared float tensor names; CheckpointError if a model is not a sequence classifier or
-    differs from ``base`` (``reference`` in messages) in type or in a tensor's shape."""
-    if base.model_type not in POOLER_HEAD_MODEL_TYPES:
-        raise CheckpointError(
-            f"base model type {base.model_type!r} is not supported; supported: "
-            f"{', '.join(POOLER_HEAD_MODEL_TYPES)}"
-        )
-    shared = [n for n in base.names if not base.is_head(n) and base.is_float(n)]
+    """The shared float tensors: those of the family's backbone that ``base`` holds.
+    CheckpointError if ``base`` is of no supported family, or a model is not a sequence
+    classifier of the same family, backbone settings and tensor shapes as ``base``
+    (``reference`` in messages). Base tensors the family's classifiers do not hold (a pooler
+    that their heads replace) are left out."""
+    try:
+        config = config_from_dict(base.config)
+    except FamilyError as err:
+        raise CheckpointError(f"{base.label}: {err}") from None
+    backbone = set(skeleton(config).state_dict())
+    shared = [n for n in base.names if n in backbone and base.is_float(n)]
     for name, model in models.items():
         if model.model_type != base.model_type:
             raise CheckpointError(
                 f"model {name}: model type {model.model_type!r} differs from {reference}'s "
-                f"{base.model_type!r}"
+                f"{base.model_type!r}; one merge holds models of one family"
             )
-        heads = sorted(n for n in model.names if model.is_head(n))
-        if tuple(heads) != HEAD_TENSORS:
+        differs = backbone_config_differences(base.config, model.config)
+        if differs:
             raise CheckpointError(
-                f"model {name}: expected a sequence-classification head {HEAD_TENSORS}, "
-                f"found {heads or 'none'}"
+                f"model {name}: its backbone settings differ from {reference}'s: "
+                + "; ".join(differs[:3])
             )
-        for tensor in shared:
-            if tensor not in model.names:
-                raise CheckpointError(f"model {name}: lacks tensor {tensor!r} of {reference}")
-            if model.shape(tensor) != base.shape(tensor):
-                raise CheckpointError(
-                    f"model {name}: tensor {tensor!r} has shape {model.shape(tensor)}, "
-                    f"{reference} has {base.shape(tensor)}"
-                )
+        _check_head(name, model)
+        _check_tensors(name, model, base, shared, backbone, reference)
     return shared
+
+
+def _check_head(name: str, model: Checkpoint) -> None:
+    """CheckpointError unless ``model``'s tensors outside its backbone are its family's
+    sequence-classification head for its labels."""
+    heads = sorted(n for n in model.names if model.is_head(n))
+    expected = sorted(head_tensor_names(config_from_dict(model.config)))
+    if heads != expected:
+        raise CheckpointError(
+            f"model {name}: expected a sequence-classification head {expected}, "
+            f"found {heads or 'none'}"
+        )
+
+
+def _check_tensors(
+    name: str,
+    model: Checkpoint,
+    base: Checkpoint,
+    shared: list[str],
+    backbone: set[str],
+    reference: str,
+) -> None:
+    """CheckpointError unless ``model`` holds every shared tensor in its shape, and no
+    backbone tensor that ``base`` lacks (it would have nothing to merge with)."""
+    for tensor in shared:
+        if tensor not in model.names:
+            raise CheckpointError(f"model {name}: lacks tensor {tensor!r} of {reference}")
+        if model.shape(tensor) != base.shape(tensor):
+            raise CheckpointError(
+                f"model {name}: tensor {tensor!r} has shape {model.shape(tensor)}, "
+                f"{reference} has {base.shape(tensor)}"
+            )
+    extra = [n for n in model.names if n in backbone and model.is_float(n) and n not in base.names]
+    if extra:
+        raise CheckpointError(f"model {name}: has tensor {extra[0]!r}, which {reference} lacks")
+
+
+def module_targets(base: Checkpoint, shared: list[str]) -> tuple[frozenset, frozenset]:
+    """The shared matrices by module type: every ``nn.Linear`` weight of the backbone (what
+    low-rank experts factor), and those inside the encoder's blocks (the filter's default)."""
+    model = skeleton(config_from_dict(base.config))
+    held = set(shared)
+    return (
+        frozenset(n for n in linear_weights(model) if n in held),
+        frozenset(n for n in layer_matrices(model) if n in held),
+    )
 
 
 def energy_weights(
@@ -99,6 +149,23 @@ def energy_weights(
     return [e / sum(energies) for e in energies]
 
 
+def check_filter_targets(params: dict, shared: list[str], layers: frozenset[str]) -> None:
+    """CheckpointError when a filter's ``targets`` regex matches none of the shared matrices,
+    or (``targets`` unset) the family's blocks hold no linear layer: the filter would filter
+    nothing, and the merge would silently be task arithmetic."""
+    for value in params.values():
+        if not isinstance(value, HighPass):
+            continue
+        if value.targets is None and not layers:
+            raise CheckpointError("the filter found no linear layer in the model's blocks")
+        if value.targets is not None and not any(value.targets_tensor(n) for n in shared):
+            example = ", ".join(sorted(layers)[:3])
+            raise CheckpointError(
+                f"filter.targets {value.targets!r} matches no tensor of this model; its layer "
+                f"matrices are named like {example} (leave targets out to filter all of them)"
+            )
+
+
 def merge_tensors(
     config: MergeConfig,
     base: Checkpoint,
@@ -109,6 +176,8 @@ def merge_tensors(
     """The tensor loop: theta_m per shared tensor, and each task's expert from its residual."""
     method = get_method(config.method)
     params = dict(config.parameters)
+    linear, layers = module_targets(base, shared)
+    check_filter_targets(params, shared, layers)
     if params.get("task_weights") == "energy":  # needs every checkpoint before the first tensor
         params["task_weights"] = energy_weights(base, models, shared)
     merged = Merged()
@@ -119,13 +188,15 @@ def merge_tensors(
         # tau_t computed in place: N tensors of this one name are held, never N models.
         taus = [model.tensor(name).sub_(theta0) for model in models.values()]
         stats: dict = {}
-        merged.tensors[name] = method(theta0, taus, name=name, stats=stats, **params).contiguous()
+        merged.tensors[name] = method(
+            theta0, taus, name=name, stats=stats, matrices=layers, **params
+        ).contiguous()
         if "removed_energy" in stats:
             merged.removed_energy[name] = dict(zip(models, stats["removed_energy"], strict=True))
         if merged.experts:
             shift = merged.tensors[name] - theta0  # theta_t - theta_m = tau_t - (theta_m - theta_0)
             for task, tau in zip(models, taus, strict=True):
-                merged.experts[task].add(name, tau.sub_(shift))
+                merged.experts[task].add(name, tau.sub_(shift), name in linear)
         del taus
     return merged
 
@@ -179,7 +250,7 @@ def _write_artifact(
     backbone.mkdir()
     save_file(merged.tensors, str(backbone / "model.safetensors"), metadata={"format": "pt"})
     backbone_config = dict(base.config)
-    backbone_config["architectures"] = [MODEL_MAPPING_NAMES[base.model_type]]
+    backbone_config["architectures"] = [family_of(base.model_type).backbone_class_name]
     (backbone / "config.json").write_text(json.dumps(backbone_config, indent=2))
     AutoTokenizer.from_pretrained(config.base_model).save_pretrained(backbone)
     (tmp / "heads").mkdir()
@@ -203,6 +274,12 @@ def _write_artifact(
                 "model_type": base.model_type,
                 "parameters": sum(t.numel() for t in merged.tensors.values()),
                 "bytes": _nbytes(merged.tensors),
+                # base tensors the family's classifiers do not hold (not in the backbone)
+                "left_out": sorted(
+                    n
+                    for n in base.names
+                    if base.is_float(n) and not base.is_head(n) and n not in merged.tensors
+                ),
             },
             "tasks": tasks,
             "router": router and {"file": "router.safetensors", "record": "router.json", **router},
@@ -215,13 +292,18 @@ def _write_artifact(
 def write_task(task: str, model: Checkpoint, expert: Expert | None, tmp: Path) -> dict:
     """Write one task's head (and expert) into the artifact being written in ``tmp``, whose
     ``heads`` and ``experts`` folders must exist; the task's manifest entry."""
-    head = {n: model.tensor(n).contiguous() for n in HEAD_TENSORS}
+    head = {n: model.tensor(n).contiguous() for n in model.names if model.is_head(n)}
+    config = config_from_dict(model.config)
+    try:  # the head as the runtime will build it: shapes checked before anything is written
+        labels = TaskHead(config, head, torch.device("cpu")).labels
+    except (RuntimeError, ValueError) as err:
+        raise CheckpointError(f"model {task}: its head does not load: {err}") from None
     save_file(head, str(tmp / "heads" / f"{task}.safetensors"))
-    id2label = model.config.get("id2label") or {}
-    labels = [id2label.get(str(i), f"LABEL_{i}") for i in range(head["classifier.bias"].numel())]
+    (tmp / "heads" / f"{task}.json").write_text(json.dumps(model.config, indent=2))
     entry = {
         "labels": labels,
         "head": f"heads/{task}.safetensors",
+        "config": f"heads/{task}.json",
         "expert": None,
         "expert_bytes": 0,
         "source": str(model.path),

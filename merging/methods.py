@@ -4,9 +4,10 @@
 Each method maps the base tensor theta_0 and the task vectors tau_t = theta_t - theta_0 of one
 tensor to the merged tensor theta_m. Its configurable parameters and their defaults are read
 from its signature (keyword-only arguments): the merge config's ``parameters`` block sets them
-by name, and nothing else holds a default. Two keyword arguments are not parameters but
+by name, and nothing else holds a default. Three keyword arguments are not parameters but
 context the merge supplies per tensor when a method declares them: ``name`` (the tensor's
-canonical name) and ``stats`` (a dict for per-tensor diagnostics). A method registered with
+canonical name), ``stats`` (a dict for per-tensor diagnostics) and ``matrices`` (the names of
+the model's layer matrices, found by module type). A method registered with
 ``experts=True`` also builds one expert per task (FREE-Merging). Streaming and writing live in
 :mod:`freemerge.merging.merge`.
 """
@@ -24,7 +25,7 @@ import torch
 from freemerge.merging.filters import HighPass
 
 MergeFn = Callable[..., torch.Tensor]
-CONTEXT = ("name", "stats")
+CONTEXT = ("name", "stats", "matrices")
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ def frequency_filtered(
     *,
     name: str = "",
     stats: dict | None = None,
+    matrices: frozenset[str] = frozenset(),
     scaling: float = 0.3,
     other_scaling: float | None = None,
     filter: HighPass = HighPass(),  # noqa: B008 (frozen, so one shared default is safe)
@@ -187,15 +189,16 @@ def frequency_filtered(
 ) -> torch.Tensor:
     """FR-Merging on one tensor: theta_m = theta_0 + lambda * sum_t w_t * G(tau_t).
 
-    Only 2-D matrices whose name ``filter.targets`` matches are filtered; every other shared
-    tensor is merged by task arithmetic with ``other_scaling`` (default: ``scaling``). ``w_t``
+    Only 2-D matrices ``filter`` targets are filtered (by default ``matrices``, the layer
+    matrices); every other shared tensor is merged by task arithmetic with ``other_scaling``
+    (default: ``scaling``). ``w_t``
     is 1 for ``uniform``; for ``energy`` the merge passes w_t = E(tau_t) / sum_s E(tau_s)
     (E = squared norm over all shared tensors). With ``magnitude_alignment`` the filtered sum is
     rescaled to the Frobenius norm of the unfiltered weighted sum. Records
     ``stats["removed_energy"]``, the fraction of each task vector's spectral energy removed.
     """
     weights = task_weights if isinstance(task_weights, list) else [1.0] * len(task_vectors)
-    if base.ndim != 2 or not filter.targets_tensor(name):
+    if base.ndim != 2 or not filter.targets_tensor(name, matrices):
         lam = scaling if other_scaling is None else other_scaling
         return base + lam * weighted_sum(task_vectors, weights)
     filtered_sum = torch.zeros_like(base)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
 
 from freemerge.merging.batching import PassPlan, Tokenized, forward_in_passes
+from freemerge.merging.families import token_limit
 from freemerge.merging.router_config import FORWARD_PARTS, parse_kind
 
 ROUTER_WEIGHTS = "router.safetensors"
@@ -155,9 +156,10 @@ class ExpertSubspaces:
     factors: dict[str, torch.Tensor]
 
 
-def expert_subspaces(experts: dict, tasks: list[str]) -> ExpertSubspaces:
+def expert_subspaces(experts: dict, tasks: list[str], per_token: Iterable[str]) -> ExpertSubspaces:
     """The subspaces of the linear layers that every task's low-rank expert adapts and that
-    run per token (the pooler does not); ValueError unless every task has a low-rank expert."""
+    run per token (``per_token``: the layer matrices; a pooler runs once per text); ValueError
+    unless every task has a low-rank expert."""
     missing = [t for t in tasks if not hasattr(experts.get(t), "factors")]
     if missing:
         raise ValueError(
@@ -166,7 +168,8 @@ def expert_subspaces(experts: dict, tasks: list[str]) -> ExpertSubspaces:
         )
     factors = [experts[task].factors for task in tasks]
     # in name order: the features' columns must line up between fitting and serving
-    shared = sorted(n for n in factors[0] if all(n in f for f in factors) and "pooler" not in n)
+    layers = set(per_token)
+    shared = sorted(n for n in factors[0] if all(n in f for f in factors) and n in layers)
     stacked = {
         name.removesuffix(".weight"): torch.cat([f[name][1] for f in factors]).float()
         for name in shared
@@ -176,11 +179,15 @@ def expert_subspaces(experts: dict, tasks: list[str]) -> ExpertSubspaces:
 
 @contextmanager
 def captured_inputs(backbone: torch.nn.Module, paths: list[str]) -> Iterator[dict]:
-    """Inside the block, a forward of ``backbone`` stores each module's input under its path."""
+    """Inside the block, a forward of ``backbone`` stores each module's input under its path
+    (its first call's: a layer may run again on other inputs, such as position embeddings)."""
     captured: dict[str, torch.Tensor] = {}
 
     def hook(path: str):
-        return lambda _module, args, _output: captured.__setitem__(path, args[0])
+        def keep_first(_module: torch.nn.Module, args: tuple, _output: object) -> None:
+            captured.setdefault(path, args[0])  # returns None: the output stays the module's
+
+        return keep_first
 
     handles = [backbone.get_submodule(p).register_forward_hook(hook(p)) for p in paths]
     try:
@@ -241,11 +248,13 @@ def dense_inputs(
 ) -> torch.Tensor | None:
     """The dense parts' features of ``texts`` (``embeddings``, then ``layers`` and
     ``experts`` from one bare forward in the passes ``plan`` cuts), on the CPU; None for a kind
-    without dense parts. The texts are tokenized once for both."""
+    without dense parts. The texts are tokenized once for both, to at most ``max_length``
+    tokens and the backbone's own limit."""
     forward = any(part in FORWARD_PARTS for part in parts)
     if "embeddings" not in parts and not forward:
         return None
-    tokens = Tokenized(tokenizer, texts, max_length)
+    limit = min(max_length, token_limit(tokenizer, backbone.config))
+    tokens = Tokenized(tokenizer, texts, limit)
     features = [embedding_means(backbone, tokens)] if "embeddings" in parts else []
     if forward:
         device = backbone.device

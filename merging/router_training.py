@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from freemerge.merging.batching import PassPlan
 from freemerge.merging.experts import load_expert
+from freemerge.merging.families import layer_matrices, load_backbone, load_tokenizer
 from freemerge.merging.router import (
     ExpertSubspaces,
     RouterInputs,
@@ -47,12 +48,12 @@ class RouterBackbone:
 def open_router_backbone(root: Path, tasks: dict[str, dict], subspaces: bool) -> RouterBackbone:
     """The artifact's backbone under ``root/backbone`` and, with ``subspaces``, the experts'
     (``tasks``: the manifest's entries; each task needs a low-rank expert)."""
-    backbone = AutoModel.from_pretrained(root / "backbone").eval()
-    tokenizer = AutoTokenizer.from_pretrained(root / "backbone")
+    backbone = load_backbone(root / "backbone")
+    tokenizer = load_tokenizer(root / "backbone", backbone)
     found = None
     if subspaces:
         experts = {t: e.get("expert") and load_expert(root / e["expert"]) for t, e in tasks.items()}
-        found = expert_subspaces(experts, list(tasks))
+        found = expert_subspaces(experts, list(tasks), layer_matrices(backbone))
     return RouterBackbone(backbone, tokenizer, found)
 
 

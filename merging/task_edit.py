@@ -27,7 +27,7 @@ import torch
 from freemerge.merging.artifact import ArtifactError
 from freemerge.merging.checkpoint import Checkpoint, CheckpointError
 from freemerge.merging.experts import Expert, expert_settings, load_expert, make_expert
-from freemerge.merging.merge import check_compatible, write_task
+from freemerge.merging.merge import check_compatible, module_targets, write_task
 from freemerge.merging.refit import fit_router_into, router_data, verified_manifest, write_version
 from freemerge.merging.router_config import RouterConfig
 
@@ -110,8 +110,10 @@ def build_expert(
     expert: Expert, backbone: Checkpoint, model: Checkpoint, shared: list[str]
 ) -> Expert:
     """``expert`` fed each shared tensor's residual theta_T - theta_m, as the merge does."""
+    linear, _ = module_targets(backbone, shared)
     for name in shared:
-        expert.add(name, model.tensor(name).to(torch.float32) - backbone.tensor(name).float())
+        residual = model.tensor(name).to(torch.float32) - backbone.tensor(name).float()
+        expert.add(name, residual, name in linear)
     return expert
 
 
@@ -216,8 +218,9 @@ def remove_task(artifact: Path, name: str, out: Path | None = None) -> TaskEdit:
         raise ArtifactError(f"{name!r} is the artifact's only task; an artifact keeps at least one")
     tasks = [task for task in entries if task != name]
     router = _router_config(manifest, tasks, {})
-    kept = {entries[t].get(key) for t in tasks for key in ("head", "expert")}
-    dropped = {entries[name].get(key) for key in ("head", "expert")} - kept - {None}
+    files = ("head", "expert", "config")
+    kept = {entries[t].get(key) for t in tasks for key in files}
+    dropped = {entries[name].get(key) for key in files} - kept - {None}
 
     def edit(staged: Path, body: dict) -> dict | None:
         body["tasks"] = {task: entries[task] for task in tasks}

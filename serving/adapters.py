@@ -25,10 +25,12 @@ from freemerge.merging.experts import Expert, ExpertLayout
 
 class RowTasks:
     """Which batch rows use which expert during one forward pass (shared by all layers):
-    ``segments`` holds ``(expert or None, start, stop)`` for each run of rows of one task."""
+    ``segments`` holds ``(expert or None, start, stop)`` for each run of rows of one task, and
+    ``rows`` the pass's rows."""
 
     def __init__(self) -> None:
         self.segments: list[tuple[Expert | None, int, int]] = []
+        self.rows = 0
 
 
 class LowRankLinear(torch.nn.Module):
@@ -48,7 +50,17 @@ class LowRankLinear(torch.nn.Module):
             return result
         flat_result = result.view(-1, result.shape[-1])
         flat_x = x.reshape(-1, x.shape[-1])
-        per_row = flat_x.shape[0] // x.shape[0]  # tokens per batch row
+        if len(segments) == 1:  # one task: every row, and any input shared by the batch
+            segments = [(segments[0][0], 0, flat_x.shape[0])]
+            per_row = 1
+        elif x.shape[0] != self.rows.rows:
+            raise RuntimeError(
+                f"{self.weight} ran on an input that is not one row per text of the pass "
+                f"(shape {tuple(x.shape)}, {self.rows.rows} texts): this model's layers cannot "
+                "mix tasks in one pass"
+            )
+        else:
+            per_row = flat_x.shape[0] // x.shape[0]  # tokens per batch row
         for expert, start, stop in segments:
             pair = _factors(expert, self.weight)
             if pair is not None:
@@ -108,6 +120,7 @@ def rows_assigned(
     """
     start = 0
     rows.segments = []
+    rows.rows = len(tasks)
     for task, run in groupby(tasks):
         stop = start + len(list(run))
         rows.segments.append((experts.get(task), start, stop))
@@ -116,3 +129,4 @@ def rows_assigned(
         yield
     finally:
         rows.segments = []
+        rows.rows = 0

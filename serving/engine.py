@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from freemerge.merging.artifact import EXPERTS_FOLDER, Artifact, open_artifact
 from freemerge.merging.batching import PassPlan, Tokenized, forward_in_passes
+from freemerge.merging.families import load_classifier, load_tokenizer, token_limit
 from freemerge.merging.zoo_folder import open_zoo
 from freemerge.serving.expert_store import TierCounts
 from freemerge.serving.router import Route
@@ -474,16 +474,10 @@ class TaskModel:
     ) -> None:
         self.task = task
         self.device = device
-        self.model = (
-            AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
-            .to(device)
-            .eval()
-        )
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = load_classifier(path, device)
+        self.tokenizer = load_tokenizer(path, self.model)
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
-        self.max_length = min(
-            self.tokenizer.model_max_length, self.model.config.max_position_embeddings
-        )
+        self.max_length = token_limit(self.tokenizer, self.model.config)
         self.plan = PassPlan.for_device(device, pass_overhead_tokens, max_batch_tokens)
 
     def nbytes(self) -> int:

@@ -51,9 +51,14 @@ class Router:
     """The artifact's router on ``device``: :meth:`routes` per text."""
 
     def __init__(
-        self, root: Path, device: torch.device, experts: Callable[[], dict[str, Expert | None]]
+        self,
+        root: Path,
+        device: torch.device,
+        experts: Callable[[], dict[str, Expert | None]],
+        per_token: list[str],
     ) -> None:
-        """``experts()`` gives every task's expert; called only by the ``experts`` part."""
+        """``experts()`` gives every task's expert; called only by the ``experts`` part, which
+        reads the layers ``per_token`` names (the backbone's layer matrices)."""
         self.model, record = load_router(root)
         self.model.to(device)
         self.tasks: list[str] = record["tasks"]
@@ -63,7 +68,7 @@ class Router:
         self.max_length: int = record["max_length"]
         self.device = device
         self.subspaces = (
-            expert_subspaces(experts(), self.tasks) if "experts" in self.parts else None
+            expert_subspaces(experts(), self.tasks, per_token) if "experts" in self.parts else None
         )
 
     @torch.no_grad()

@@ -1,12 +1,14 @@
 """The merged model at inference: one backbone, per-task experts and heads.
 
-A task's logits are ``head_t(pooler_output)`` of the backbone with the task's expert applied,
-which is what ``*ForSequenceClassification`` computes in eval mode. The runtime applies an
-expert in one of three ways, chosen per pass by :meth:`MergedClassifier.classify_rows`:
+A task's logits are its head, run by the family's own ``*ForSequenceClassification``
+(:class:`freemerge.merging.families.TaskHead`), on the output of the backbone with the task's
+expert applied: what that class computes in eval mode. The runtime applies an expert in one of
+three ways, chosen per pass by :meth:`MergedClassifier.classify_rows`:
 
 - row adapters (low-rank experts on linear layers only, the default artifact): each row's
   task adapter runs beside the base layers (:mod:`freemerge.serving.adapters`), so rows of any
-  tasks share one pass and the weights are never written;
+  tasks share one pass (where the family allows: a layer that also runs on an input shared
+  by the whole batch keeps one task per pass) and the weights are never written;
 - in place (sparse experts, an artifact built without row adapters, or a one-task pass of at
   least ``merge_above_tokens`` padded tokens, where merging costs less than row adapters): a
   pass holds one task, whose expert is written into the weights and restored bitwise after;
@@ -24,13 +26,24 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from itertools import groupby
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModel, AutoTokenizer, BatchEncoding
+from transformers import BatchEncoding
+from transformers.utils import ModelOutput
 
 from freemerge.merging.artifact import Artifact
-from freemerge.merging.batching import PassPlan, Tokenized, forward_in_passes
+from freemerge.merging.batching import PassPlan, Tokenized, outputs_in_passes
+from freemerge.merging.families import (
+    TaskHead,
+    config_family,
+    layer_matrices,
+    load_backbone,
+    load_tokenizer,
+    task_config,
+    token_limit,
+)
 from freemerge.serving.adapters import (
     RowTasks,
     install_row_adapters,
@@ -105,20 +118,28 @@ def _files(artifact: Artifact, prefix: str) -> dict[str, str]:
 
 
 def _same_file(old: Artifact, new: Artifact, task: str, key: str) -> bool:
-    """Whether ``task``'s ``key`` file (head or expert) is the same name and hash in both."""
+    """Whether ``task``'s ``key`` file (head or config) is the same name and hash in both, or
+    absent from both."""
     if task not in old.tasks:
         return False
     name = old.tasks[task].get(key)
-    same = name is not None and name == new.tasks[task].get(key)
-    return same and old.manifest["files"].get(name) == new.manifest["files"].get(name)
+    if name != new.tasks[task].get(key):
+        return False
+    return name is None or old.manifest["files"].get(name) == new.manifest["files"].get(name)
 
 
-def load_head(path: str) -> torch.nn.Linear:
-    state = load_file(path)
-    out_features, in_features = state["classifier.weight"].shape
-    head = torch.nn.Linear(in_features, out_features)
-    head.load_state_dict({"weight": state["classifier.weight"], "bias": state["classifier.bias"]})
-    return head.eval()
+def load_head(artifact: Artifact, task: str, device: torch.device) -> TaskHead:
+    """Task ``task``'s head, built from its own config (artifacts written before task
+    configs: the backbone's, with the task's labels)."""
+    entry = artifact.task(task)
+    saved = artifact.path(entry["config"]) if entry.get("config") else None
+    config = task_config(artifact.backbone, entry["labels"], saved)
+    return TaskHead(config, load_file(str(artifact.path(entry["head"]))), device)
+
+
+def _rows_of(output: ModelOutput, part: slice) -> ModelOutput:
+    """The rows ``part`` of a backbone output (views: nothing is copied)."""
+    return type(output)(**{k: v[part] for k, v in output.items() if isinstance(v, torch.Tensor)})
 
 
 class MergedClassifier:
@@ -142,15 +163,13 @@ class MergedClassifier:
         self.budgets = (host_expert_bytes, device_expert_bytes)
         # how batches are cut into forward passes: by length, within a token budget
         self.plan = PassPlan.for_device(self.device, pass_overhead_tokens, max_batch_tokens)
-        self.tokenizer = AutoTokenizer.from_pretrained(artifact.backbone)
-        self.backbone = AutoModel.from_pretrained(artifact.backbone).to(self.device).eval()
+        self.backbone = load_backbone(artifact.backbone, self.device)
+        self.tokenizer = load_tokenizer(artifact.backbone, self.backbone)
         self.parameters = dict(self.backbone.named_parameters())
-        positions = self.backbone.config.max_position_embeddings
-        self.max_length = min(self.tokenizer.model_max_length, positions)
-        self.heads = {
-            task: load_head(str(artifact.path(entry["head"]))).to(self.device)
-            for task, entry in artifact.tasks.items()
-        }
+        self.max_length = token_limit(self.tokenizer, self.backbone.config)
+        self.mixed_task_passes = config_family(self.backbone.config).mixed_task_passes
+        self.layer_matrices = layer_matrices(self.backbone)  # before row adapters wrap them
+        self.heads = {task: load_head(artifact, task, self.device) for task in artifact.tasks}
         dtype = next(iter(self.parameters.values())).dtype
         self.store = ExpertStore(
             artifact, self.device, dtype, host_expert_bytes, device_expert_bytes
@@ -166,7 +185,7 @@ class MergedClassifier:
     def _load_router(self) -> Router | None:
         if not self.artifact.manifest.get("router"):
             return None
-        return Router(self.artifact.root, self.device, self.store.load_all)
+        return Router(self.artifact.root, self.device, self.store.load_all, self.layer_matrices)
 
     def updated(self, artifact: Artifact) -> MergedClassifier:
         """This model moved to ``artifact``, another version of its artifact. When the backbone's
@@ -190,9 +209,9 @@ class MergedClassifier:
         new.artifact = artifact
         new.heads = {
             task: self.heads[task]
-            if _same_file(self.artifact, artifact, task, "head")
-            else load_head(str(artifact.path(entry["head"]))).to(self.device)
-            for task, entry in artifact.tasks.items()
+            if all(_same_file(self.artifact, artifact, task, key) for key in ("head", "config"))
+            else load_head(artifact, task, self.device)
+            for task in artifact.tasks
         }
         new.store = self.store.moved_to(artifact)
         if self.row_adapters is not None:
@@ -278,59 +297,56 @@ class MergedClassifier:
     ) -> list[Prediction]:
         """Answer each text with its own task; rows whose task is None take their route from
         ``routes`` (by row) or are routed first (one router pass for all of them), then every
-        row runs in the passes :meth:`_passes` plans, and each task's head reads its rows'
-        pooled output."""
+        row runs in the passes :meth:`_passes` plans, where each task's head reads its rows
+        of the backbone's output."""
         if mixing not in MIXING_MODES:
             raise ValueError(f"unknown mixing {mixing!r}; allowed: {', '.join(MIXING_MODES)}")
         timings = timings if timings is not None else StageTimings()
         for task in set(tasks) - {None}:
             self.artifact.task(task)  # unknown tasks fail before any work
         chosen, confidence, mixtures = self._routed(texts, tasks, mixing, timings, routes)
-        pooled, tokens = self._pooled_rows(texts, chosen, mixtures, max_length, timings)
+        logits, tokens = self._logit_rows(texts, chosen, mixtures, max_length, timings)
         answers: list[Prediction | None] = [None] * len(texts)
         for task in dict.fromkeys(chosen):
             rows = [i for i, t in enumerate(chosen) if t == task]
-            logits = self.heads[task](pooled[rows])
             cuts = [tokens.truncated[i] for i in rows]
             found = predictions(
-                task, self.labels(task), logits, cuts, [confidence.get(i) for i in rows]
+                task,
+                self.labels(task),
+                torch.stack([logits[i] for i in rows]),
+                cuts,
+                [confidence.get(i) for i in rows],
             )
             for row, answer in zip(rows, found, strict=True):
                 answers[row] = answer
         return answers
 
     @torch.no_grad()
-    def pooled_rows(self, texts: list[str], tasks: list[str]) -> torch.Tensor:
-        """The pooled output of each text with its task's expert, in text order."""
-        for task in set(tasks):
-            self.artifact.task(task)  # an unknown task fails with the list of known ones
-        return self._pooled_rows(texts, tasks, {}, None, StageTimings())[0]
-
-    @torch.no_grad()
     def logits(self, task: str, texts: list[str]) -> torch.Tensor:
-        """Task ``task``'s logits for every text."""
+        """Task ``task``'s logits for every text (on the CPU)."""
         self.artifact.task(task)  # an unknown task fails with the list of known ones
-        return self.heads[task](self.pooled_rows(texts, [task] * len(texts)))
+        rows = self._logit_rows(texts, [task] * len(texts), {}, None, StageTimings())[0]
+        return torch.stack(rows)
 
-    def _pooled_rows(
+    def _logit_rows(
         self,
         texts: list[str],
         chosen: list[str],
         mixtures: dict[int, dict[str, float]],
         max_length: int | None,
         timings: StageTimings,
-    ) -> tuple[torch.Tensor, Tokenized]:
-        """Pooled output per text (on the device) through the one loop, in the passes
+    ) -> tuple[list[torch.Tensor], Tokenized]:
+        """Each text's logits with its task (on the CPU) through the one loop, in the passes
         :meth:`_passes` plans; and the tokenized texts."""
         limit = min(max_length or self.max_length, self.max_length)
         tokens = Tokenized(self.tokenizer, texts, limit)
 
-        def forward(rows: list[int], batch: BatchEncoding) -> torch.Tensor:
+        def forward(rows: list[int], batch: BatchEncoding) -> list[torch.Tensor]:
             weights = mixtures.get(rows[0]) if len(rows) == 1 else None
-            return self.pooled_pass([chosen[i] for i in rows], weights, batch, timings)
+            return self.logits_pass([chosen[i] for i in rows], weights, batch, timings)
 
         passes = self._passes(chosen, set(mixtures), tokens.lengths)
-        return forward_in_passes(tokens, passes, self.device, forward).to(self.device), tokens
+        return outputs_in_passes(tokens, passes, self.device, forward), tokens
 
     def classify(
         self, texts: list[str], task: str | None = None, mixing: str = "argmax"
@@ -368,13 +384,14 @@ class MergedClassifier:
 
     def _passes(self, chosen: list[str], mixed: set[int], lengths: list[int]) -> list[list[int]]:
         """Rows per forward pass, cut by token length within the token budget (:attr:`plan`).
-        With row adapters any tasks share a pass, their rows put next to each other; otherwise
-        each pass holds one task. A softmax-mixed row is a pass of its own."""
+        With row adapters any tasks share a pass, their rows put next to each other, where the
+        family allows it; otherwise each pass holds one task. A softmax-mixed row is a pass of
+        its own."""
         order = {task: k for k, task in enumerate(dict.fromkeys(chosen))}
         plain = [i for i in range(len(chosen)) if i not in mixed]
         groups = (
             [plain]
-            if self.row_adapters is not None
+            if self.row_adapters is not None and self.mixed_task_passes
             else [[i for i in plain if chosen[i] == task] for task in order]
         )
         passes = []
@@ -391,17 +408,18 @@ class MergedClassifier:
         one_task = row_tasks.count(row_tasks[0]) == len(row_tasks)
         return limit is not None and one_task and batch["input_ids"].numel() >= limit
 
-    def pooled_pass(
+    def logits_pass(
         self,
         row_tasks: list[str],
         weights: dict[str, float] | None,
         batch: BatchEncoding,
         timings: StageTimings,
-    ) -> torch.Tensor:
-        """Pooled output of one pass, stages timed: with a weighted mix of experts
-        (``weights``), with per-row adapters (any tasks), or with the one task's expert
-        applied in place (sparse experts; or a one-task pass of ``merge_above_tokens``
-        padded tokens or more)."""
+    ) -> list[torch.Tensor]:
+        """Each row's logits (on the CPU) from one pass, stages timed: the backbone with a
+        weighted mix of experts (``weights``), with per-row adapters (any tasks), or with the
+        one task's expert applied in place (sparse experts; or a one-task pass of
+        ``merge_above_tokens`` padded tokens or more); then each run of rows of one task
+        through that task's head."""
         start = time.perf_counter()
         if weights:
             context = self.mixture_applied(weights)
@@ -412,10 +430,18 @@ class MergedClassifier:
             context = self.expert_applied(row_tasks[0])
         with context:
             applied = time.perf_counter()
-            pooled = self.backbone(**batch).pooler_output
-            if pooled.is_cuda:
+            output = self.backbone(**batch)
+            if self.device.type == "cuda":
                 torch.cuda.synchronize()
             forwarded = time.perf_counter()
-        timings.add("forward", forwarded - applied)
-        timings.add("expert_apply", (applied - start) + (time.perf_counter() - forwarded))
-        return pooled
+        unapplied = time.perf_counter()
+        logits: list[torch.Tensor] = []
+        start_row = 0
+        for task, run in groupby(row_tasks):
+            part = slice(start_row, start_row + len(list(run)))
+            rows = {key: value[part] for key, value in batch.items()}
+            logits.extend(self.heads[task](_rows_of(output, part), rows).float().cpu())
+            start_row = part.stop
+        timings.add("forward", (forwarded - applied) + (time.perf_counter() - unapplied))
+        timings.add("expert_apply", (applied - start) + (unapplied - forwarded))
+        return logits

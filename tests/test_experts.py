@@ -202,5 +202,5 @@ def test_loaded_factors_are_in_name_order_whatever_the_file_order(tmp_path):
     assert list(loaded.factors) == sorted(names)
     backwards = LowRankExpert(rank=1, skip="")
     backwards.factors = dict(reversed(list(loaded.factors.items())))
-    subspaces = expert_subspaces({"a": backwards, "b": loaded}, ["a", "b"])
+    subspaces = expert_subspaces({"a": backwards, "b": loaded}, ["a", "b"], names)
     assert list(subspaces.factors) == sorted(n.removesuffix(".weight") for n in names)

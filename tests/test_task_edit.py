@@ -102,6 +102,7 @@ def test_remove_writes_a_version_without_the_task_and_a_router_refitted(routed, 
     }
     assert changed_files(routed, out) == {
         f"heads/{NEW}.safetensors",
+        f"heads/{NEW}.json",
         f"experts/{NEW}.safetensors",
         "router.json",
         "router.safetensors",

@@ -1,3 +1,5 @@
+import dataclasses
+import hashlib
 import json
 
 import numpy as np
@@ -6,10 +8,12 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import freemerge.benchmarks.zoo as zoo_module
+from freemerge.benchmarks.commands import ZOO_NAMES
 from freemerge.benchmarks.datasets import UnknownTaskError, load_task
 from freemerge.benchmarks.finetune import Recipe, fine_tune, predict
-from freemerge.benchmarks.zoo import build_zoo, zoo_report
-from freemerge.merging.zoo_folder import ZooError, open_zoo, read_texts
+from freemerge.benchmarks.sources import BACKBONES
+from freemerge.benchmarks.zoo import ZOOS, build_zoo, zoo_report
+from freemerge.merging.zoo_folder import Zoo, ZooError, open_zoo, read_texts
 from freemerge.serving.cli import main
 
 TINY = Recipe(epochs=2, max_train_examples=96, batch_size=16, max_length=32, learning_rate=1e-3)
@@ -106,3 +110,55 @@ def test_same_seed_gives_the_same_model(tiny_backbone, cache_dir):
     first = fine_tune(tiny_backbone, task, recipe, show_progress=False).model.state_dict()
     second = fine_tune(tiny_backbone, task, recipe, show_progress=False).model.state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_mpnet_zoo_is_the_demo_on_the_mpnet_backbone():
+    mpnet, demo = ZOOS["mpnet"], ZOOS["demo"]
+    assert mpnet.backbone == "all-mpnet-base-v2" and mpnet.backbone in BACKBONES
+    assert (mpnet.tasks, mpnet.recipe) == (demo.tasks, demo.recipe)
+    assert demo.backbone == ZOOS["full"].backbone == "all-MiniLM-L6-v2"
+    assert ZOO_NAMES == tuple(ZOOS)  # the CLI's --zoo choices
+
+
+def test_build_named_zoo_uses_the_plans_backbone(tmp_path, monkeypatch):
+    calls = {}
+    monkeypatch.setattr(
+        zoo_module, "backbone_dir", lambda cache_dir, name: calls.setdefault("dir", name)
+    )
+    monkeypatch.setattr(
+        zoo_module, "build_zoo", lambda *args, **kwargs: calls.setdefault("build", (args, kwargs))
+    )
+    zoo_module.build_named_zoo("mpnet", tmp_path, show_progress=False)
+    args, kwargs = calls["build"]
+    assert calls["dir"] == "all-mpnet-base-v2" and args[3] == "all-mpnet-base-v2"
+    assert kwargs["backbone_name"] == "all-mpnet-base-v2"
+    assert args[0] == tmp_path / "zoo" / "mpnet"
+
+
+MACHINE = dict.fromkeys(
+    ("cpus", "processor", "memory_gib", "accelerator", "python", "torch", "date_utc"), "x"
+)
+
+
+def _bare_zoo(root, record, config):
+    (root / "base").mkdir(parents=True)
+    (root / "zoo.json").write_text(json.dumps(record))
+    (root / "base" / "config.json").write_text(json.dumps(config))
+    return Zoo(root, {}, {}, MACHINE)
+
+
+def test_zoo_report_names_the_zoos_backbone(tmp_path, monkeypatch):
+    mpnet = {"model_type": "mpnet", "num_hidden_layers": 12, "hidden_size": 768}
+    zoo = _bare_zoo(tmp_path / "a", {"backbone": "all-mpnet-base-v2"}, mpnet)
+    assert "fine-tuned from all-mpnet-base-v2 (mpnet, 12 layers, hidden 768) (" in zoo_report(
+        zoo, "freemerge zoo build --zoo mpnet"
+    )
+    # A zoo.json without the name: the backbone is known by the weights in base/.
+    bert = {"model_type": "bert", "num_hidden_layers": 6, "hidden_size": 384}
+    zoo = _bare_zoo(tmp_path / "b", {}, bert)
+    (zoo.base / "model.safetensors").write_bytes(b"weights")
+    minilm = dataclasses.replace(
+        BACKBONES["all-MiniLM-L6-v2"], weights_sha256=hashlib.sha256(b"weights").hexdigest()
+    )
+    monkeypatch.setitem(zoo_module.BACKBONES, "all-MiniLM-L6-v2", minilm)
+    assert "from all-MiniLM-L6-v2 (bert, 6 layers, hidden 384) (" in zoo_report(zoo, "c")
