@@ -87,8 +87,24 @@ def _bench_quality(args: argparse.Namespace) -> int:
 
     grid = QualityGrid.quick() if args.quick else QualityGrid()
     result = run_quality(open_zoo(args.zoo, args.cache_dir), grid)
-    name = "merge_quality" if args.zoo == "full" else f"merge_quality_{Path(args.zoo).name}"
+    # the full zoo's table is merge_quality; another named zoo's, merge_quality_<zoo>
+    named = args.zoo in ZOO_NAMES and args.zoo != "full"
+    name = f"merge_quality_{args.zoo}" if named else "merge_quality"
     return _written(args.out, name, result, quality_markdown(result, _command()))
+
+
+def _bench_revision(args: argparse.Namespace) -> int:
+    from freemerge.benchmarks.evaluate import task_texts
+    from freemerge.benchmarks.revision import revision_markdown, run_revision_bench
+    from freemerge.merging.artifact import read_manifest
+
+    _, artifact = _artifact(args)
+    tasks = list(read_manifest(artifact)[0]["tasks"])
+    texts = {task: task_texts(task, "test")[0] for task in tasks}
+    order = [tasks[i % len(tasks)] for i in range(16)]
+    rows = [texts[task][i // len(tasks)] for i, task in enumerate(order)]
+    result = run_revision_bench(artifact, args.against, rows, order, args.rounds, args.repeats)
+    return _written(args.out, "revision", result, revision_markdown(result, _command()))
 
 
 def _bench_experts(args: argparse.Namespace) -> int:
@@ -212,7 +228,8 @@ def _add_zoo_commands(commands: argparse._SubParsersAction) -> None:
 
 def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser(
-        "bench", help="benchmarks: quality, experts, router, load, scale, autoscaling, faults"
+        "bench",
+        help="benchmarks: quality, experts, router, load, scale, autoscaling, faults, revision",
     )
     kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     quality = kinds.add_parser("quality", help="the merge quality table on a zoo")
@@ -271,6 +288,17 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     autoscale.add_argument(
         "--load-seconds", type=float, default=40.0, help="seconds of load at least (default: 40)"
     )
+    revision = kinds.add_parser(
+        "revision",
+        help="the engine's tagged batch-1 and batch-16 forward, this tree against a git revision",
+    )
+    revision.add_argument(
+        "--against", required=True, help="the git revision to compare with (a commit or ref)"
+    )
+    revision.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
+    revision.add_argument(
+        "--repeats", type=int, default=30, help="timed calls per batch size and side (default: 30)"
+    )
     faults = kinds.add_parser(
         "faults", help="hostile inputs, overload, lost replicas, memory under the largest load"
     )
@@ -288,6 +316,7 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         (scale, _bench_scale),
         (autoscale, _bench_autoscale),
         (faults, _bench_faults),
+        (revision, _bench_revision),
     ):
         _zoo_argument(parser, "full")
         _cache_argument(parser)

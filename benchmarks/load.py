@@ -502,7 +502,7 @@ def _adapted_forward(model: MergedClassifier, task: str, batch: object) -> None:
 def _served_forward(model: MergedClassifier, task: str, batch: object) -> None:
     """One pass as the runtime runs it: row adapters, or the expert merged in for a large
     one-task pass (``merge_above_tokens``)."""
-    model.pooled_pass([task] * len(batch["input_ids"]), None, batch, StageTimings())
+    model.logits_pass([task] * len(batch["input_ids"]), None, batch, StageTimings())
 
 
 def _enter_and_exit(context: object) -> None:

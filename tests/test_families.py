@@ -164,20 +164,29 @@ def merge_family(folders: dict[str, Path], out: Path, experts: dict, router: boo
     return out
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family(request, tmp_path_factory):
+_BUILT: dict[str, dict] = {}
+
+
+def built(model_type: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One family's models, its row-adapter artifact (linear layers moved, low-rank experts,
-    a router) and its in-place artifact (every tensor moved, sparse experts)."""
-    root = tmp_path_factory.mktemp(request.param)
-    linear = make_family(request.param, root / "linear", everywhere=False)
-    everywhere = make_family(request.param, root / "everywhere", everywhere=True)
-    return {
-        "type": request.param,
-        "linear": linear,
-        "everywhere": everywhere,
-        "adapters": merge_family(linear, root / "adapters", EXACT_LOWRANK, router=True),
-        "in_place": merge_family(everywhere, root / "in_place", EXACT_SPARSE, router=False),
-    }
+    a router) and its in-place artifact (every tensor moved, sparse experts); built once."""
+    if model_type not in _BUILT:
+        root = tmp_path_factory.mktemp(model_type)
+        linear = make_family(model_type, root / "linear", everywhere=False)
+        everywhere = make_family(model_type, root / "everywhere", everywhere=True)
+        _BUILT[model_type] = {
+            "type": model_type,
+            "linear": linear,
+            "everywhere": everywhere,
+            "adapters": merge_family(linear, root / "adapters", EXACT_LOWRANK, router=True),
+            "in_place": merge_family(everywhere, root / "in_place", EXACT_SPARSE, router=False),
+        }
+    return _BUILT[model_type]
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    return built(request.param, tmp_path_factory)
 
 
 def mixed_rows() -> tuple[list[str], list[str]]:
@@ -254,26 +263,22 @@ def test_the_separate_baseline_loads_each_family(family):
 def test_every_family_over_http_in_mixed_batches(tmp_path_factory):
     """One server moved through every family's artifact by live updates; for each, tagged
     requests for all tasks at once (one batch) answer as the fine-tuned models."""
-    root = tmp_path_factory.mktemp("http")
-    built = {}
-    for model_type in sorted(FAMILIES):
-        folders = make_family(model_type, root / model_type, everywhere=False)
-        out = root / model_type / "artifact"
-        built[model_type] = (folders, merge_family(folders, out, EXACT_LOWRANK, router=False))
-    first = built[sorted(built)[0]][1]
-    options = {"artifact": str(first), "device": "cpu", "batch_wait_timeout_s": 0.2}
-    with live_server({**options, "max_batch_size": 16}, from_config=True) as (url, _):
-        for model_type, (folders, artifact) in built.items():
-            deploy_app({**options, "max_batch_size": 16}, {"artifact": str(artifact)})
+    families = [built(model_type, tmp_path_factory) for model_type in sorted(FAMILIES)]
+    options = {"device": "cpu", "batch_wait_timeout_s": 0.2, "max_batch_size": 16}
+    first = {**options, "artifact": str(families[0]["adapters"])}
+    with live_server(first, from_config=True) as (url, _):
+        for family in families:
+            artifact = family["adapters"]
+            deploy_app(first, {"artifact": str(artifact)})
             bodies = [{"task": task, "inputs": TEXTS} for task in TASKS]
             with ThreadPoolExecutor(len(bodies)) as pool:
                 replies = list(pool.map(lambda b: call(f"{url}/v1/classify", b), bodies))
             for task, (status, body) in zip(TASKS, replies, strict=True):
-                assert status == 200, (model_type, body)
+                assert status == 200, (family["type"], body)
                 assert body["artifact_version"] == open_artifact(artifact).version
-                want = torch.softmax(reference_logits(folders[task], TEXTS), -1)
+                want = torch.softmax(reference_logits(family["linear"][task], TEXTS), -1)
                 got = torch.tensor([list(r["scores"].values()) for r in body["results"]])
-                assert torch.allclose(got, want, atol=1e-4), model_type
+                assert torch.allclose(got, want, atol=1e-4), family["type"]
 
 
 def test_unsupported_and_mixed_families_are_refused_by_name(tmp_path):
