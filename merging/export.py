@@ -34,8 +34,7 @@ def label_settings(labels: list[str]) -> dict:
 def _task_parts(artifact: Artifact, task: str) -> tuple[PretrainedConfig, dict[str, torch.Tensor]]:
     """Task ``task``'s config (labels set, architectures its classifier) and head tensors."""
     entry = artifact.task(task)  # an unknown task fails with the list of known ones
-    saved = artifact.path(entry["config"]) if entry.get("config") else None
-    config = task_config(artifact.backbone, entry["labels"], saved)
+    config = task_config(artifact, task)
     config.update(label_settings(entry["labels"]))
     config.architectures = [config_family(config).classifier_class.__name__]
     return config, load_file(str(artifact.path(entry["head"])))

@@ -28,6 +28,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
@@ -44,6 +45,9 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
     MODEL_MAPPING_NAMES,
 )
+
+if TYPE_CHECKING:
+    from freemerge.merging.artifact import Artifact
 
 # Config keys that belong to a task, not to the backbone: fine-tunes may differ from the base
 # in these (labels, head settings, dropout, bookkeeping), never in any other.
@@ -154,10 +158,16 @@ def backbone_config_differences(base: dict, model: dict) -> list[str]:
 
 
 def skeleton(config: PretrainedConfig) -> PreTrainedModel:
-    """The family's backbone on the meta device: names, shapes and module types, no weights."""
-    family = config_family(config)
+    """The family's backbone on the meta device: names, shapes and module types, no weights
+    (built once per config: a merge asks for it more than once)."""
+    return _skeleton(config.to_json_string())
+
+
+@functools.lru_cache(maxsize=8)
+def _skeleton(config_json: str) -> PreTrainedModel:
+    config = config_from_dict(json.loads(config_json))
     with torch.device("meta"):
-        return AutoModel.from_config(config, **family.backbone_kwargs)
+        return AutoModel.from_config(config, **config_family(config).backbone_kwargs)
 
 
 def layer_matrices(model: torch.nn.Module) -> list[str]:
@@ -186,10 +196,7 @@ def linear_weights(model: torch.nn.Module) -> list[str]:
 def head_tensor_names(config: PretrainedConfig) -> list[str]:
     """The tensors of a task's head: those of the family's classifier (for ``config``'s
     labels) outside its backbone."""
-    family = config_family(config)
-    with torch.device("meta"):
-        model = family.classifier_class(config)
-    return [n for n in model.state_dict() if not n.startswith(f"{family.prefix}.")]
+    return list(_classifier_without_backbone(_head_settings(config)).state_dict())
 
 
 def load_backbone(path: Path, device: torch.device | str = "cpu") -> PreTrainedModel:
@@ -269,6 +276,15 @@ def _classifier_without_backbone(settings: str) -> PreTrainedModel:
     return model
 
 
+def _head_settings(config: PretrainedConfig) -> str:
+    """``config`` as JSON without its label names (the key of a classifier template)."""
+    settings = config.to_dict()
+    for key in ("id2label", "label2id", "_name_or_path", "transformers_version"):
+        settings.pop(key, None)
+    settings["num_labels"] = config.num_labels
+    return json.dumps(settings, sort_keys=True)
+
+
 class TaskHead(torch.nn.Module):
     """A task's head: the family's own ``*ForSequenceClassification`` with its backbone
     replaced by the output of a backbone pass, so its ``forward`` (first-token or mean pooling,
@@ -278,12 +294,7 @@ class TaskHead(torch.nn.Module):
         self, config: PretrainedConfig, tensors: dict[str, torch.Tensor], device: torch.device
     ) -> None:
         super().__init__()
-        settings = config.to_dict()
-        for key in ("id2label", "label2id", "_name_or_path", "transformers_version"):
-            settings.pop(key, None)
-        settings["num_labels"] = config.num_labels
-        template = _classifier_without_backbone(json.dumps(settings, sort_keys=True))
-        model = copy.deepcopy(template)
+        model = copy.deepcopy(_classifier_without_backbone(_head_settings(config)))
         model.config = config
         model.to_empty(device=device)
         model.load_state_dict(tensors, strict=True)
@@ -300,13 +311,15 @@ class TaskHead(torch.nn.Module):
             self.given.output = None
 
 
-def task_config(backbone: Path, labels: list[str], saved: Path | None = None) -> PretrainedConfig:
-    """A task's config: its own fine-tune's (``saved``, a config.json) when the artifact holds
-    it, else the backbone's with ``labels`` (artifacts written before task configs)."""
-    if saved is not None:
-        return config_from_dict(json.loads(Path(saved).read_text()))
+def task_config(artifact: Artifact, task: str) -> PretrainedConfig:
+    """Task ``task``'s config: its own fine-tune's config.json when the artifact holds it,
+    else the backbone's with the task's labels (artifacts written before task configs)."""
+    entry = artifact.task(task)  # an unknown task fails with the list of known ones
+    if entry.get("config"):
+        return config_from_dict(json.loads(artifact.path(entry["config"]).read_text()))
+    labels = entry["labels"]
     return AutoConfig.from_pretrained(
-        backbone,
+        artifact.backbone,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},

@@ -131,10 +131,8 @@ def _same_file(old: Artifact, new: Artifact, task: str, key: str) -> bool:
 def load_head(artifact: Artifact, task: str, device: torch.device) -> TaskHead:
     """Task ``task``'s head, built from its own config (artifacts written before task
     configs: the backbone's, with the task's labels)."""
-    entry = artifact.task(task)
-    saved = artifact.path(entry["config"]) if entry.get("config") else None
-    config = task_config(artifact.backbone, entry["labels"], saved)
-    return TaskHead(config, load_file(str(artifact.path(entry["head"]))), device)
+    config = task_config(artifact, task)
+    return TaskHead(config, load_file(str(artifact.path(artifact.task(task)["head"]))), device)
 
 
 def _rows_of(output: ModelOutput, part: slice) -> ModelOutput:
