@@ -82,11 +82,10 @@ def _artifact(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def _bench_quality(args: argparse.Namespace) -> int:
-    from freemerge.benchmarks.quality import QualityGrid, quality_markdown, run_quality
+    from freemerge.benchmarks.quality import quality_markdown, run_quality
     from freemerge.merging.zoo_folder import open_zoo
 
-    grid = QualityGrid.quick() if args.quick else QualityGrid()
-    result = run_quality(open_zoo(args.zoo, args.cache_dir), grid)
+    result = run_quality(open_zoo(args.zoo, args.cache_dir), args.grid)
     # the full zoo's table is merge_quality; another named zoo's, merge_quality_<zoo>
     named = args.zoo in ZOO_NAMES and args.zoo != "full"
     name = f"merge_quality_{args.zoo}" if named else "merge_quality"
@@ -234,7 +233,12 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     quality = kinds.add_parser("quality", help="the merge quality table on a zoo")
     quality.add_argument(
-        "--quick", action="store_true", help="one candidate per row (default: the grid)"
+        "--grid",
+        choices=["full", "small", "quick"],
+        default="full",
+        help="candidates tried per row: full (the table's grid), small (fewer scalings, "
+        "ratios and ablation values; for a backbone too large for the full grid on 2 cores), "
+        "quick (one candidate per row, a smoke run) (default: full)",
     )
     experts = kinds.add_parser(
         "experts", help="expert factors in 16 or 32 bits, and the rank picked on validation"

@@ -49,6 +49,18 @@ class QualityGrid:
     refit_examples: int = 2000
 
     @classmethod
+    def small(cls) -> QualityGrid:
+        """Fewer candidates per row, the shipped router and refit: for a larger backbone."""
+        return cls(
+            scalings=[0.5, 1.0],
+            ties_scalings=[1.0],
+            ratios=[0.5, 0.7],
+            cutoffs=[0.05],
+            densities=[0.01, 0.05],
+            ranks=[4, 8, 16],
+        )
+
+    @classmethod
     def quick(cls) -> QualityGrid:
         """One candidate per row: a smoke run."""
         return cls(
@@ -210,9 +222,12 @@ def _pooler_features(model: MergedClassifier, texts: list[str]) -> torch.Tensor:
     return run_texts(model.tokenizer, texts, 128, model.device, pooled)
 
 
-def run_quality(zoo: Zoo, grid: QualityGrid | None = None, show_progress: bool = True) -> dict:
-    """Every row and ablation of the table; returns the JSON-able result."""
-    grid = grid or QualityGrid()
+GRIDS = {"full": QualityGrid, "small": QualityGrid.small, "quick": QualityGrid.quick}
+
+
+def run_quality(zoo: Zoo, grid_name: str = "full", show_progress: bool = True) -> dict:
+    """Every row and ablation of the table on the named grid; returns the JSON-able result."""
+    grid = GRIDS[grid_name]()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="freemerge-quality-") as scratch:
         run = QualityRun(zoo, Path(scratch), show_progress)
@@ -227,6 +242,7 @@ def run_quality(zoo: Zoo, grid: QualityGrid | None = None, show_progress: bool =
     return {
         "machine": describe_machine(),
         "wall_seconds": round(time.perf_counter() - start),
+        "grid": grid_name,
         "tasks": list(zoo.tasks),
         "rows": [_row_json(row, individual) for row in rows],
         "ablations": {
@@ -408,6 +424,7 @@ def quality_markdown(result: dict, command: str) -> str:
         "## Ablations (test; the rest of the configuration as picked above)\n\n"
         f"{ablations}\n\n"
         f"Machine: {machine_line(result['machine'])}. "
+        f"Grid: {result.get('grid', 'full')}. "
         f"Whole run: {result['wall_seconds'] / 60:.0f} min.\n\n"
         f"Command: `{command}`\n"
     )

@@ -1,6 +1,6 @@
 import json
 
-from freemerge.benchmarks.quality import QualityGrid, quality_markdown, run_quality
+from freemerge.benchmarks.quality import GRIDS, QualityGrid, quality_markdown, run_quality
 from freemerge.serving.cli import main
 
 QUICK = QualityGrid(
@@ -16,8 +16,10 @@ QUICK = QualityGrid(
 )
 
 
-def test_quality_table_runs_end_to_end_on_a_tiny_zoo(tiny_zoo):
-    result = run_quality(tiny_zoo, QUICK, show_progress=False)
+def test_quality_table_runs_end_to_end_on_a_tiny_zoo(tiny_zoo, monkeypatch):
+    monkeypatch.setitem(GRIDS, "tiny", lambda: QUICK)
+    result = run_quality(tiny_zoo, "tiny", show_progress=False)
+    assert result["grid"] == "tiny"
     names = [row["name"] for row in result["rows"]]
     assert names[0] == "individual fine-tuned models"
     assert any(name.endswith(", routed") for name in names)
@@ -39,9 +41,20 @@ def test_quality_table_runs_end_to_end_on_a_tiny_zoo(tiny_zoo):
 
 
 def test_bench_quality_cli_writes_json_and_markdown(tiny_zoo, tmp_path, monkeypatch):
-    monkeypatch.setattr("freemerge.benchmarks.quality.QualityGrid.quick", lambda: QUICK)
+    monkeypatch.setitem(GRIDS, "quick", lambda: QUICK)
     assert (
-        main(["bench", "quality", "--zoo", str(tiny_zoo.root), "--out", str(tmp_path), "--quick"])
+        main(
+            [
+                "bench",
+                "quality",
+                "--zoo",
+                str(tiny_zoo.root),
+                "--out",
+                str(tmp_path),
+                "--grid",
+                "quick",
+            ]
+        )
         == 0
     )
     assert json.loads((tmp_path / "merge_quality.json").read_text())["rows"]
