@@ -10,7 +10,12 @@ import sys
 from pathlib import Path
 
 RESULTS = Path("benchmarks/results")
-ZOO_NAMES = ("demo", "full", "mpnet")  # benchmarks.zoo.ZOOS (not imported here: it is heavy)
+ZOO_NAMES = (
+    "demo",
+    "full",
+    "mpnet",
+    "kinds",
+)  # benchmarks.zoo.ZOOS (not imported here: it is heavy)
 
 
 def _command() -> str:
@@ -104,6 +109,14 @@ def _bench_revision(args: argparse.Namespace) -> int:
     rows = [texts[task][i // len(tasks)] for i, task in enumerate(order)]
     result = run_revision_bench(artifact, args.against, rows, order, args.rounds, args.repeats)
     return _written(args.out, "revision", result, revision_markdown(result, _command()))
+
+
+def _bench_kinds(args: argparse.Namespace) -> int:
+    from freemerge.benchmarks.kinds import kinds_markdown, run_kinds
+    from freemerge.merging.zoo_folder import open_zoo
+
+    result = run_kinds(open_zoo(args.zoo, args.cache_dir), args.config, args.cache_dir)
+    return _written(args.out, "kinds", result, kinds_markdown(result, _command()))
 
 
 def _bench_experts(args: argparse.Namespace) -> int:
@@ -202,7 +215,9 @@ def _add_zoo_commands(commands: argparse._SubParsersAction) -> None:
         default="full",
         help="demo: 3 tasks, a short recipe (minutes); full: 6 tasks, the full recipe "
         "(about 20 minutes on 2 cores); mpnet: demo's tasks and recipe on all-mpnet-base-v2 "
-        "(MPNet, 110M parameters, 5x the others' all-MiniLM-L6-v2) (default: full)",
+        "(MPNet, 110M parameters, 5x the others' all-MiniLM-L6-v2); kinds: full's tasks (copied "
+        "from a built full zoo), a named-entity tagger and the base as an embedding task "
+        "(default: full)",
     )
     build.add_argument(
         "--force", action="store_true", help="fine-tune every task again (default: reuse)"
@@ -228,7 +243,8 @@ def _add_zoo_commands(commands: argparse._SubParsersAction) -> None:
 def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser(
         "bench",
-        help="benchmarks: quality, experts, router, load, scale, autoscaling, faults, revision",
+        help="benchmarks: quality, kinds, experts, router, load, scale, autoscaling, faults, "
+        "revision",
     )
     kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     quality = kinds.add_parser("quality", help="the merge quality table on a zoo")
@@ -312,22 +328,34 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         help="also kill a worker node of a two-node Ray cluster started with `ray start` "
         "(default: the local scenarios only)",
     )
-    for parser, handler in (
-        (quality, _bench_quality),
-        (experts, _bench_experts),
-        (router, _bench_router),
-        (load, _bench_load),
-        (scale, _bench_scale),
-        (autoscale, _bench_autoscale),
-        (faults, _bench_faults),
-        (revision, _bench_revision),
+    task_kinds = kinds.add_parser(
+        "kinds",
+        help="every task kind on real data: entity F1, embeddings against the original model, "
+        "a mixed load (the `kinds` zoo)",
+    )
+    task_kinds.add_argument(
+        "--config",
+        type=Path,
+        default=Path("configs/free.yaml"),
+        help="the merge config (default: configs/free.yaml)",
+    )
+    for parser, handler, zoo in (
+        (quality, _bench_quality, "full"),
+        (task_kinds, _bench_kinds, "kinds"),
+        (experts, _bench_experts, "full"),
+        (router, _bench_router, "full"),
+        (load, _bench_load, "full"),
+        (scale, _bench_scale, "full"),
+        (autoscale, _bench_autoscale, "full"),
+        (faults, _bench_faults, "full"),
+        (revision, _bench_revision, "full"),
     ):
-        _zoo_argument(parser, "full")
+        _zoo_argument(parser, zoo)
         _cache_argument(parser)
         parser.add_argument(
             "--out", type=Path, default=RESULTS, help=f"results folder (default: {RESULTS})"
         )
-        if parser not in (quality, experts):
+        if parser not in (quality, experts, task_kinds):
             parser.add_argument(
                 "--artifact",
                 type=Path,

@@ -10,6 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from freemerge.benchmarks.datasets import SPLIT_FRACTIONS, load_task
+from freemerge.merging.kinds import CLASSIFY_ROUTE, SINGLE_LABEL
+from freemerge.serving.engine import TaskKinds
 from freemerge.serving.runtime import MergedClassifier, Prediction
 
 SPLITS = ("test", "validation")  # what evaluation reports on; train is for fitting
@@ -34,10 +36,15 @@ def answers_for(
     max_length: int | None = None,
 ) -> list[Prediction]:
     """The runtime's answers for ``texts``, all with ``task`` (None: routed), in order."""
+    routable = TaskKinds.of_artifact(model.artifact).routable(CLASSIFY_ROUTE)
+    narrowed = task is None and len(routable) < len(model.tasks)  # as the server narrows it
     answers: list[Prediction] = []
     for start in range(0, len(texts), CHUNK):
         chunk = texts[start : start + CHUNK]
-        answers += model.classify_rows(chunk, [task] * len(chunk), mixing, max_length)
+        routes = model.route(chunk, [routable] * len(chunk)) if narrowed else []
+        answers += model.classify_rows(
+            chunk, [task] * len(chunk), mixing, max_length, routes=dict(enumerate(routes))
+        )
     return answers
 
 
@@ -57,7 +64,8 @@ def evaluate_artifact(
     routed = routed and model.router is not None
     per_task: dict[str, dict[str, float]] = {}
     route_seconds, routed_texts = 0.0, 0
-    for task in tqdm(model.tasks, desc=f"evaluate ({split})", disable=not show_progress):
+    labelled = [task for task in model.tasks if model.heads[task].kind == SINGLE_LABEL]
+    for task in tqdm(labelled, desc=f"evaluate ({split})", disable=not show_progress):
         texts, labels = task_texts(task, split, cache_dir)
         truth = [model.labels(task)[y] for y in labels]
         tagged = answers_for(model, texts, task, max_length=max_length)

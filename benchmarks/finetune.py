@@ -7,21 +7,25 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Encoding
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
+    BatchEncoding,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-from freemerge.benchmarks.datasets import TaskData
-from freemerge.merging.batching import Tokenized, run_texts
+from freemerge.benchmarks.datasets import TaskData, TokenTaskData
+from freemerge.merging.batching import PassPlan, Tokenized, outputs_in_passes, run_texts
 
 
 @dataclass(frozen=True)
@@ -78,18 +82,81 @@ def fine_tune(
 ) -> TrainResult:
     """Fine-tune ``AutoModelForSequenceClassification`` from ``backbone`` on the train split."""
     torch.manual_seed(recipe.seed)
-    rng = np.random.default_rng(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     model = AutoModelForSequenceClassification.from_pretrained(
-        backbone,
-        num_labels=len(task.label_names),
-        id2label=dict(enumerate(task.label_names)),
-        label2id={name: i for i, name in enumerate(task.label_names)},
+        backbone, **_label_settings(task.label_names)
     )
     texts, labels = task.subset(task.split()["train"])
     tokens = Tokenized(tokenizer, texts, recipe.max_length)  # once, padded per batch below
+    return _train(
+        model, tokens, lambda rows: torch.from_numpy(labels[rows]), recipe, task.name, show_progress
+    )
+
+
+def fine_tune_tokens(
+    backbone: Path, task: TokenTaskData, recipe: Recipe, show_progress: bool = True
+) -> TrainResult:
+    """Fine-tune ``AutoModelForTokenClassification`` from ``backbone`` on the train split:
+    each sentence's words joined by spaces (as a client sends the text), each word's tag on
+    its first token, the other tokens left out of the loss."""
+    torch.manual_seed(recipe.seed)
+    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    model = AutoModelForTokenClassification.from_pretrained(
+        backbone, **_label_settings(task.label_names)
+    )
+    sentences, tags = task.subset(task.split()["train"])
+    tokens = Tokenized(tokenizer, [" ".join(words) for words in sentences], recipe.max_length)
+    ids = {name: i for i, name in enumerate(task.label_names)}
+    targets = [
+        [IGNORED if word is None else ids[tags[row][word]] for word in first_tokens(words, enc)]
+        for row, (words, enc) in enumerate(zip(sentences, tokens.encoding.encodings, strict=True))
+    ]
+
+    def labels_for(rows: np.ndarray) -> torch.Tensor:
+        longest = max(len(targets[i]) for i in rows)
+        return torch.tensor([targets[i] + [IGNORED] * (longest - len(targets[i])) for i in rows])
+
+    return _train(model, tokens, labels_for, recipe, task.name, show_progress)
+
+
+IGNORED = -100  # a label the loss leaves out
+
+
+def first_tokens(words: list[str], encoding: Encoding) -> list[int | None]:
+    """Per token of ``" ".join(words)``: the index of the word it starts, or None (special
+    tokens, and a word's later tokens)."""
+    starts, offset = {}, 0
+    for index, word in enumerate(words):
+        starts[offset] = index
+        offset += len(word) + 1
+    found: list[int | None] = []
+    for start, end in encoding.offsets:
+        word = starts.pop(start, None) if end > start else None
+        found.append(word)
+    return found
+
+
+def _label_settings(names: list[str]) -> dict:
+    return {
+        "num_labels": len(names),
+        "id2label": dict(enumerate(names)),
+        "label2id": {name: i for i, name in enumerate(names)},
+    }
+
+
+def _train(
+    model: PreTrainedModel,
+    tokens: Tokenized,
+    labels_for: Callable[[np.ndarray], torch.Tensor],
+    recipe: Recipe,
+    name: str,
+    show_progress: bool,
+) -> TrainResult:
+    """The recipe's training loop over ``tokens`` (AdamW, warm-up then linear decay), batches
+    of similar length drawn afresh every epoch; ``labels_for(rows)`` gives a batch's labels."""
+    rng = np.random.default_rng(recipe.seed)
     lengths = np.array(tokens.lengths)
-    per_epoch = min(len(texts), recipe.max_train_examples)
+    per_epoch = min(len(lengths), recipe.max_train_examples)
     total_steps = recipe.epochs * math.ceil(per_epoch / recipe.batch_size)
     warmup = max(1, int(recipe.warmup_fraction * total_steps))
     optimizer = torch.optim.AdamW(  # fused: one kernel for all tensors, ~5x faster on CPU
@@ -102,11 +169,11 @@ def fine_tune(
     model.train()
     losses = []
     start = time.perf_counter()
-    with tqdm(total=total_steps, desc=f"fine-tune {task.name}", disable=not show_progress) as bar:
+    with tqdm(total=total_steps, desc=f"fine-tune {name}", disable=not show_progress) as bar:
         for _ in range(recipe.epochs):
             for rows in _length_bucketed_batches(lengths, per_epoch, recipe.batch_size, rng):
                 encoded = tokens.padded(rows, model.device)
-                loss = model(**encoded, labels=torch.from_numpy(labels[rows])).loss
+                loss = model(**encoded, labels=labels_for(rows)).loss
                 loss.backward()
                 optimizer.step()
                 schedule.step()
@@ -130,3 +197,35 @@ def predict(
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(predictions == labels)) if len(labels) else float("nan")
+
+
+def word_tags(
+    rows: list[torch.Tensor], sentences: list[list[str]], tokens: Tokenized, names: list[str]
+) -> list[list[str]]:
+    """Each word's tag: the label its first token scores highest (``rows``: each text's token
+    logits, its tokens only); a word truncation cut off is tagged "O"."""
+    tags = []
+    for row, words, encoding in zip(rows, sentences, tokens.encoding.encodings, strict=True):
+        found = ["O"] * len(words)
+        for logits, word in zip(row, first_tokens(words, encoding), strict=True):
+            if word is not None:
+                found[word] = names[int(logits.argmax())]
+        tags.append(found)
+    return tags
+
+
+@torch.no_grad()
+def token_logits(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
+) -> tuple[list[torch.Tensor], Tokenized]:
+    """A token classifier's logits per text (its tokens only), through the one loop."""
+    model.eval()
+    tokens = Tokenized(tokenizer, texts, max_length)
+
+    def forward(_rows: list[int], batch: BatchEncoding) -> list[torch.Tensor]:
+        logits = model(**batch).logits.float().cpu()
+        keep = batch["attention_mask"].bool().cpu()
+        return [row[mask] for row, mask in zip(logits, keep, strict=True)]
+
+    plan = PassPlan.for_device(model.device)
+    return outputs_in_passes(tokens, plan.passes(tokens.lengths), model.device, forward), tokens

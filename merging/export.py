@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, PretrainedConfig
 from freemerge.merging.artifact import Artifact, staged_directory
 from freemerge.merging.experts import LowRankExpert, load_expert
 from freemerge.merging.families import config_family, head_modules, load_backbone, task_config
+from freemerge.merging.kinds import SEQUENCE_KINDS
 
 
 def label_settings(labels: list[str]) -> dict:
@@ -34,6 +35,9 @@ def label_settings(labels: list[str]) -> dict:
 def _task_parts(artifact: Artifact, task: str) -> tuple[PretrainedConfig, dict[str, torch.Tensor]]:
     """Task ``task``'s config (labels set, architectures its classifier) and head tensors."""
     entry = artifact.task(task)  # an unknown task fails with the list of known ones
+    kind = entry.get("task_kind", SEQUENCE_KINDS[0])
+    if kind not in SEQUENCE_KINDS:
+        raise ValueError(f"task {task!r} is a {kind} task; export writes sequence tasks only")
     config = task_config(artifact, task)
     config.update(label_settings(entry["labels"]))
     config.architectures = [config_family(config).classifier_class.__name__]

@@ -193,10 +193,11 @@ def linear_weights(model: torch.nn.Module) -> list[str]:
     ]
 
 
-def head_tensor_names(config: PretrainedConfig) -> list[str]:
-    """The tensors of a task's head: those of the family's classifier (for ``config``'s
-    labels) outside its backbone."""
-    return list(_classifier_without_backbone(_head_settings(config)).state_dict())
+def head_tensor_names(config: PretrainedConfig, model_class: type | None = None) -> list[str]:
+    """The tensors of a task's head: those of ``model_class`` (default: the family's
+    ``*ForSequenceClassification``), for ``config``'s labels, outside its backbone."""
+    name = (model_class or config_family(config).classifier_class).__name__
+    return list(_classifier_without_backbone(_head_settings(config), name).state_dict())
 
 
 def load_backbone(path: Path, device: torch.device | str = "cpu") -> PreTrainedModel:
@@ -262,14 +263,14 @@ def config_from_dict(values: dict) -> PretrainedConfig:
 
 
 @functools.lru_cache(maxsize=64)
-def _classifier_without_backbone(settings: str) -> PreTrainedModel:
-    """The family's classifier for a config (JSON, labels left out) on the meta device, its
-    backbone replaced by :class:`_GivenOutput`: built once per distinct head config, since
-    building costs tens of milliseconds and a replica may hold a thousand tasks."""
+def _classifier_without_backbone(settings: str, class_name: str) -> PreTrainedModel:
+    """The family's task model ``class_name`` for a config (JSON, labels left out) on the
+    meta device, its backbone replaced by :class:`_GivenOutput`: built once per distinct head
+    config, since building costs tens of milliseconds and a replica may hold a thousand tasks."""
     config = config_from_dict(json.loads(settings))
     family = config_family(config)
     with torch.device("meta"):  # the backbone part is never built
-        model = family.classifier_class(config)
+        model = getattr(transformers, class_name)(config)
     setattr(model, family.prefix, _GivenOutput())
     if any(True for _ in model.buffers()):
         raise FamilyError(f"{family.model_type}: a head with buffers is not supported")
@@ -286,15 +287,21 @@ def _head_settings(config: PretrainedConfig) -> str:
 
 
 class TaskHead(torch.nn.Module):
-    """A task's head: the family's own ``*ForSequenceClassification`` with its backbone
-    replaced by the output of a backbone pass, so its ``forward`` (first-token or mean pooling,
-    dense, activation, pooler, ...) computes the logits from the task's own tensors."""
+    """A task's head: the family's own task model (``model_class``; default its
+    ``*ForSequenceClassification``) with its backbone replaced by the output of a backbone
+    pass, so its ``forward`` (first-token or mean pooling, dense, activation, pooler, ...)
+    computes the logits from the task's own tensors."""
 
     def __init__(
-        self, config: PretrainedConfig, tensors: dict[str, torch.Tensor], device: torch.device
+        self,
+        config: PretrainedConfig,
+        tensors: dict[str, torch.Tensor],
+        device: torch.device,
+        model_class: type | None = None,
     ) -> None:
         super().__init__()
-        model = copy.deepcopy(_classifier_without_backbone(_head_settings(config)))
+        name = (model_class or config_family(config).classifier_class).__name__
+        model = copy.deepcopy(_classifier_without_backbone(_head_settings(config), name))
         model.config = config
         model.to_empty(device=device)
         model.load_state_dict(tensors, strict=True)

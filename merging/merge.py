@@ -38,6 +38,16 @@ from freemerge.merging.families import (
 )
 from freemerge.merging.files import sha256_file
 from freemerge.merging.filters import HighPass
+from freemerge.merging.kinds import (
+    EMBEDDING,
+    KindError,
+    backbone_tensors,
+    embedding_settings,
+    head_class,
+    kind_of_model,
+    scoring_of,
+    takes_pairs,
+)
 from freemerge.merging.methods import get_method
 from freemerge.merging.router_training import build_router
 
@@ -64,10 +74,10 @@ def check_compatible(
     base: Checkpoint, models: dict[str, Checkpoint], reference: str = "the base"
 ) -> list[str]:
     """The shared float tensors: those of the family's backbone that ``base`` holds.
-    CheckpointError if ``base`` is of no supported family, or a model is not a sequence
-    classifier of the same family, backbone settings and tensor shapes as ``base``
-    (``reference`` in messages). Base tensors the family's classifiers do not hold (a pooler
-    that their heads replace) are left out."""
+    CheckpointError if ``base`` is of no supported family, or a model is not a task of a
+    served kind (:mod:`freemerge.merging.kinds`) of the same family, backbone settings and
+    tensor shapes as ``base`` (``reference`` in messages). Base tensors the family's
+    classifiers do not hold (a pooler that their heads replace) are left out."""
     try:
         config = config_from_dict(base.config)
     except FamilyError as err:
@@ -89,21 +99,30 @@ def check_compatible(
                     for key in differs[:3]
                 )
             )
-        _check_head(name, model)
-        _check_tensors(name, model, base, shared, backbone, reference)
+        kind = model_kind(name, model)
+        _check_head(name, model, kind)
+        _check_tensors(name, model, base, shared, backbone, reference, kind)
     return shared
 
 
-def _check_head(name: str, model: Checkpoint) -> None:
-    """CheckpointError unless ``model``'s tensors outside its backbone are its family's
-    sequence-classification head for its labels."""
+def model_kind(name: str, model: Checkpoint) -> str:
+    """``model``'s task kind; CheckpointError naming the model when it has none served."""
+    try:
+        return kind_of_model(model.path, model.config)
+    except KindError as err:
+        raise CheckpointError(f"model {name}: {err}") from None
+
+
+def _check_head(name: str, model: Checkpoint, kind: str) -> None:
+    """CheckpointError unless ``model``'s tensors outside its backbone are its family's head
+    of its kind for its labels (an embedding model has none)."""
     heads = sorted(n for n in model.names if model.is_head(n))
-    expected = sorted(head_tensor_names(config_from_dict(model.config)))
+    config = config_from_dict(model.config)
+    cls = head_class(kind, config)
+    expected = sorted(head_tensor_names(config, cls)) if cls else []
     if heads != expected:
-        raise CheckpointError(
-            f"model {name}: expected a sequence-classification head {expected}, "
-            f"found {heads or 'none'}"
-        )
+        what = f"a {kind} head {expected}" if cls else "no head (an embedding model)"
+        raise CheckpointError(f"model {name}: expected {what}, found {heads or 'none'}")
 
 
 def _check_tensors(
@@ -113,10 +132,15 @@ def _check_tensors(
     shared: list[str],
     backbone: set[str],
     reference: str,
+    kind: str,
 ) -> None:
-    """CheckpointError unless ``model`` holds every shared tensor in its shape, and no
-    backbone tensor that ``base`` lacks (it would have nothing to merge with)."""
+    """CheckpointError unless ``model`` holds every shared tensor its kind's class holds
+    (BERT's token classifiers hold no pooler) in its shape, and no backbone tensor that
+    ``base`` lacks (it would have nothing to merge with)."""
+    held = backbone_tensors(kind, config_from_dict(model.config))
     for tensor in shared:
+        if tensor not in model.names and tensor not in held:
+            continue  # taken as the base's (a task vector of zero): its head never reads it
         if tensor not in model.names:
             raise CheckpointError(f"model {name}: lacks tensor {tensor!r} of {reference}")
         if model.shape(tensor) != base.shape(tensor):
@@ -189,7 +213,7 @@ def merge_tensors(
     for name in tqdm(shared, desc=f"merge ({config.method})", disable=not show_progress):
         theta0 = base.tensor(name)
         # tau_t computed in place: N tensors of this one name are held, never N models.
-        taus = [model.tensor(name).sub_(theta0) for model in models.values()]
+        taus = [task_vector(model, name, theta0) for model in models.values()]
         stats: dict = {}
         merged.tensors[name] = method(
             theta0, taus, name=name, stats=stats, matrices=layers, **params
@@ -202,6 +226,13 @@ def merge_tensors(
                 merged.experts[task].add(name, tau.sub_(shift), name in linear)
         del taus
     return merged
+
+
+def task_vector(model: Checkpoint, name: str, theta0: torch.Tensor) -> torch.Tensor:
+    """theta_t - theta_0 for tensor ``name``; zero when the model's kind does not hold it."""
+    if name not in model.names:
+        return torch.zeros_like(theta0)
+    return model.tensor(name).sub_(theta0)
 
 
 def run_merge(
@@ -295,17 +326,12 @@ def _write_artifact(
 def write_task(task: str, model: Checkpoint, expert: Expert | None, tmp: Path) -> dict:
     """Write one task's head (and expert) into the artifact being written in ``tmp``, whose
     ``heads`` and ``experts`` folders must exist; the task's manifest entry."""
-    head = {n: model.tensor(n).contiguous() for n in model.names if model.is_head(n)}
-    config = config_from_dict(model.config)
-    try:  # the head as the runtime will build it: shapes checked before anything is written
-        labels = TaskHead(config, head, torch.device("cpu")).labels
-    except (RuntimeError, ValueError) as err:
-        raise CheckpointError(f"model {task}: its head does not load: {err}") from None
-    save_file(head, str(tmp / "heads" / f"{task}.safetensors"))
+    kind = model_kind(task, model)
     (tmp / "heads" / f"{task}.json").write_text(json.dumps(model.config, indent=2))
     entry = {
-        "labels": labels,
-        "head": f"heads/{task}.safetensors",
+        "task_kind": kind,
+        "text_pairs": takes_pairs(kind, model.config),
+        **_head_entry(task, model, kind, tmp),
         "config": f"heads/{task}.json",
         "expert": None,
         "expert_bytes": 0,
@@ -317,6 +343,29 @@ def write_task(task: str, model: Checkpoint, expert: Expert | None, tmp: Path) -
         entry["expert"] = f"experts/{task}.safetensors"
         entry["expert_bytes"] = expert.nbytes()
     return entry
+
+
+def _head_entry(task: str, model: Checkpoint, kind: str, tmp: Path) -> dict:
+    """Write the task's head (none for an embedding); its labels, head file, scoring and (an
+    embedding task) its pooling settings, for the manifest."""
+    config = config_from_dict(model.config)
+    if kind == EMBEDDING:
+        try:
+            settings = embedding_settings(model.path, config.hidden_size)
+        except (KindError, OSError, ValueError) as err:
+            raise CheckpointError(f"model {task}: {err}") from None
+        return {"labels": [], "head": None, "scoring": None, "embedding": settings}
+    head = {n: model.tensor(n).contiguous() for n in model.names if model.is_head(n)}
+    try:  # the head as the runtime will build it: shapes checked before anything is written
+        labels = TaskHead(config, head, torch.device("cpu"), head_class(kind, config)).labels
+    except (RuntimeError, ValueError) as err:
+        raise CheckpointError(f"model {task}: its head does not load: {err}") from None
+    save_file(head, str(tmp / "heads" / f"{task}.safetensors"))
+    return {
+        "labels": labels,
+        "head": f"heads/{task}.safetensors",
+        "scoring": scoring_of(kind, model.config),
+    }
 
 
 def _filter_report(removed: dict[str, dict[str, float]]) -> dict:

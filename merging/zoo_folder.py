@@ -32,12 +32,15 @@ class ZooTask:
     path: Path
     label_names: list[str]
     sizes: dict[str, int]
-    majority_accuracy: float
-    test_accuracy: float
-    validation_accuracy: float
+    majority_accuracy: float | None
+    test_accuracy: float | None
+    validation_accuracy: float | None
     build_seconds: float
     steps: int
     fingerprint: str  # recipe, backbone weights and data: a task is rebuilt when it changes
+    # what the three scores above measure: "accuracy", "entity_f1" (token classification), or
+    # "none" (an embedding task, which is not trained: the scores are None)
+    metric: str = "accuracy"
 
     @property
     def texts(self) -> Path:

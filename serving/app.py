@@ -21,14 +21,14 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import Application
@@ -38,6 +38,14 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from freemerge.merging.artifact import open_artifact, read_manifest
+from freemerge.merging.kinds import (
+    AGGREGATIONS,
+    CLASSIFY_ROUTE,
+    DEFAULT_AGGREGATION,
+    DEFAULT_THRESHOLD,
+    EMBED_ROUTE,
+    ROUTE_OF_KIND,
+)
 from freemerge.serving.engine import (
     ArtifactTasks,
     ClassifyRequest,
@@ -115,6 +123,9 @@ def _error_response(description: str) -> dict:
 api.openapi = openapi_with_keys
 
 
+TextPair = Annotated[list[StrictStr], Field(min_length=2, max_length=2)]
+
+
 class ClassifyBody(BaseModel):
     """The request; a field it does not define (a typo such as ``Task``) is refused."""
 
@@ -125,8 +136,12 @@ class ClassifyBody(BaseModel):
         description="task name; omit or null to let the router pick",
         max_length=MAX_TASK_CHARS,
     )
-    inputs: list[StrictStr] = Field(
-        ..., description="texts to classify", min_length=1, max_length=MAX_ITEMS_CEILING
+    inputs: list[StrictStr | TextPair] = Field(
+        ...,
+        description="texts to classify, or [text, text_pair] pairs for a sequence task (a "
+        "cross-encoder's relevance, NLI labels)",
+        min_length=1,
+        max_length=MAX_ITEMS_CEILING,
     )
     candidates: list[Annotated[str, Field(max_length=MAX_TASK_CHARS)]] | None = Field(
         None,
@@ -142,21 +157,69 @@ class ClassifyBody(BaseModel):
         ge=0.0,
         le=1.0,
     )
+    threshold: float | None = Field(
+        None,
+        description=f"multi-label tasks: the labels scoring at least this (default "
+        f"{DEFAULT_THRESHOLD})",
+        ge=0.0,
+        le=1.0,
+    )
+    aggregation: Literal[AGGREGATIONS] | None = Field(  # type: ignore[valid-type]
+        None,
+        description="token classification: how tokens are grouped into entities, as "
+        f"transformers' token-classification pipeline groups them (default "
+        f"{DEFAULT_AGGREGATION})",
+    )
+
+
+class EmbedBody(BaseModel):
+    """An embedding request; a field it does not define is refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(..., description="an embedding task's name", max_length=MAX_TASK_CHARS)
+    inputs: list[StrictStr] = Field(
+        ..., description="texts to embed", min_length=1, max_length=MAX_ITEMS_CEILING
+    )
+    normalize: StrictBool = Field(True, description="scale each embedding to unit length")
+
+
+class Entity(BaseModel):
+    label: str = Field(..., description="the entity's type (its tag without B-/I-)")
+    score: float = Field(..., description="mean probability of its tokens' tags")
+    start: int = Field(..., description="offset of its first character in the input text")
+    end: int = Field(..., description="offset just past its last character")
+    text: str = Field(..., description="the input text from start to end")
 
 
 class Result(BaseModel):
     task: str = Field(..., description="the task whose expert and head answered")
     routed: bool = Field(..., description="whether the router chose the task")
     router_confidence: float | None = Field(None, description="the router's top probability")
-    label: str
-    score: float = Field(..., description="probability of the label")
-    scores: dict[str, float] = Field(..., description="probability of every label")
     truncated: bool = Field(..., description="the text was cut to the model's token limit")
+    label: str | None = Field(None, description="single-label: the most probable label")
+    score: float | None = Field(
+        None, description="single-label: the label's probability; regression: the score"
+    )
+    scores: dict[str, float] | None = Field(
+        None, description="single- and multi-label: every label's probability"
+    )
+    labels: list[str] | None = Field(
+        None, description="multi-label: the labels scoring at least `threshold`"
+    )
+    entities: list[Entity] | None = Field(None, description="token classification")
 
 
 class ClassifyResponse(BaseModel):
     artifact_version: str = Field(..., description="sha256 of the artifact's manifest")
     results: list[Result]
+
+
+class EmbedResponse(BaseModel):
+    artifact_version: str = Field(..., description="sha256 of the artifact's manifest")
+    task: str
+    embeddings: list[list[float]]
+    dimensions: int = Field(..., description="the length of each embedding")
 
 
 class ErrorBody(BaseModel):
@@ -183,7 +246,8 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
     """Malformed bodies get 400 with a readable reason (the first few problems) instead of
     FastAPI's 422; a list longer than the schema allows gets 413, as over ``max_items``."""
     errors = exc.errors()
-    status = 413 if any(e["type"] == "too_long" for e in errors) else 400
+    # a list field itself too long (body.inputs), not a pair of three texts inside it
+    status = 413 if any(e["type"] == "too_long" and len(e["loc"]) <= 2 for e in errors) else 400
     problems = "; ".join(
         f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}"
         for e in errors[:MAX_PROBLEMS]
@@ -232,8 +296,10 @@ def build_engine(options: ServingOptions) -> Engine:
 def warm_up(engine: Engine) -> None:
     """One short text through the first task, so the replica has answered once before it
     takes traffic."""
-    first = engine.tasks_info()[0]["task"]
-    engine.classify_requests([engine.check(first, ["warm-up"])], StageTimings())
+    first = engine.tasks_info()[0]
+    text = ["warm-up", "warm-up"] if first["text_pairs"] == "required" else "warm-up"
+    request = engine.check(first["task"], [text], route=ROUTE_OF_KIND[first["kind"]])
+    engine.classify_requests([request], StageTimings())
 
 
 class ModelThread:
@@ -581,6 +647,7 @@ class ClassifierServer:
     @api.post(
         "/v1/classify",
         response_model=ClassifyResponse,
+        response_model_exclude_unset=True,  # each result holds its kind's fields only
         responses={
             400: {"model": ErrorBody},
             404: {"model": ErrorBody},
@@ -594,30 +661,77 @@ class ClassifierServer:
         },
     )
     async def classify(self, body: ClassifyBody) -> Any:
+        options = {"threshold": body.threshold, "aggregation": body.aggregation}
+        answered = await self._served(
+            body.task,
+            lambda: self.front.check(
+                body.task,
+                body.inputs,
+                body.candidates,
+                body.min_confidence,
+                CLASSIFY_ROUTE,
+                options,
+            ),
+        )
+        if isinstance(answered, JSONResponse):
+            return answered
+        return {
+            "artifact_version": answered.version,
+            "results": [a.body() for a in answered.predictions],
+        }
+
+    @api.post(
+        "/v1/embed",
+        response_model=EmbedResponse,
+        responses={
+            400: {"model": ErrorBody, "description": "not an embedding task, or a bad body"},
+            404: {"model": ErrorBody},
+            413: {"model": ErrorBody, "description": "too many texts, too long, or body too big"},
+            503: {"model": ErrorBody, "description": "overloaded: retry after Retry-After"},
+        },
+    )
+    async def embed(self, body: EmbedBody) -> Any:
+        options = {"normalize": body.normalize}
+        answered = await self._served(
+            body.task,
+            lambda: self.front.check(body.task, body.inputs, None, None, EMBED_ROUTE, options),
+        )
+        if isinstance(answered, JSONResponse):
+            return answered
+        embeddings = [a.embedding for a in answered.predictions]
+        return {
+            "artifact_version": answered.version,
+            "task": body.task,
+            "embeddings": embeddings,
+            "dimensions": len(embeddings[0]),
+        }
+
+    async def _served(
+        self, task: str | None, check: Callable[[], ClassifyRequest]
+    ) -> Answered | JSONResponse:
+        """The checked request's answers from a model replica, or the error response (every
+        outcome counted in the metrics, by task)."""
         try:
-            request = self.front.check(body.task, body.inputs, body.candidates, body.min_confidence)
+            request = check()
         except RequestError as err:
             # one label for every task name a client invents, so the metrics stay bounded
-            self.metrics.request("unknown" if err.status == 404 else body.task, err.status)
+            self.metrics.request("unknown" if err.status == 404 else task, err.status)
             return JSONResponse({"error": str(err)}, status_code=err.status)
         try:
             answers = await asyncio.wait_for(self._answers(request), self.timeout_s)
         except (TimeoutError, BackPressureError, *REPLICA_LOST) as err:
-            self.metrics.request(body.task, 503)
+            self.metrics.request(task, 503)
             retry = {"Retry-After": str(RETRY_AFTER_S)}
             return JSONResponse({"error": self._unavailable(err)}, 503, headers=retry)
         if isinstance(answers, RequestError):  # unsure router (422); task not in its version
-            self.metrics.request(body.task, answers.status)
+            self.metrics.request(task, answers.status)
             return JSONResponse(answers.body(), status_code=answers.status)
         if isinstance(answers, Exception):  # this request failed alone: the server's fault
-            self.metrics.request(body.task, 500)
+            self.metrics.request(task, 500)
             message = f"the model failed on this request ({type(answers).__name__})"
             return JSONResponse({"error": message}, status_code=500)
-        self.metrics.request(body.task, 200, time.perf_counter() - request.arrived)
-        return {
-            "artifact_version": answers.version,
-            "results": [vars(a) for a in answers.predictions],
-        }
+        self.metrics.request(task, 200, time.perf_counter() - request.arrived)
+        return answers
 
     def _unavailable(self, err: Exception) -> str:
         """Why no model replica answered, for a 503."""

@@ -9,10 +9,11 @@ either.
 from __future__ import annotations
 
 import copy
+import json
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -21,10 +22,20 @@ import torch
 from freemerge.merging.artifact import EXPERTS_FOLDER, Artifact, open_artifact
 from freemerge.merging.batching import PassPlan, Tokenized, forward_in_passes
 from freemerge.merging.families import load_classifier, load_tokenizer, token_limit
+from freemerge.merging.kinds import (
+    AGGREGATIONS,
+    CLASSIFY_ROUTE,
+    DEFAULT_OPTIONS,
+    ROUTE_OF_KIND,
+    SINGLE_LABEL,
+    kind_of_model,
+    model_runner,
+    takes_pairs,
+)
 from freemerge.merging.zoo_folder import open_zoo
 from freemerge.serving.expert_store import TierCounts
 from freemerge.serving.router import Route
-from freemerge.serving.runtime import MergedClassifier, Prediction, StageTimings, predictions
+from freemerge.serving.runtime import MergedClassifier, Prediction, StageTimings
 from freemerge.serving.settings import ServingOptions
 
 
@@ -54,10 +65,38 @@ class Limits:
 @dataclass
 class ClassifyRequest:
     task: str | None
-    inputs: list[str]
+    inputs: list[str | tuple[str, str]]  # texts, or text pairs for a sequence task
     arrived: float  # time.perf_counter() when the replica received it
     candidates: list[str] | None = None  # untagged: the tasks the router may choose among
     min_confidence: float = 0.0  # untagged: below this top probability, refuse with 422
+    options: dict = field(default_factory=lambda: dict(DEFAULT_OPTIONS))  # by kind
+
+
+@dataclass(frozen=True)
+class TaskKinds:
+    """Each task's kind and whether it takes text pairs (manifest ``task_kind`` and
+    ``text_pairs``): what the checks of a request need to know of its task."""
+
+    kinds: dict[str, str]
+    pairs: dict[str, str]
+
+    @classmethod
+    def of_artifact(cls, artifact: Artifact) -> TaskKinds:
+        """From the manifest (an artifact written before kinds: single-label tasks, which take
+        pairs as any sequence task does)."""
+        tasks = artifact.tasks.items()
+        return cls(
+            {t: e.get("task_kind", SINGLE_LABEL) for t, e in tasks},
+            {t: e.get("text_pairs", "accepted") for t, e in tasks},
+        )
+
+    def routable(self, route: str) -> list[str]:
+        """The tasks the router may choose for an untagged request on ``route``."""
+        return [
+            task
+            for task, kind in self.kinds.items()
+            if ROUTE_OF_KIND[kind] == route and self.pairs[task] != "required"
+        ]
 
 
 def wants_gpu(device: str = "auto") -> bool:
@@ -114,6 +153,8 @@ class Engine(Protocol):
         inputs: object,
         candidates: list[str] | None = None,
         min_confidence: float | None = None,
+        route: str = CLASSIFY_ROUTE,
+        options: dict | None = None,
     ) -> ClassifyRequest: ...
 
     def classify_requests(
@@ -123,30 +164,104 @@ class Engine(Protocol):
     def memory(self) -> dict[str, int]: ...
 
 
-def check_inputs(inputs: object, limits: Limits) -> list[str]:
-    """``inputs`` must be a non-empty list of strings within the item and character limits."""
+def check_inputs(inputs: object, limits: Limits) -> list[str | tuple[str, str]]:
+    """``inputs`` must be a non-empty list of texts or text pairs (``[text, text_pair]``,
+    returned as tuples) within the item and character limits (each text of a pair)."""
     if not isinstance(inputs, list) or not inputs:
-        raise RequestError(400, "`inputs` must be a non-empty list of strings")
-    bad = [i for i, text in enumerate(inputs) if not isinstance(text, str)]
+        raise RequestError(400, "`inputs` must be a non-empty list of texts")
+    bad = [i for i, item in enumerate(inputs) if not _is_text_or_pair(item)]
     if bad:
-        raise RequestError(400, f"`inputs` must hold strings only; item {bad[0]} is not a string")
+        raise RequestError(
+            400, f"`inputs` items are texts or [text, text_pair]; item {bad[0]} is neither"
+        )
     if len(inputs) > limits.max_items:
         raise RequestError(413, f"{len(inputs)} inputs, more than the limit of {limits.max_items}")
-    long = [i for i, text in enumerate(inputs) if len(text) > limits.max_chars]
+    rows = [item if isinstance(item, str) else tuple(item) for item in inputs]
+    texts = [(i, text) for i, row in enumerate(rows) for text in _texts(row)]
+    long = [(i, text) for i, text in texts if len(text) > limits.max_chars]
     if long:
         raise RequestError(
             413,
-            f"input {long[0]} has {len(inputs[long[0]])} characters, more than the limit of "
-            f"{limits.max_chars}",
+            f"input {long[0][0]} has a text of {len(long[0][1])} characters, more than the "
+            f"limit of {limits.max_chars}",
         )
-    broken = [i for i, text in enumerate(inputs) if not _is_unicode_text(text)]
+    broken = [i for i, text in texts if not _is_unicode_text(text)]
     if broken:
         raise RequestError(
             400,
             f"input {broken[0]} is not valid Unicode text (it holds a lone surrogate such as "
             "\\ud800, which no tokenizer takes)",
         )
-    return inputs
+    return rows
+
+
+def _is_text_or_pair(item: object) -> bool:
+    if isinstance(item, str):
+        return True
+    return (
+        isinstance(item, list | tuple) and len(item) == 2 and all(isinstance(t, str) for t in item)
+    )
+
+
+def _texts(row: str | tuple[str, str]) -> tuple[str, ...]:
+    return (row,) if isinstance(row, str) else row
+
+
+def check_kind(
+    task: str | None,
+    rows: list[str | tuple[str, str]],
+    candidates: list[str] | None,
+    kinds: TaskKinds,
+    route: str,
+) -> list[str] | None:
+    """A tagged request's task must be served on ``route`` and take its inputs (pairs or
+    single texts); an untagged request's texts are single, and its candidates (default: the
+    route's routable tasks, when other tasks exist) are routable on ``route``."""
+    if task is not None:
+        kind = kinds.kinds[task]
+        if ROUTE_OF_KIND[kind] != route:
+            raise RequestError(
+                400, f"task {task!r} is of kind {kind}: send it to {ROUTE_OF_KIND[kind]}"
+            )
+        singles = sum(isinstance(row, str) for row in rows)
+        if kinds.pairs[task] == "required" and singles:
+            raise RequestError(400, f"task {task!r} scores text pairs: give [text, text_pair]")
+        if kinds.pairs[task] == "refused" and singles < len(rows):
+            raise RequestError(400, f"task {task!r} ({kind}) takes single texts, not pairs")
+        return None
+    if any(not isinstance(row, str) for row in rows):
+        raise RequestError(400, "text pairs need a `task`: the router chooses for single texts")
+    routable = kinds.routable(route)
+    wrong = [name for name in candidates or [] if name not in routable]
+    if wrong:
+        raise RequestError(
+            400, f"candidate task {wrong[0]!r} is not routable on {route}; {_routable(routable)}"
+        )
+    if candidates is None and len(routable) < len(kinds.kinds):
+        return routable or _no_routable(route)
+    return candidates
+
+
+def _routable(routable: list[str]) -> str:
+    return f"routable tasks: {named(routable)}" if routable else "no task is routable there"
+
+
+def _no_routable(route: str) -> list[str]:
+    raise RequestError(400, f"no task of this artifact is routable on {route}: give `task`")
+
+
+def check_options(options: dict | None) -> dict:
+    """The request's kind options (``threshold``, ``aggregation``, ``normalize``), defaults
+    filled in; 400 for a value out of range."""
+    options = {**DEFAULT_OPTIONS, **{k: v for k, v in (options or {}).items() if v is not None}}
+    if options["aggregation"] not in AGGREGATIONS:
+        raise RequestError(
+            400,
+            f"unknown aggregation {options['aggregation']!r}; allowed: {', '.join(AGGREGATIONS)}",
+        )
+    if not 0.0 <= options["threshold"] <= 1.0:
+        raise RequestError(400, f"threshold must be within [0, 1], got {options['threshold']}")
+    return options
 
 
 def _is_unicode_text(text: str) -> bool:
@@ -233,6 +348,7 @@ class ArtifactTasks:
         self.limits = limits or Limits()
         self.task_names = list(artifact.tasks)
         self.has_router = bool(artifact.manifest.get("router"))
+        self.task_kinds = TaskKinds.of_artifact(artifact)
 
     def check(
         self,
@@ -240,14 +356,19 @@ class ArtifactTasks:
         inputs: object,
         candidates: list[str] | None = None,
         min_confidence: float | None = None,
+        route: str = CLASSIFY_ROUTE,
+        options: dict | None = None,
     ) -> ClassifyRequest:
         check_routing(task, candidates, self.task_names, self.has_router, "this artifact")
+        rows = check_inputs(inputs, self.limits)
+        candidates = list(dict.fromkeys(candidates)) if candidates is not None else None
         return ClassifyRequest(
             task,
-            check_inputs(inputs, self.limits),
+            rows,
             time.perf_counter(),
-            list(dict.fromkeys(candidates)) if candidates is not None else None,
+            check_kind(task, rows, candidates, self.task_kinds, route),
             self.limits.min_router_confidence if min_confidence is None else min_confidence,
+            check_options(options),
         )
 
 
@@ -314,6 +435,8 @@ class MergedEngine(ArtifactTasks):
         return [
             {
                 "task": task,
+                "kind": self.task_kinds.kinds[task],
+                "text_pairs": self.task_kinds.pairs[task],
                 "labels": entry["labels"],
                 "expert_bytes": entry["expert_bytes"],
                 "expert_kind": layouts[task].kind if task in layouts else None,
@@ -336,8 +459,9 @@ class MergedEngine(ArtifactTasks):
             if (refusal := self._unknown(r) or unsure(r, routes[k]))
         }
         kept = [r for k, r in enumerate(requests) if k not in refused]
-        texts: list[str] = []
+        texts: list[str | tuple[str, str]] = []
         tasks: list[str | None] = []
+        options: list[dict] = []
         by_row: dict[int, Route] = {}
         for k, request in enumerate(requests):
             for text, route in zip(request.inputs, routes[k], strict=True):
@@ -347,8 +471,11 @@ class MergedEngine(ArtifactTasks):
                     by_row[len(texts)] = route
                 texts.append(text)
                 tasks.append(request.task)
+                options.append(request.options)
         answers = (
-            self.model.classify_rows(texts, tasks, self.mixing, timings=timings, routes=by_row)
+            self.model.classify_rows(
+                texts, tasks, self.mixing, timings=timings, routes=by_row, options=options
+            )
             if kept
             else []
         )
@@ -423,6 +550,14 @@ class ZooTasks:
             )
         self.paths = {name: zoo.tasks[name].path for name in tasks or zoo.tasks}
         self.labels = {name: zoo.tasks[name].label_names for name in self.paths}
+        configs = {
+            name: json.loads((path / "config.json").read_text())
+            for name, path in self.paths.items()
+        }
+        kinds = {name: kind_of_model(self.paths[name], c) for name, c in configs.items()}
+        self.task_kinds = TaskKinds(
+            kinds, {name: takes_pairs(kinds[name], c) for name, c in configs.items()}
+        )
         self.version = f"separate:{','.join(self.labels)}"
 
     has_router = False
@@ -442,7 +577,14 @@ class ZooTasks:
 
     def tasks_info(self) -> list[dict]:
         return [
-            {"task": name, "labels": labels, "expert_bytes": 0, "expert_kind": None}
+            {
+                "task": name,
+                "kind": self.task_kinds.kinds[name],
+                "text_pairs": self.task_kinds.pairs[name],
+                "labels": labels,
+                "expert_bytes": 0,
+                "expert_kind": None,
+            }
             for name, labels in self.labels.items()
         ]
 
@@ -452,13 +594,17 @@ class ZooTasks:
         inputs: object,
         candidates: list[str] | None = None,
         min_confidence: float | None = None,
+        route: str = CLASSIFY_ROUTE,
+        options: dict | None = None,
     ) -> ClassifyRequest:
         if task is None:
             raise RequestError(
                 400, f"separate models need a `task`; known tasks: {', '.join(self.labels)}"
             )
         check_routing(task, candidates, list(self.labels), False, "the separate models")
-        return ClassifyRequest(task, check_inputs(inputs, self.limits), time.perf_counter())
+        rows = check_inputs(inputs, self.limits)
+        check_kind(task, rows, None, self.task_kinds, route)
+        return ClassifyRequest(task, rows, time.perf_counter(), options=check_options(options))
 
 
 class TaskModel:
@@ -476,7 +622,8 @@ class TaskModel:
         self.device = device
         self.model = load_classifier(path, device)
         self.tokenizer = load_tokenizer(path, self.model)
-        self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        self.runner = model_runner(path, self.model.config)
+        self.labels = self.runner.labels
         self.max_length = token_limit(self.tokenizer, self.model.config)
         self.plan = PassPlan.for_device(device, pass_overhead_tokens, max_batch_tokens)
 
@@ -484,9 +631,15 @@ class TaskModel:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     @torch.no_grad()
-    def classify(self, texts: list[str], timings: StageTimings) -> list[Prediction]:
+    def classify(
+        self,
+        texts: list[str | tuple[str, str]],
+        timings: StageTimings,
+        options: list[dict] | None = None,
+    ) -> list[Prediction]:
         """Every text with this model, cut into passes by token length like the merged
-        engine's (:class:`PassPlan`), so both sides pay the same padding.
+        engine's (:class:`PassPlan`), so both sides pay the same padding; answered by the
+        task's kind as the merged engine answers it.
         """
         tokens = Tokenized(self.tokenizer, texts, self.max_length)
         start = time.perf_counter()
@@ -497,7 +650,11 @@ class TaskModel:
             lambda _rows, batch: self.model(**batch).logits,
         )
         timings.add("forward", time.perf_counter() - start)
-        return predictions(self.task, self.labels, logits, tokens.truncated)
+        options = options or [DEFAULT_OPTIONS] * len(texts)
+        return [
+            Prediction(self.task, False, None, cut, **self.runner.answer(row, text, None, option))
+            for row, text, cut, option in zip(logits, texts, tokens.truncated, options, strict=True)
+        ]
 
 
 def separate_memory(models: list[TaskModel], device: torch.device) -> dict[str, int]:
@@ -518,12 +675,14 @@ def classify_by_task(
     """All rows of all requests, each task's rows through ``model_for(task)``."""
     texts = [text for request in requests for text in request.inputs]
     tasks = [request.task for request in requests for _ in request.inputs]
+    options = [request.options for request in requests for _ in request.inputs]
     answers: list[Prediction | None] = [None] * len(texts)
     for task in dict.fromkeys(tasks):
         rows = [i for i, t in enumerate(tasks) if t == task]
-        for row, answer in zip(
-            rows, model_for(task).classify([texts[i] for i in rows], timings), strict=True
-        ):
+        found = model_for(task).classify(
+            [texts[i] for i in rows], timings, [options[i] for i in rows]
+        )
+        for row, answer in zip(rows, found, strict=True):
             answers[row] = answer
     return split_by_request(answers, requests)
 

@@ -30,13 +30,12 @@ from itertools import groupby
 
 import torch
 from safetensors.torch import load_file
-from transformers import BatchEncoding
+from transformers import BatchEncoding, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
 from freemerge.merging.artifact import Artifact
 from freemerge.merging.batching import PassPlan, Tokenized, outputs_in_passes
 from freemerge.merging.families import (
-    TaskHead,
     config_family,
     layer_matrices,
     load_backbone,
@@ -44,6 +43,7 @@ from freemerge.merging.families import (
     task_config,
     token_limit,
 )
+from freemerge.merging.kinds import DEFAULT_OPTIONS, TaskRunner, task_runner
 from freemerge.serving.adapters import (
     RowTasks,
     install_row_adapters,
@@ -57,44 +57,26 @@ from freemerge.serving.settings import MIXING_MODES, ServingOptions
 
 @dataclass
 class Prediction:
-    """One input's answer: the task used, how it was chosen, and the label scores."""
+    """One input's answer: the task used, how it was chosen, whether the text was cut, and
+    the fields of the task's kind (:meth:`freemerge.merging.kinds.TaskRunner.answer`):
+    single-label ``label``, ``score``, ``scores``; multi-label ``labels``, ``scores``;
+    regression ``score``; token classification ``entities``; embedding ``embedding``."""
 
     task: str
     routed: bool
     router_confidence: float | None
-    label: str
-    score: float
-    scores: dict[str, float]
     truncated: bool
+    label: str | None = None
+    score: float | None = None
+    scores: dict[str, float] | None = None
+    labels: list[str] | None = None
+    entities: list[dict] | None = None
+    embedding: list[float] | None = None
 
-
-def predictions(
-    task: str,
-    labels: list[str],
-    logits: torch.Tensor,
-    truncated: list[bool],
-    confidence: list[float | None] | None = None,
-) -> list[Prediction]:
-    """One answer per row of ``logits``: softmax scores and the best label; a row with a
-    router ``confidence`` was routed."""
-    confidence = confidence or [None] * len(logits)
-    answers = []
-    for score, cut, routed in zip(
-        torch.softmax(logits.float(), dim=-1).cpu(), truncated, confidence, strict=True
-    ):
-        best = int(score.argmax())
-        answers.append(
-            Prediction(
-                task=task,
-                routed=routed is not None,
-                router_confidence=routed,
-                label=labels[best],
-                score=float(score[best]),
-                scores=dict(zip(labels, score.tolist(), strict=True)),
-                truncated=cut,
-            )
-        )
-    return answers
+    def body(self) -> dict:
+        """The answer as the API gives it: the common fields and those of its kind."""
+        common = ("task", "routed", "router_confidence", "truncated")
+        return {k: v for k, v in vars(self).items() if k in common or v is not None}
 
 
 @dataclass
@@ -128,11 +110,14 @@ def _same_file(old: Artifact, new: Artifact, task: str, key: str) -> bool:
     return name is None or old.manifest["files"].get(name) == new.manifest["files"].get(name)
 
 
-def load_head(artifact: Artifact, task: str, device: torch.device) -> TaskHead:
-    """Task ``task``'s head, built from its own config (artifacts written before task
-    configs: the backbone's, with the task's labels)."""
-    config = task_config(artifact, task)
-    return TaskHead(config, load_file(str(artifact.path(artifact.task(task)["head"]))), device)
+def load_head(
+    artifact: Artifact, task: str, device: torch.device, tokenizer: PreTrainedTokenizerBase
+) -> TaskRunner:
+    """Task ``task``'s head (by its kind), built from its own config (artifacts written before
+    task configs: the backbone's, with the task's labels)."""
+    entry = artifact.task(task)
+    head = entry.get("head") and load_file(str(artifact.path(entry["head"])))
+    return task_runner(entry, task_config(artifact, task), head, device, tokenizer)
 
 
 def _rows_of(output: ModelOutput, part: slice) -> ModelOutput:
@@ -167,7 +152,9 @@ class MergedClassifier:
         self.max_length = token_limit(self.tokenizer, self.backbone.config)
         self.mixed_task_passes = config_family(self.backbone.config).mixed_task_passes
         self.layer_matrices = layer_matrices(self.backbone)  # before row adapters wrap them
-        self.heads = {task: load_head(artifact, task, self.device) for task in artifact.tasks}
+        self.heads = {
+            task: load_head(artifact, task, self.device, self.tokenizer) for task in artifact.tasks
+        }
         dtype = next(iter(self.parameters.values())).dtype
         self.store = ExpertStore(
             artifact, self.device, dtype, host_expert_bytes, device_expert_bytes
@@ -208,7 +195,7 @@ class MergedClassifier:
         new.heads = {
             task: self.heads[task]
             if all(_same_file(self.artifact, artifact, task, key) for key in ("head", "config"))
-            else load_head(artifact, task, self.device)
+            else load_head(artifact, task, self.device, self.tokenizer)
             for task in artifact.tasks
         }
         new.store = self.store.moved_to(artifact)
@@ -286,45 +273,56 @@ class MergedClassifier:
     @torch.no_grad()
     def classify_rows(
         self,
-        texts: list[str],
+        texts: list[str | tuple[str, str]],
         tasks: list[str | None],
         mixing: str = "argmax",
         max_length: int | None = None,
         timings: StageTimings | None = None,
         routes: dict[int, Route] | None = None,
+        options: list[dict] | None = None,
     ) -> list[Prediction]:
-        """Answer each text with its own task; rows whose task is None take their route from
-        ``routes`` (by row) or are routed first (one router pass for all of them), then every
-        row runs in the passes :meth:`_passes` plans, where each task's head reads its rows
-        of the backbone's output."""
+        """Answer each text (or pair) with its own task, by the task's kind, with its row's
+        ``options`` (threshold, aggregation, normalize; default :data:`DEFAULT_OPTIONS`);
+        rows whose task is None take their route from ``routes`` (by row) or are routed first
+        (one router pass for all of them), then every row runs in the passes :meth:`_passes`
+        plans, where each task's head reads its rows of the backbone's output."""
         if mixing not in MIXING_MODES:
             raise ValueError(f"unknown mixing {mixing!r}; allowed: {', '.join(MIXING_MODES)}")
         timings = timings if timings is not None else StageTimings()
         for task in set(tasks) - {None}:
             self.artifact.task(task)  # unknown tasks fail before any work
         chosen, confidence, mixtures = self._routed(texts, tasks, mixing, timings, routes)
-        logits, tokens = self._logit_rows(texts, chosen, mixtures, max_length, timings)
-        answers: list[Prediction | None] = [None] * len(texts)
-        for task in dict.fromkeys(chosen):
-            rows = [i for i, t in enumerate(chosen) if t == task]
-            cuts = [tokens.truncated[i] for i in rows]
-            found = predictions(
-                task,
-                self.labels(task),
-                torch.stack([logits[i] for i in rows]),
-                cuts,
-                [confidence.get(i) for i in rows],
+        runners = [self.heads[task] for task in chosen]
+        prepared = [runner.prepared(text) for runner, text in zip(runners, texts, strict=True)]
+        outputs, tokens = self._logit_rows(prepared, chosen, mixtures, max_length, timings)
+        options = options or [DEFAULT_OPTIONS] * len(texts)
+        return [
+            Prediction(
+                task=chosen[i],
+                routed=i in confidence,
+                router_confidence=confidence.get(i),
+                truncated=tokens.truncated[i],
+                **runner.answer(outputs[i], prepared[i], tokens.encoding.encodings[i], options[i]),
             )
-            for row, answer in zip(rows, found, strict=True):
-                answers[row] = answer
-        return answers
+            for i, runner in enumerate(runners)
+        ]
 
     @torch.no_grad()
     def logits(self, task: str, texts: list[str]) -> torch.Tensor:
-        """Task ``task``'s logits for every text (on the CPU)."""
-        self.artifact.task(task)  # an unknown task fails with the list of known ones
-        rows = self._logit_rows(texts, [task] * len(texts), {}, None, StageTimings())[0]
-        return torch.stack(rows)
+        """Sequence task ``task``'s logits for every text (on the CPU)."""
+        return torch.stack(self.outputs(texts, [task] * len(texts))[0])
+
+    @torch.no_grad()
+    def outputs(
+        self, texts: list[str | tuple[str, str]], tasks: list[str]
+    ) -> tuple[list[torch.Tensor], Tokenized]:
+        """Each text's output with its task (on the CPU), as its head gives it: logits (a
+        token task's, per token), an embedding task's pooled vector (not normalized); and
+        the texts as tokenized."""
+        for task in set(tasks):
+            self.artifact.task(task)  # an unknown task fails with the list of known ones
+        prepared = [self.heads[t].prepared(text) for t, text in zip(tasks, texts, strict=True)]
+        return self._logit_rows(prepared, tasks, {}, None, StageTimings())
 
     def _logit_rows(
         self,
@@ -337,7 +335,8 @@ class MergedClassifier:
         """Each text's logits with its task (on the CPU) through the one loop, in the passes
         :meth:`_passes` plans; and the tokenized texts."""
         limit = min(max_length or self.max_length, self.max_length)
-        tokens = Tokenized(self.tokenizer, texts, limit)
+        limits = [self.heads[task].token_limit(limit) for task in chosen]
+        tokens = Tokenized(self.tokenizer, texts, limits)
 
         def forward(rows: list[int], batch: BatchEncoding) -> list[torch.Tensor]:
             weights = mixtures.get(rows[0]) if len(rows) == 1 else None
@@ -438,7 +437,7 @@ class MergedClassifier:
         for task, run in groupby(row_tasks):
             part = slice(start_row, start_row + len(list(run)))
             rows = {key: value[part] for key, value in batch.items()}
-            logits.extend(self.heads[task](_rows_of(output, part), rows).float().cpu())
+            logits.extend(self.heads[task].rows(_rows_of(output, part), rows))
             start_row = part.stop
         timings.add("forward", (forwarded - applied) + (time.perf_counter() - unapplied))
         timings.add("expert_apply", (applied - start) + (unapplied - forwarded))

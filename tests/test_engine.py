@@ -154,14 +154,14 @@ def test_request_checks(artifacts):
             404,
             "unknown task 'imdb'; known tasks: bbc_topic, debate_party, sms_spam",
         ),
-        (("sms_spam", []), 400, "non-empty list of strings"),
-        (("sms_spam", "text"), 400, "non-empty list of strings"),
-        (("sms_spam", ["a", 3]), 400, "item 1 is not a string"),
+        (("sms_spam", []), 400, "non-empty list of texts"),
+        (("sms_spam", "text"), 400, "non-empty list of texts"),
+        (("sms_spam", ["a", 3]), 400, "item 1 is neither"),
         (("sms_spam", ["a"] * 4), 413, "4 inputs, more than the limit of 3"),
         (
             ("sms_spam", ["a", "b" * 21]),
             413,
-            "input 1 has 21 characters, more than the limit of 20",
+            "input 1 has a text of 21 characters, more than the limit of 20",
         ),
     ]
     for (task, inputs), status, message in cases:

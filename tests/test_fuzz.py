@@ -43,6 +43,7 @@ def operations(fuzzed_server):
 def test_the_schema_has_every_route(operations):
     assert set(operations) == {
         "POST /v1/classify",
+        "POST /v1/embed",
         "GET /v1/tasks",
         "GET /healthz",
         "GET /readyz",
@@ -54,6 +55,8 @@ def test_the_schema_has_every_route(operations):
     [
         ("POST /v1/classify", GenerationMode.POSITIVE, 150),
         ("POST /v1/classify", GenerationMode.NEGATIVE, 150),
+        ("POST /v1/embed", GenerationMode.POSITIVE, 60),
+        ("POST /v1/embed", GenerationMode.NEGATIVE, 60),
         ("GET /v1/tasks", GenerationMode.POSITIVE, 10),  # nothing to make invalid on the GETs
         ("GET /readyz", GenerationMode.POSITIVE, 10),
     ],

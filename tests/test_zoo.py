@@ -162,3 +162,42 @@ def test_zoo_report_names_the_zoos_backbone(tmp_path, monkeypatch):
     )
     monkeypatch.setitem(zoo_module.BACKBONES, "all-MiniLM-L6-v2", minilm)
     assert "from all-MiniLM-L6-v2 (bert, 6 layers, hidden 384) (" in zoo_report(zoo, "c")
+
+
+def test_a_zoo_of_every_kind_builds_and_copies_a_siblings_tasks(tiny_backbone, tmp_path):
+    from freemerge.benchmarks.finetune import first_tokens
+    from freemerge.benchmarks.zoo import EMBEDDING_TASK, NER_TASK
+    from freemerge.merging.kinds import kind_of_model
+
+    names = ["sms_spam", NER_TASK, EMBEDDING_TASK]
+    zoo = build_zoo(tmp_path / "one", names, TINY, tiny_backbone, show_progress=False)
+    kinds = {
+        name: kind_of_model(task.path, json.loads((task.path / "config.json").read_text()))
+        for name, task in zoo.tasks.items()
+    }
+    assert kinds == {
+        "sms_spam": "single_label_classification",
+        NER_TASK: "token_classification",
+        EMBEDDING_TASK: "embedding",
+    }
+    ner = zoo.tasks[NER_TASK]
+    assert ner.metric == "entity_f1" and 0.0 <= ner.test_accuracy <= 1.0
+    assert ner.sizes == {"train": 1825, "validation": 228, "test": 228}
+    assert zoo.tasks[EMBEDDING_TASK].test_accuracy is None
+    report = zoo_report(zoo, "freemerge zoo build")
+    assert f"| {NER_TASK} (entity_f1) | 21 (O, B-company" in report
+    assert f"| {EMBEDDING_TASK} (none) | 0 () | - | - | - | - |" in report
+    # the first token of each word carries its tag: "@user" is "@" then "user"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    words = ["@user", "Paris", "rocks"]
+    encoding = tokenizer(" ".join(words)).encodings[0]
+    assert first_tokens(words, encoding) == [None, 0, None, 1, 2, None]
+    # another zoo with a task of the same fingerprint copies it instead of training it
+    built = zoo.tasks["sms_spam"]
+    sibling = build_zoo(tmp_path / "two", ["sms_spam"], TINY, tiny_backbone, show_progress=False)
+    copied = sibling.tasks["sms_spam"]
+    assert copied.path != built.path and copied.fingerprint == built.fingerprint
+    assert copied.build_seconds == built.build_seconds  # its record, not a new training's
+    assert (copied.path / "model.safetensors").read_bytes() == (
+        built.path / "model.safetensors"
+    ).read_bytes()
