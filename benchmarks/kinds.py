@@ -10,6 +10,7 @@ HTTP against one model replica (failed requests, the replica's backbone bytes).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -37,7 +38,7 @@ from freemerge.benchmarks.sources import fetch_wheel
 from freemerge.benchmarks.zoo import EMBEDDING_TASK, NER_TASK
 from freemerge.merging.artifact import open_artifact
 from freemerge.merging.batching import PassPlan, Tokenized, outputs_in_passes
-from freemerge.merging.config import load_config
+from freemerge.merging.config import ExpertConfig, load_config
 from freemerge.merging.kinds import CLASSIFY_ROUTE, pooled
 from freemerge.merging.merge import run_merge
 from freemerge.merging.zoo_folder import Zoo
@@ -78,34 +79,58 @@ def run_kinds(
         }
         del model
         result["mixed_load"] = mixed_load(artifact, cache_dir)
+        result["variants"] = expert_variants(zoo, config, cache_dir, Path(scratch))
     return result
 
 
-def ner_scores(model: MergedClassifier, zoo: Zoo, cache_dir: Path | None) -> dict:
-    """Entity F1 on the test split: the individual tagger, the merged model tagged, routed
-    (a sentence routed to another task finds no entity)."""
+# where entity F1 is measured: the test split, and (fewer than 300 entities there, so a
+# figure moves by a point per entity) validation and test together, which no step tuned on
+NER_PARTS = {"test": ("test",), "held_out": ("validation", "test")}
+
+
+def ner_parts(cache_dir: Path | None) -> dict[str, tuple[list[list[str]], list[list[str]]]]:
+    """Per part of :data:`NER_PARTS`: the sentences (as words) and their gold tags."""
     data = load_ner_task(NER_TASK, cache_dir)
-    sentences, gold = data.subset(data.split()["test"])
+    split = data.split()
+    return {
+        part: data.subset(np.concatenate([split[s] for s in splits]))
+        for part, splits in NER_PARTS.items()
+    }
+
+
+def tagged_tags(model: MergedClassifier, sentences: list[list[str]]) -> list[list[str]]:
+    """Each word's tag from the merged model's tagger, through the runtime."""
     texts = [" ".join(words) for words in sentences]
+    rows, tokens = model.outputs(texts, [NER_TASK] * len(texts))
+    return word_tags(rows, sentences, tokens, model.labels(NER_TASK))
+
+
+def ner_scores(model: MergedClassifier, zoo: Zoo, cache_dir: Path | None) -> dict:
+    """Entity F1 per part: the individual tagger, the merged model tagged, routed (a sentence
+    routed to another task finds no entity)."""
     folder = zoo.tasks[NER_TASK].path
     original = AutoModelForTokenClassification.from_pretrained(folder)
-    rows, tokens = token_logits(original, AutoTokenizer.from_pretrained(folder), texts, 128)
-    individual = word_tags(rows, sentences, tokens, data.label_names)
-    rows, tokens = model.outputs(texts, [NER_TASK] * len(texts))
-    tagged = word_tags(rows, sentences, tokens, data.label_names)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     routable = TaskKinds.of_artifact(model.artifact).routable(CLASSIFY_ROUTE)
-    chosen = [route.task for route in model.route(texts, [routable] * len(texts))]
-    routed = [
-        tags if task == NER_TASK else ["O"] * len(tags)
-        for tags, task in zip(tagged, chosen, strict=True)
-    ]
-    return {
-        "sentences": len(texts),
-        "individual": entity_f1(gold, individual),
-        "tagged": entity_f1(gold, tagged),
-        "routed": entity_f1(gold, routed),
-        "routing_accuracy": float(np.mean([task == NER_TASK for task in chosen])),
-    }
+    scores = {}
+    for part, (sentences, gold) in ner_parts(cache_dir).items():
+        texts = [" ".join(words) for words in sentences]
+        rows, tokens = token_logits(original, tokenizer, texts, 128)
+        individual = word_tags(rows, sentences, tokens, model.labels(NER_TASK))
+        tagged = tagged_tags(model, sentences)
+        chosen = [route.task for route in model.route(texts, [routable] * len(texts))]
+        routed = [
+            tags if task == NER_TASK else ["O"] * len(tags)
+            for tags, task in zip(tagged, chosen, strict=True)
+        ]
+        scores[part] = {
+            "sentences": len(texts),
+            "individual": entity_f1(gold, individual),
+            "tagged": entity_f1(gold, tagged),
+            "routed": entity_f1(gold, routed),
+            "routing_accuracy": float(np.mean([task == NER_TASK for task in chosen])),
+        }
+    return scores
 
 
 @torch.no_grad()
@@ -155,20 +180,32 @@ def recall_at_1(queries: torch.Tensor, documents: torch.Tensor) -> float:
     return float((best == torch.arange(len(queries))).float().mean())
 
 
+def embedding_texts(cache_dir: Path | None) -> list[str]:
+    """The first :data:`TEXTS_PER_TASK` test texts of every sentence task."""
+    texts = []
+    for name in TASKS:
+        data = load_task(name, cache_dir)
+        texts += data.subset(data.split()["test"])[0][:TEXTS_PER_TASK]
+    return texts
+
+
+def cosines(model: MergedClassifier, texts: list[str], original: torch.Tensor) -> dict:
+    """The served embeddings' cosine to the original ones (normalized rows): mean, 1st
+    percentile, least."""
+    cosine = (served_embeddings(model, texts) * original).sum(dim=1).numpy()
+    return {
+        "cosine_mean": float(cosine.mean()),
+        "cosine_p01": float(np.percentile(cosine, 1)),
+        "cosine_min": float(cosine.min()),
+    }
+
+
 def embedding_scores(model: MergedClassifier, zoo: Zoo, cache_dir: Path | None) -> dict:
     """The served embeddings against the original model's: cosine on the sentence tasks' test
     texts, and title -> body recall@1 on BBC articles with each."""
     settings = model.artifact.task(EMBEDDING_TASK)["embedding"]
     folder = zoo.tasks[EMBEDDING_TASK].path
-    texts = []
-    for name in TASKS:
-        data = load_task(name, cache_dir)
-        texts += data.subset(data.split()["test"])[0][:TEXTS_PER_TASK]
-    cosine = (
-        (served_embeddings(model, texts) * original_embeddings(folder, texts, settings))
-        .sum(dim=1)
-        .numpy()
-    )
+    texts = embedding_texts(cache_dir)
     titles, bodies = bbc_titles_and_bodies(ARTICLES, cache_dir)
     recall = {
         "original": recall_at_1(
@@ -179,13 +216,55 @@ def embedding_scores(model: MergedClassifier, zoo: Zoo, cache_dir: Path | None) 
     }
     return {
         "texts": len(texts),
-        "cosine_mean": float(cosine.mean()),
-        "cosine_min": float(cosine.min()),
-        "cosine_p01": float(np.percentile(cosine, 1)),
+        **cosines(model, texts, original_embeddings(folder, texts, settings)),
         "articles": len(titles),
         "title_to_body_recall_at_1": recall,
         "settings": settings,
     }
+
+
+# Richer experts than the shipped ones, merged without a router: what each kind would need.
+VARIANTS = {
+    "rank 8, biases and LayerNorms whole": {"rank": 8, "vectors": "full"},
+    "rank 16": {"rank": 16},
+    "rank 32, biases and LayerNorms whole": {"rank": 32, "vectors": "full"},
+}
+
+
+def expert_variants(zoo: Zoo, config: Path, cache_dir: Path | None, scratch: Path) -> list[dict]:
+    """Per :data:`VARIANTS` entry: the tagger's entity F1 (tagged) and the embeddings' cosine,
+    with the config's method and that expert (same kind, settings overridden)."""
+    shipped = load_config(config, zoo=zoo.root)
+    parts = ner_parts(cache_dir)
+    texts = embedding_texts(cache_dir)
+    folder = zoo.tasks[EMBEDDING_TASK].path
+    original = None
+    rows = []
+    for label, settings in VARIANTS.items():
+        experts = ExpertConfig(shipped.experts.kind, {**shipped.experts.settings, **settings})
+        out = scratch / f"variant-{len(rows)}"
+        run_merge(
+            dataclasses.replace(shipped, experts=experts, router=None), out, show_progress=False
+        )
+        model = MergedClassifier(open_artifact(out))
+        if original is None:
+            pooling = model.artifact.task(EMBEDDING_TASK)["embedding"]
+            original = original_embeddings(folder, texts, pooling)
+        manifest = model.artifact.manifest
+        share = manifest["tasks"][NER_TASK]["expert_bytes"] / manifest["backbone"]["bytes"]
+        rows.append(
+            {
+                "experts": label,
+                "settings": experts.settings,
+                "expert_bytes_pct": 100 * share,
+                "ner_tagged_f1": {
+                    part: entity_f1(gold, tagged_tags(model, sentences))["f1"]
+                    for part, (sentences, gold) in parts.items()
+                },
+                **cosines(model, texts, original),
+            }
+        )
+    return rows
 
 
 def _mixed_bodies(cache_dir: Path | None) -> list[tuple[str, dict]]:
@@ -240,44 +319,73 @@ def mixed_load(artifact: Path, cache_dir: Path | None) -> dict:
     }
 
 
-def kinds_markdown(result: dict, command: str) -> str:
-    """The committed report of :func:`run_kinds`."""
-    ner, emb, load = result["ner"], result["embedding"], result["mixed_load"]
-    classifiers = result["classifiers"]["tasks"]
-    bytes_ = result["expert_bytes"]
-    share = {t: 100 * b / result["backbone_bytes"] for t, b in bytes_.items()}
-    f1 = {k: ner[k]["f1"] for k in ("individual", "tagged", "routed")}
-    rows = [
-        f"| {NER_TASK} (entity F1, {ner['sentences']} test tweets) | {f1['individual']:.4f} "
-        f"| {f1['tagged']:.4f} ({100 * f1['tagged'] / f1['individual']:.1f}%) "
-        f"| {f1['routed']:.4f} (routing {ner['routing_accuracy']:.3f}) "
-        f"| {share[NER_TASK]:.2f}% |",
+def _kind_rows(result: dict) -> list[str]:
+    """The main table's rows: the tagger per part, the embeddings, then each classifier."""
+    share = {t: 100 * b / result["backbone_bytes"] for t, b in result["expert_bytes"].items()}
+    rows = []
+    for part, ner in result["ner"].items():
+        f1 = {k: ner[k]["f1"] for k in ("individual", "tagged", "routed")}
+        rows.append(
+            f"| {NER_TASK} (entity F1, {part}: {ner['sentences']} tweets, "
+            f"{ner['tagged']['gold_entities']} entities) | {f1['individual']:.4f} "
+            f"| {f1['tagged']:.4f} ({100 * f1['tagged'] / f1['individual']:.1f}%) "
+            f"| {f1['routed']:.4f} (routing {ner['routing_accuracy']:.3f}) "
+            f"| {share[NER_TASK]:.2f}% |"
+        )
+    emb = result["embedding"]
+    recall = emb["title_to_body_recall_at_1"]
+    rows += [
         f"| {EMBEDDING_TASK} (cosine to the original, {emb['texts']} test texts) | 1 "
-        f"| {emb['cosine_mean']:.4f} (min {emb['cosine_min']:.4f}) | - "
-        f"| {share[EMBEDDING_TASK]:.2f}% |",
-        f"| {EMBEDDING_TASK} (BBC title -> own body, recall@1 of {emb['articles']}) "
-        f"| {emb['title_to_body_recall_at_1']['original']:.4f} "
-        f"| {emb['title_to_body_recall_at_1']['served']:.4f} | - | |",
+        f"| {emb['cosine_mean']:.4f} (1st percentile {emb['cosine_p01']:.4f}, least "
+        f"{emb['cosine_min']:.4f}) | - | {share[EMBEDDING_TASK]:.2f}% |",
+        f"| {EMBEDDING_TASK} (BBC title -> own body, recall@1 among {emb['articles']}) "
+        f"| {recall['original']:.4f} | {recall['served']:.4f} | - | |",
     ]
     rows += [
         f"| {task} (accuracy) | | {s['accuracy']:.4f} | {s.get('routed_accuracy', 0):.4f} "
         f"| {share[task]:.2f}% |"
-        for task, s in classifiers.items()
+        for task, s in result["classifiers"]["tasks"].items()
     ]
+    return rows
+
+
+def _variant_rows(result: dict) -> list[str]:
+    individual = {part: ner["individual"]["f1"] for part, ner in result["ner"].items()}
+    return [
+        f"| {v['experts']} | {v['expert_bytes_pct']:.2f}% | "
+        + " | ".join(
+            f"{f1:.4f} ({100 * f1 / individual[part]:.1f}%)"
+            for part, f1 in v["ner_tagged_f1"].items()
+        )
+        + f" | {v['cosine_mean']:.4f} ({v['cosine_min']:.4f}) |"
+        for v in result["variants"]
+    ]
+
+
+def kinds_markdown(result: dict, command: str) -> str:
+    """The committed report of :func:`run_kinds`."""
+    load = result["mixed_load"]
+    parts = " | ".join(f"entity F1 tagged, {part}" for part in result["ner"])
     return "\n".join(
         [
             "# Task kinds on real data",
             "",
-            f"One artifact ({result['config']}: FREE, rank-8 16-bit experts, the shipped "
-            f"router) over the `kinds` zoo: the full zoo's six classifiers, a named-entity "
-            f"tagger and all-MiniLM-L6-v2 itself as an embedding task. Merged in "
-            f"{result['merge_seconds']:.0f} s. Individual = the fine-tuned model alone "
-            "(the embedding: the original model); tagged and routed = the merged artifact "
-            "through the server's runtime; expert bytes as a share of the backbone's.",
+            f"One artifact ({result['config']}: FREE, rank-8 16-bit experts on the linear "
+            f"layers, the shipped router) over the `kinds` zoo: the full zoo's six classifiers, "
+            f"a named-entity tagger and all-MiniLM-L6-v2 itself as an embedding task. Merged "
+            f"in {result['merge_seconds']:.0f} s. Individual = the fine-tuned model alone (the "
+            "embedding: the original model); tagged and routed = the merged artifact through "
+            "the server's runtime; expert bytes as a share of the backbone's.",
             "",
             "| task | individual | merged, tagged | merged, routed | expert bytes |",
             "|---|---|---|---|---|",
-            *rows,
+            *_kind_rows(result),
+            "",
+            "Richer experts (the same merge, no router; share of the individual tagger's F1):",
+            "",
+            f"| experts | bytes / task | {parts} | embedding cosine, mean (least) |",
+            "|---|---|---|---|---|",
+            *_variant_rows(result),
             "",
             f"Mixed load over HTTP (loopback, one model replica, {load['clients']} clients, "
             f"{load['requests']} requests of 4 texts cycling tagged, routed, entity and embed "

@@ -652,8 +652,18 @@ class TaskModel:
         timings.add("forward", time.perf_counter() - start)
         options = options or [DEFAULT_OPTIONS] * len(texts)
         return [
-            Prediction(self.task, False, None, cut, **self.runner.answer(row, text, None, option))
-            for row, text, cut, option in zip(logits, texts, tokens.truncated, options, strict=True)
+            Prediction(
+                self.task,
+                False,
+                None,
+                cut,
+                kind=self.runner.kind,
+                tokens=length,
+                **self.runner.answer(row, text, None, option),
+            )
+            for row, text, cut, length, option in zip(
+                logits, texts, tokens.truncated, tokens.lengths, options, strict=True
+            )
         ]
 
 

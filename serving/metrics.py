@@ -71,6 +71,9 @@ class ServerMetrics:
             tag_keys=("tier",),
         )
         self.routed = Counter("freemerge_routed_total", "Texts routed per task", tag_keys=("task",))
+        self.tokens = Counter(
+            "freemerge_tokens_total", "Tokens run per task kind", tag_keys=("kind",)
+        )
         self.confidence = Histogram(
             "freemerge_router_confidence", "Router top probability", CONFIDENCE_BOUNDARIES
         )
@@ -110,6 +113,8 @@ class ServerMetrics:
         answered = [a for a in answers if not isinstance(a, Exception)]  # not: 422s, failures
         self.batch_size.observe(sum(len(a) for a in answered))
         for prediction in (p for request in answered for p in request):
+            if prediction.kind is not None:
+                self.tokens.inc(prediction.tokens, tags={"kind": prediction.kind})
             if prediction.routed:
                 self.routed.inc(tags={"task": prediction.task})
                 self.confidence.observe(prediction.router_confidence)

@@ -72,11 +72,18 @@ class Prediction:
     labels: list[str] | None = None
     entities: list[dict] | None = None
     embedding: list[float] | None = None
+    kind: str | None = None  # for the metrics, not the API: the task's kind
+    tokens: int = 0  # and the tokens the text ran as
 
     def body(self) -> dict:
         """The answer as the API gives it: the common fields and those of its kind."""
         common = ("task", "routed", "router_confidence", "truncated")
-        return {k: v for k, v in vars(self).items() if k in common or v is not None}
+        internal = ("kind", "tokens")
+        return {
+            k: v
+            for k, v in vars(self).items()
+            if k not in internal and (k in common or v is not None)
+        }
 
 
 @dataclass
@@ -302,6 +309,8 @@ class MergedClassifier:
                 routed=i in confidence,
                 router_confidence=confidence.get(i),
                 truncated=tokens.truncated[i],
+                kind=runner.kind,
+                tokens=tokens.lengths[i],
                 **runner.answer(outputs[i], prepared[i], tokens.encoding.encodings[i], options[i]),
             )
             for i, runner in enumerate(runners)

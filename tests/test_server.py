@@ -165,6 +165,7 @@ EXPECTED_METRICS = {
     "ray_freemerge_expert_tier_bytes": "gauge",
     "ray_freemerge_expert_fetch_seconds": "histogram",
     "ray_freemerge_routed": "counter",
+    "ray_freemerge_tokens": "counter",
     "ray_freemerge_router_confidence": "histogram",
     "ray_freemerge_process_resident_bytes": "gauge",
     "ray_freemerge_device_allocated_bytes": "gauge",
@@ -199,6 +200,8 @@ def test_metrics_appear_on_the_metrics_port(server, texts):
     stages = labels_of(families, "ray_freemerge_stage_latency_seconds", "stage")
     assert {"queue", "route", "forward", "expert_apply"} <= stages
     assert {"200", "404"} <= labels_of(families, "ray_freemerge_requests", "status")
+    kinds = labels_of(families, "ray_freemerge_tokens", "kind")
+    assert kinds == {"single_label_classification"}  # the artifact's one kind, no task names
     tasks = labels_of(families, "ray_freemerge_requests", "task")
     assert "unknown" in tasks and "imdb" not in tasks  # invented names share one label
     backbone = [s.value for s in families["ray_freemerge_backbone_bytes"].samples]
