@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from freemerge.merging.experts import DEFAULT_EXPERT_KIND, Expert, expert_settings, make_expert
+from freemerge.merging.kinds import TASK_KINDS
 from freemerge.merging.methods import MergeMethod, get_method, resolve_parameters
 from freemerge.merging.router_config import RouterConfig
 from freemerge.merging.zoo_folder import Zoo, ZooError, open_zoo
@@ -51,13 +52,16 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class ExpertConfig:
-    """An expert kind and its settings (defaults from the kind's constructor)."""
+    """An expert kind and its settings (defaults from the kind's constructor); ``by_kind``:
+    settings that tasks of a task kind take over these (``embedding: {vectors: full}``)."""
 
     kind: str = DEFAULT_EXPERT_KIND
     settings: dict = field(default_factory=dict)
+    by_kind: dict = field(default_factory=dict)
 
-    def make(self) -> Expert:
-        return make_expert(self.kind, **self.settings)
+    def make(self, task_kind: str | None = None) -> Expert:
+        """A new expert for a task of ``task_kind``."""
+        return make_expert(self.kind, **{**self.settings, **self.by_kind.get(task_kind, {})})
 
 
 @dataclass(frozen=True)
@@ -191,11 +195,23 @@ def _expert_config(block: object) -> ExpertConfig:
         raise ConfigError(f"experts must be a mapping, got {type(block).__name__}")
     settings = dict(block)
     kind = settings.pop("kind", DEFAULT_EXPERT_KIND)
-    try:
-        make_expert(kind, **settings)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"experts: {err}") from None
-    return ExpertConfig(kind, {**expert_settings(kind), **settings})
+    by_kind = settings.pop("by_kind", None) or {}
+    if not isinstance(by_kind, dict):
+        raise ConfigError(f"experts.by_kind must be a mapping, got {type(by_kind).__name__}")
+    unknown = sorted(set(by_kind) - set(TASK_KINDS))
+    if unknown:
+        raise ConfigError(
+            f"experts.by_kind: {unknown[0]!r} is not a task kind; kinds: {', '.join(TASK_KINDS)}"
+        )
+    for task_kind, override in {None: {}, **by_kind}.items():
+        where = f"experts.by_kind.{task_kind}" if task_kind else "experts"
+        if not isinstance(override, dict):
+            raise ConfigError(f"{where} must be a mapping, got {type(override).__name__}")
+        try:
+            make_expert(kind, **{**settings, **override})
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{where}: {err}") from None
+    return ExpertConfig(kind, {**expert_settings(kind), **settings}, by_kind)
 
 
 def _router_config(

@@ -387,11 +387,16 @@ def expert_from_bytes(data: bytes, where: object = "expert") -> Expert:
 @dataclass(frozen=True)
 class ExpertLayout:
     """What an expert file holds, read from its header alone: the kind, the weights it adapts
-    with low-rank factors, and whether it holds anything else (sparse entries, full vectors)."""
+    with low-rank factors, and the other tensors it touches (sparse entries, whole vectors)."""
 
     kind: str
     matrices: frozenset[str]
-    other: bool
+    other: frozenset[str]
+
+    @property
+    def names(self) -> frozenset[str]:
+        """Every backbone tensor the expert changes."""
+        return self.matrices | self.other
 
 
 def expert_layout(path: Path) -> ExpertLayout:
@@ -400,6 +405,6 @@ def expert_layout(path: Path) -> ExpertLayout:
         metadata = handle.metadata() or {}
         keys = list(handle.keys())
     kind = _kind_of(metadata, path).kind
-    matrices = {k.rpartition(".")[0] for k in keys if k.endswith((".lora_A", ".lora_B"))}
-    other = any(not k.endswith((".lora_A", ".lora_B")) for k in keys)
-    return ExpertLayout(kind, frozenset(matrices), other)
+    named = {k.rpartition(".")[0]: k.rpartition(".")[2] for k in keys}
+    matrices = {name for name, part in named.items() if part in ("lora_A", "lora_B")}
+    return ExpertLayout(kind, frozenset(matrices), frozenset(named) - matrices)

@@ -209,7 +209,9 @@ def merge_tensors(
         params["task_weights"] = energy_weights(base, models, shared)
     merged = Merged()
     if config.experts is not None:
-        merged.experts = {name: config.experts.make() for name in models}
+        merged.experts = {
+            name: config.experts.make(model_kind(name, model)) for name, model in models.items()
+        }
     for name in tqdm(shared, desc=f"merge ({config.method})", disable=not show_progress):
         theta0 = base.tensor(name)
         # tau_t computed in place: N tensors of this one name are held, never N models.

@@ -27,7 +27,8 @@ import torch
 from freemerge.merging.artifact import ArtifactError
 from freemerge.merging.checkpoint import Checkpoint, CheckpointError
 from freemerge.merging.experts import Expert, expert_settings, load_expert, make_expert
-from freemerge.merging.merge import check_compatible, module_targets, write_task
+from freemerge.merging.kinds import SINGLE_LABEL
+from freemerge.merging.merge import check_compatible, model_kind, module_targets, write_task
 from freemerge.merging.refit import fit_router_into, router_data, verified_manifest, write_version
 from freemerge.merging.router_config import RouterConfig
 
@@ -87,6 +88,14 @@ def _typed(value: str, default: object) -> object:
     if isinstance(default, int | float):
         return type(default)(value)
     return value
+
+
+def _reference_expert(manifest: dict, task_kind: str) -> str | None:
+    """The expert file whose settings a new task's expert copies: one of a task of the same
+    kind (the merge config may give kinds their own settings), else any task's."""
+    entries = [e for e in manifest["tasks"].values() if e.get("expert")]
+    same = [e for e in entries if e.get("task_kind", SINGLE_LABEL) == task_kind]
+    return (same or entries or [{"expert": None}])[0]["expert"]
 
 
 def expert_like(path: Path) -> Expert:
@@ -191,7 +200,7 @@ def add_task(
     tasks = [*manifest["tasks"], name]
     router = _router_config(manifest, tasks, _new_task_texts(manifest, name, texts))
     backbone, checkpoint, shared, distance = _checked_model(artifact, name, model, max_distance)
-    reference = next((e["expert"] for e in manifest["tasks"].values() if e.get("expert")), None)
+    reference = _reference_expert(manifest, model_kind(name, checkpoint))
 
     def edit(staged: Path, body: dict) -> tuple[dict | None, int]:
         expert = None

@@ -1,9 +1,12 @@
-"""Low-rank experts run beside the backbone's linear layers, LoRA-style, per row of a batch.
+"""Low-rank experts run beside the backbone's layers, LoRA-style, per row of a batch.
 
 As in PEFT's LoRA layer, the adapter math wraps the base layer:
 ``result = base(x) + (x A_t^T) B_t^T`` for the rows whose task is t (PEFT's mixed-batch
 forward), so one forward pass serves a batch that mixes tasks, and the base weights are never
-written. Equal to applying theta_m + B_t A_t in place up to float rounding.
+written. An expert that also keeps vectors whole (``vectors: full``: biases and LayerNorms)
+adds them the same way: a linear layer's bias delta to its rows' outputs, and a LayerNorm's
+``normalized * dw + db`` (its normalized input times the weight delta, plus the bias delta).
+Equal to applying the expert in place up to float rounding.
 
 The layers hold no adapters: the experts of a pass come from the expert store and are handed
 to every wrapped layer through :class:`RowTasks` for that pass only, with the rows they apply
@@ -32,81 +35,128 @@ class RowTasks:
         self.segments: list[tuple[Expert | None, int, int]] = []
         self.rows = 0
 
+    def slices(self, x: torch.Tensor, name: str) -> list[tuple[Expert | None, slice]]:
+        """Each segment's expert and its rows of ``x`` flattened to (rows * tokens, width)."""
+        segments = self.segments
+        flat = x.reshape(-1, x.shape[-1]).shape[0]
+        if len(segments) == 1:  # one task: every row, and any input shared by the batch
+            return [(segments[0][0], slice(0, flat))]
+        if x.shape[0] != self.rows:
+            raise RuntimeError(
+                f"{name} ran on an input that is not one row per text of the pass "
+                f"(shape {tuple(x.shape)}, {self.rows} texts): this model's layers cannot "
+                "mix tasks in one pass"
+            )
+        per_row = flat // x.shape[0]  # tokens per batch row
+        return [(e, slice(start * per_row, stop * per_row)) for e, start, stop in segments]
+
+    def experts(self, x: torch.Tensor, name: str) -> list[tuple[Expert, slice]]:
+        """:meth:`slices` of the segments that have an expert (none outside a pass)."""
+        if not self.segments:
+            return []
+        return [(expert, rows) for expert, rows in self.slices(x, name) if expert is not None]
+
 
 class LowRankLinear(torch.nn.Module):
     """A linear layer plus, for each segment of rows, that segment's expert factors for this
-    layer's weight (``weight``: the weight's name in the backbone)."""
+    layer's weight (``weight``: the weight's name in the backbone) and its bias delta."""
 
     def __init__(self, base: torch.nn.Linear, weight: str, rows: RowTasks) -> None:
         super().__init__()
         self.base = base
         self.weight = weight
+        self.bias = weight.removesuffix(".weight") + ".bias"
         self.rows = rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
-        segments = self.rows.segments
-        if not segments:
-            return result
         flat_result = result.view(-1, result.shape[-1])
         flat_x = x.reshape(-1, x.shape[-1])
-        if len(segments) == 1:  # one task: every row, and any input shared by the batch
-            segments = [(segments[0][0], 0, flat_x.shape[0])]
-            per_row = 1
-        elif x.shape[0] != self.rows.rows:
-            raise RuntimeError(
-                f"{self.weight} ran on an input that is not one row per text of the pass "
-                f"(shape {tuple(x.shape)}, {self.rows.rows} texts): this model's layers cannot "
-                "mix tasks in one pass"
-            )
-        else:
-            per_row = flat_x.shape[0] // x.shape[0]  # tokens per batch row
-        for expert, start, stop in segments:
-            pair = _factors(expert, self.weight)
+        for expert, rows in self.rows.experts(x, self.weight):
+            pair = expert.factors.get(self.weight)
             if pair is not None:
                 b, a = pair
-                rows = slice(start * per_row, stop * per_row)
                 flat_result[rows].addmm_(flat_x[rows] @ a.T, b.T)
+            bias = expert.full.get(self.bias)
+            if bias is not None:
+                flat_result[rows] += bias
         return result
 
 
-def _factors(expert: Expert | None, weight: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(B, A) of ``expert`` for ``weight``, or None."""
-    return expert.factors.get(weight) if expert is not None else None
+class RowLayerNorm(torch.nn.Module):
+    """A LayerNorm plus, for each segment of rows, that segment's expert deltas of its weight
+    and bias: ``normalized(x) * (w + dw) + b + db`` is the base output plus
+    ``normalized(x) * dw + db``."""
+
+    def __init__(self, base: torch.nn.LayerNorm, name: str, rows: RowTasks) -> None:
+        super().__init__()
+        self.base = base
+        self.name = name  # the module's name in the backbone
+        self.rows = rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        flat_result = result.view(-1, result.shape[-1])
+        normalized = None
+        for expert, rows in self.rows.experts(x, self.name):
+            weight = expert.full.get(f"{self.name}.weight")
+            bias = expert.full.get(f"{self.name}.bias")
+            if weight is not None:
+                if normalized is None:
+                    shape, eps = self.base.normalized_shape, self.base.eps
+                    flat_x = x.reshape(-1, x.shape[-1])
+                    normalized = torch.nn.functional.layer_norm(flat_x, shape, None, None, eps)
+                flat_result[rows] += normalized[rows] * weight
+            if bias is not None:
+                flat_result[rows] += bias
+        return result
 
 
 def row_adapter_weights(
     layouts: Iterable[ExpertLayout], backbone: torch.nn.Module
 ) -> set[str] | None:
-    """The weights to wrap when every expert is low-rank and touches ``nn.Linear`` weights
-    only; None otherwise (the experts are applied in place)."""
+    """The tensors to adapt per row when every expert is low-rank and touches only
+    ``nn.Linear`` weights (factors) and biases and ``nn.LayerNorm`` weights and biases (whole
+    vectors); None otherwise (the experts are applied in place)."""
     modules = dict(backbone.named_modules())
-    weights: set[str] = set()
+    names: set[str] = set()
     for layout in layouts:
-        if layout.kind != "lowrank" or layout.other:
+        if layout.kind != "lowrank":
             return None
-        for name in layout.matrices:
-            module = modules.get(name.removesuffix(".weight"))
-            linear = isinstance(module, (torch.nn.Linear, LowRankLinear))  # wrapped already
-            if not name.endswith(".weight") or not linear:
-                return None
-        weights |= layout.matrices
-    return weights
+        if not all(_adaptable(name, modules, name in layout.matrices) for name in layout.names):
+            return None
+        names |= layout.names
+    return names
+
+
+def _adaptable(name: str, modules: dict[str, torch.nn.Module], factored: bool) -> bool:
+    """Whether row adapters can apply an expert's tensor ``name``: a linear layer's weight as
+    factors; a linear layer's bias or a LayerNorm's weight or bias whole."""
+    owner, _, part = name.rpartition(".")
+    module = modules.get(owner)
+    module = getattr(module, "base", module)  # wrapped already
+    if factored:
+        return isinstance(module, torch.nn.Linear) and part == "weight"
+    if isinstance(module, torch.nn.Linear):
+        return part == "bias"
+    return isinstance(module, torch.nn.LayerNorm) and part in ("weight", "bias")
 
 
 def install_row_adapters(
-    backbone: torch.nn.Module, weights: Iterable[str], rows: RowTasks | None = None
+    backbone: torch.nn.Module, names: Iterable[str], rows: RowTasks | None = None
 ) -> RowTasks:
-    """Wrap the linear layer of each weight in ``weights`` in place (those not wrapped yet);
-    return the row map they share."""
+    """Wrap the module owning each tensor in ``names`` in place (those not wrapped yet: a
+    linear layer in :class:`LowRankLinear`, a LayerNorm in :class:`RowLayerNorm`); return the
+    row map they share."""
     rows = rows if rows is not None else RowTasks()
-    for name in sorted(weights):
-        path = name.removesuffix(".weight")
+    for path in sorted({name.rpartition(".")[0] for name in names}):
         parent_path, _, child = path.rpartition(".")
         parent = backbone.get_submodule(parent_path) if parent_path else backbone
         layer = getattr(parent, child)
-        if not isinstance(layer, LowRankLinear):
-            setattr(parent, child, LowRankLinear(layer, name, rows))
+        if isinstance(layer, torch.nn.Linear):
+            setattr(parent, child, LowRankLinear(layer, f"{path}.weight", rows))
+        elif isinstance(layer, torch.nn.LayerNorm):
+            setattr(parent, child, RowLayerNorm(layer, path, rows))
     return rows
 
 

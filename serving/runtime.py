@@ -1,14 +1,16 @@
 """The merged model at inference: one backbone, per-task experts and heads.
 
-A task's logits are its head, run by the family's own ``*ForSequenceClassification``
-(:class:`freemerge.merging.families.TaskHead`), on the output of the backbone with the task's
-expert applied: what that class computes in eval mode. The runtime applies an expert in one of
+A task's answer comes from its head, run by the family's own class of the task's kind
+(:class:`freemerge.merging.families.TaskHead`; an embedding task pools instead:
+:mod:`freemerge.merging.kinds`), on the output of the backbone with the task's expert applied:
+what that class computes in eval mode. The runtime applies an expert in one of
 three ways, chosen per pass by :meth:`MergedClassifier.classify_rows`:
 
-- row adapters (low-rank experts on linear layers only, the default artifact): each row's
-  task adapter runs beside the base layers (:mod:`freemerge.serving.adapters`), so rows of any
-  tasks share one pass (where the family allows: a layer that also runs on an input shared
-  by the whole batch keeps one task per pass) and the weights are never written;
+- row adapters (low-rank experts on linear layers, biases and LayerNorms kept whole or not;
+  the default artifact): each row's task adapter runs beside the base layers
+  (:mod:`freemerge.serving.adapters`), so rows of any tasks share one pass (where the family
+  allows: a layer that also runs on an input shared by the whole batch keeps one task per
+  pass) and the weights are never written;
 - in place (sparse experts, an artifact built without row adapters, or a one-task pass of at
   least ``merge_above_tokens`` padded tokens, where merging costs less than row adapters): a
   pass holds one task, whose expert is written into the weights and restored bitwise after;
@@ -166,7 +168,7 @@ class MergedClassifier:
         self.store = ExpertStore(
             artifact, self.device, dtype, host_expert_bytes, device_expert_bytes
         )
-        # Low-rank experts on linear layers only: run them per row beside the base layers.
+        # Low-rank experts (linear layers, biases, LayerNorms): run per row beside the layers.
         self.row_adapters: RowTasks | None = None
         weights = row_adapter_weights(self.store.layouts.values(), self.backbone)
         if row_adapters and self.store.files and weights is not None:

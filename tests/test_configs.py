@@ -27,4 +27,34 @@ def test_the_recommended_config_is_fr_with_rank_8_linear_experts_and_a_router(ti
         "skip": r"embeddings\.",
         "dtype": "float16",
     }
+    # tasks of other kinds take richer experts (benchmarks/results/kinds.md)
+    assert config.experts.by_kind == {
+        "embedding": {"vectors": "full"},
+        "token_classification": {"rank": 32, "vectors": "full"},
+    }
+    assert config.experts.make("embedding").settings["vectors"] == "full"
+    assert config.experts.make("single_label_classification").settings == {
+        "kind": "lowrank",
+        "rank": "8",
+        "vectors": "skip",
+        "skip": r"embeddings\.",
+        "dtype": "float16",
+    }
     assert config.router is not None
+
+
+@pytest.mark.parametrize(
+    ("by_kind", "message"),
+    [
+        ({"ner": {"rank": 4}}, "'ner' is not a task kind; kinds: single_label_classification"),
+        ({"embedding": {"colour": 1}}, "experts.by_kind.embedding: 'colour' is not a setting"),
+        ({"embedding": "full"}, "experts.by_kind.embedding must be a mapping"),
+        (["embedding"], "experts.by_kind must be a mapping"),
+    ],
+)
+def test_expert_settings_by_kind_are_checked(tiny_zoo, by_kind, message):
+    from freemerge.merging.config import ConfigError, parse_config
+
+    raw = {"zoo": str(tiny_zoo.root), "experts": {"kind": "lowrank", "by_kind": by_kind}}
+    with pytest.raises(ConfigError, match=message):
+        parse_config(raw)

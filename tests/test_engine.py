@@ -43,6 +43,10 @@ def artifacts(tiny_zoo, tiny_routed_artifact, tmp_path_factory):
         "norouter": merge(
             tiny_zoo, root / "norouter", {"kind": "sparse", "density": 0.05}, router=False
         ),
+        # biases and LayerNorms whole beside the factors: still row adapters
+        "vectors": merge(
+            tiny_zoo, root / "vectors", {"kind": "lowrank", "rank": 4, "vectors": "full"}, False
+        ),
     }
 
 
@@ -57,8 +61,14 @@ def request(task, inputs):
     return ClassifyRequest(task, inputs, 0.0)
 
 
-def test_row_adapters_are_used_for_linear_only_lowrank_experts(artifacts):
+def test_row_adapters_are_used_for_lowrank_experts(artifacts):
     assert MergedEngine(artifacts["lowrank"], "cpu").model.row_adapters is not None
+    vectors = MergedEngine(artifacts["vectors"], "cpu").model
+    assert vectors.row_adapters is not None
+    held = vectors.store.layouts["sms_spam"].other  # biases and LayerNorms, whole
+    assert any(n.endswith("LayerNorm.weight") for n in held) and any(".bias" in n for n in held)
+    wrapped = {type(m).__name__ for m in vectors.backbone.modules()}
+    assert {"LowRankLinear", "RowLayerNorm"} <= wrapped
     assert MergedEngine(artifacts["sparse"], "cpu").model.row_adapters is None
 
 
@@ -80,8 +90,9 @@ def test_mixed_batch_answers_equal_each_request_alone(artifacts, texts, kind):
     assert all(a.routed for a in together[1]) and not any(a.routed for a in together[0])
 
 
-def test_row_adapters_equal_the_expert_applied_in_place(artifacts, texts):
-    artifact = open_artifact(artifacts["lowrank"])
+@pytest.mark.parametrize("kind", ["lowrank", "vectors"])
+def test_row_adapters_equal_the_expert_applied_in_place(artifacts, texts, kind):
+    artifact = open_artifact(artifacts[kind])
     lora = MergedClassifier(artifact)
     in_place = MergedClassifier(artifact, row_adapters=False)
     mixed = texts["sms_spam"] + texts["debate_party"]

@@ -54,16 +54,16 @@ EXACT = {"kind": "lowrank", "rank": 64, "dtype": "float32"}  # full rank: exact
 
 
 def _moved(model: torch.nn.Module, base: torch.nn.Module, seed: int) -> None:
-    """Load ``base``'s weights into ``model``'s backbone and move its linear layers ~5%."""
+    """Load ``base``'s weights into ``model``'s backbone and move its linear layers' weights
+    ~5%."""
     torch.manual_seed(seed)
     backbone = model.base_model if hasattr(model, "base_model") else model
     backbone.load_state_dict(base.state_dict(), strict=False)
     with torch.no_grad():
         for module in backbone.modules():
             if isinstance(module, torch.nn.Linear):
-                module.weight.add_(
-                    0.05 * module.weight.abs().mean() * torch.randn_like(module.weight)
-                )
+                noise = torch.randn_like(module.weight)
+                module.weight.add_(0.05 * module.weight.abs().mean() * noise)
 
 
 def _save(model: torch.nn.Module, folder: Path) -> Path:
@@ -140,7 +140,7 @@ def kinds(tmp_path_factory) -> dict:
         "base_model": str(folders["base"]),
         "models": [{"name": t, "path": str(folders[t])} for t in tasks],
         "method": "free",
-        "experts": EXACT,
+        "experts": {**EXACT, "by_kind": {"embedding": {"vectors": "full"}}},
         "router": {"kind": "embeddings", "examples_per_task": 8, "epochs": 3, "data": data},
     }
     run_merge(parse_config(raw), root / "artifact", show_progress=False)
@@ -228,6 +228,10 @@ def test_the_manifest_records_each_kind(kinds):
 @pytest.mark.parametrize("aggregation", ["none", "simple", "first", "average", "max"])
 def test_entities_are_the_pipelines(kinds, aggregation):
     model = MergedClassifier(open_artifact(kinds["artifact"]))
+    # the embedding's expert keeps biases and LayerNorms whole (by_kind), and runs per row too
+    assert model.row_adapters is not None
+    layouts = model.store.layouts
+    assert layouts["emb"].other and not layouts["ner"].other
     texts = TEXTS[:3] + ["the water came back, from the way we came!"]
     options = [{"aggregation": aggregation}] * len(texts)
     answers = model.classify_rows(texts, ["ner"] * len(texts), options=options)

@@ -115,6 +115,7 @@ def test_free_artifact_layout_sizes_and_manifest(free_artifact, tiny_zoo):
     assert manifest["parameters"]["experts"] == {
         "kind": "sparse",
         "settings": {"density": 0.01, "granularity": "tensor", "rescale": 1.0},
+        "by_kind": {},
     }
     backbone_bytes = manifest["backbone"]["bytes"]
     for name, entry in manifest["tasks"].items():
