@@ -26,6 +26,7 @@ from transformers import (
 
 from freemerge.benchmarks.datasets import TaskData, TokenTaskData
 from freemerge.merging.batching import PassPlan, Tokenized, outputs_in_passes, run_texts
+from freemerge.merging.export import label_settings
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def fine_tune(
     torch.manual_seed(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     model = AutoModelForSequenceClassification.from_pretrained(
-        backbone, **_label_settings(task.label_names)
+        backbone, **label_settings(task.label_names)
     )
     texts, labels = task.subset(task.split()["train"])
     tokens = Tokenized(tokenizer, texts, recipe.max_length)  # once, padded per batch below
@@ -102,7 +103,7 @@ def fine_tune_tokens(
     torch.manual_seed(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     model = AutoModelForTokenClassification.from_pretrained(
-        backbone, **_label_settings(task.label_names)
+        backbone, **label_settings(task.label_names)
     )
     sentences, tags = task.subset(task.split()["train"])
     tokens = Tokenized(tokenizer, [" ".join(words) for words in sentences], recipe.max_length)
@@ -134,14 +135,6 @@ def first_tokens(words: list[str], encoding: Encoding) -> list[int | None]:
         word = starts.pop(start, None) if end > start else None
         found.append(word)
     return found
-
-
-def _label_settings(names: list[str]) -> dict:
-    return {
-        "num_labels": len(names),
-        "id2label": dict(enumerate(names)),
-        "label2id": {name: i for i, name in enumerate(names)},
-    }
 
 
 def _train(

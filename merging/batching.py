@@ -117,6 +117,11 @@ class Tokenized:
     ) -> None:
         self.tokenizer = tokenizer
         limits = [max_length] * len(texts) if isinstance(max_length, int) else max_length
+        if len(set(limits)) <= 1:  # one limit (the usual case): one call, nothing stitched
+            limit = limits[0] if limits else None
+            self.encoding = tokenizer(list(texts), truncation=True, max_length=limit)
+            self._flag(self.encoding.encodings)
+            return
         columns: dict[str, list] = {}
         encodings: list = [None] * len(texts)
         for limit in dict.fromkeys(limits):
@@ -129,8 +134,12 @@ class Tokenized:
             for row, encoding in zip(rows, found.encodings, strict=True):
                 encodings[row] = encoding
         self.encoding = BatchEncoding(columns, encoding=encodings)
+        self._flag(encodings)
+
+    def _flag(self, encodings: list) -> None:
+        """Each row's truncation flag and token length, from its encoding."""
         self.truncated = [bool(encoding.overflowing) for encoding in encodings]
-        self.lengths = [len(ids) for ids in columns.get("input_ids", [])]
+        self.lengths = [len(encoding.ids) for encoding in encodings]
 
     def padded(self, rows: list[int], device: torch.device) -> BatchEncoding:
         subset = {key: [values[i] for i in rows] for key, values in self.encoding.items()}
