@@ -2,7 +2,8 @@
 
 Build the demo zoo if it is not cached (three tasks, a short recipe), merge it as the config
 says (cached by the config's content), start the server on a local Ray, send tagged and
-untagged requests, print the answers and a summary of the server's metrics, and stop.
+untagged requests and one through each of huggingface_hub and openai, print the answers and
+a summary of the server's metrics, and stop.
 """
 
 from __future__ import annotations
@@ -54,6 +55,28 @@ def print_answers(title: str, texts: list[str], reply: dict) -> None:
         snippet = " ".join(text.split())[:60]
         label = f"{result['label']!r} ({result['score']:.2f}, {how})"
         print(f"  {result['task']:>16} {label:>40} {snippet}")
+
+
+def ask_through_clients(base_url: str, task: str, text: str) -> int:
+    """The same server through the clients people already use: huggingface_hub's
+    ``InferenceClient`` on the task's TEI-style base URL, and the ``openai`` client listing
+    the tasks as models. The requests it sent to the model (for the metrics count)."""
+    from huggingface_hub import InferenceClient
+
+    print(f"\nthrough huggingface_hub: InferenceClient(base_url='{base_url}/tasks/{task}')")
+    labels = InferenceClient(base_url=f"{base_url}/tasks/{task}").text_classification(text)
+    best = ", ".join(f"{e.label!r} {e.score:.2f}" for e in labels[:2])
+    print(f"  .text_classification(text) -> {best}   {' '.join(text.split())[:50]}")
+    try:
+        from openai import OpenAI
+    except ImportError:
+        print("\n(pip install openai to see the same server through the openai client)")
+        return 1
+    client = OpenAI(base_url=f"{base_url}/v1", api_key="not-needed-without---api-key")
+    print(f"\nthrough openai: OpenAI(base_url='{base_url}/v1')")
+    models = ", ".join(f"{m.id} ({m.kind})" for m in client.models.list())
+    print(f"  .models.list() -> {models}")
+    return 1
 
 
 def metrics_summary(metrics_url: str, sent: int, wait_s: float = 30.0) -> dict[str, float | None]:
@@ -108,6 +131,9 @@ def serve_and_ask(artifact_dir: Path, cache_dir: Path | None, examples: int) -> 
             reply = post_json(url, {"inputs": untagged})
             print_answers("\nno task given (the router picks):", untagged, reply)
             sent += 1
+        sent += ask_through_clients(
+            f"http://127.0.0.1:{port}", next(iter(artifact.tasks)), untagged[0]
+        )
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         summary = metrics_summary(metrics_url, sent)
         print(f"\nmetrics from {metrics_url}:")

@@ -7,7 +7,8 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from freemerge.benchmarks.datasets import TaskData, TokenTaskData
 from freemerge.merging.batching import PassPlan, Tokenized, outputs_in_passes, run_texts
@@ -78,15 +80,29 @@ def _length_bucketed_batches(
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+@contextmanager
+def new_head_expected() -> Iterator[None]:
+    """Load a model for fine-tuning without transformers' load report, whose notes (the new
+    head "MISSING ... newly initialized", the base's pooler "UNEXPECTED" for a token model)
+    describe what a fine-tune from a base model always does, and read as errors."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def fine_tune(
     backbone: Path, task: TaskData, recipe: Recipe, show_progress: bool = True
 ) -> TrainResult:
     """Fine-tune ``AutoModelForSequenceClassification`` from ``backbone`` on the train split."""
     torch.manual_seed(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(backbone)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        backbone, **label_settings(task.label_names)
-    )
+    with new_head_expected():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            backbone, **label_settings(task.label_names)
+        )
     texts, labels = task.subset(task.split()["train"])
     tokens = Tokenized(tokenizer, texts, recipe.max_length)  # once, padded per batch below
     return _train(
@@ -102,9 +118,10 @@ def fine_tune_tokens(
     its first token, the other tokens left out of the loss."""
     torch.manual_seed(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(backbone)
-    model = AutoModelForTokenClassification.from_pretrained(
-        backbone, **label_settings(task.label_names)
-    )
+    with new_head_expected():
+        model = AutoModelForTokenClassification.from_pretrained(
+            backbone, **label_settings(task.label_names)
+        )
     sentences, tags = task.subset(task.split()["train"])
     tokens = Tokenized(tokenizer, [" ".join(words) for words in sentences], recipe.max_length)
     ids = {name: i for i, name in enumerate(task.label_names)}

@@ -268,28 +268,33 @@ class TaskRunner:
             return {"embedding": vector.tolist()}
         if self.kind == TOKEN_CLASSIFICATION:
             return {"entities": self.grouper.entities(text, row, encoding, options["aggregation"])}
-        if self.scoring == "softmax":
-            scores = torch.softmax(row, dim=-1)
-            best = int(scores.argmax())
-            return {
-                "label": self.labels[best],
-                "score": float(scores[best]),
-                "scores": dict(zip(self.labels, scores.tolist(), strict=True)),
-            }
-        scores = torch.sigmoid(row) if self.scoring == "sigmoid" else row
+        scores = _scored(row, options.get("function_to_apply") or self.scoring)
         if self.kind == REGRESSION:
             return {"score": float(scores[0])}
         named = dict(zip(self.labels, scores.tolist(), strict=True))
-        return {
-            "labels": [k for k, s in named.items() if s >= options["threshold"]],
-            "scores": named,
-        }
+        if self.kind == MULTI_LABEL:
+            return {
+                "labels": [k for k, s in named.items() if s >= options["threshold"]],
+                "scores": named,
+            }
+        best = int(scores.argmax())
+        return {"label": self.labels[best], "score": float(scores[best]), "scores": named}
 
 
+def _scored(row: torch.Tensor, scoring: str | None) -> torch.Tensor:
+    """A sequence row's logits as scores: ``softmax``, ``sigmoid``, or as they are."""
+    if scoring == "softmax":
+        return torch.softmax(row, dim=-1)
+    return torch.sigmoid(row) if scoring == "sigmoid" else row
+
+
+SCORINGS = ("softmax", "sigmoid", "none")  # as transformers' `function_to_apply`
 DEFAULT_OPTIONS = {
     "threshold": DEFAULT_THRESHOLD,
     "aggregation": DEFAULT_AGGREGATION,
     "normalize": True,
+    "function_to_apply": None,  # sequence tasks: None keeps the task's own scoring
+    "truncate": True,  # False: a text longer than the task's token limit is refused (413)
 }
 
 

@@ -46,6 +46,14 @@ from freemerge.merging.kinds import (
     EMBED_ROUTE,
     ROUTE_OF_KIND,
 )
+from freemerge.serving.dialects import (
+    NATIVE,
+    dialect_of,
+    error_body,
+    error_status,
+    needs_key,
+    route_label,
+)
 from freemerge.serving.engine import (
     ArtifactTasks,
     ClassifyRequest,
@@ -61,38 +69,41 @@ from freemerge.serving.engine import (
     separate_memory,
     wants_gpu,
 )
-from freemerge.serving.guard import (
-    PROTECTED_PREFIX,
-    RETRY_AFTER_S,
-    Guard,
-    GuardMiddleware,
-    parse_api_keys,
-)
+from freemerge.serving.guard import RETRY_AFTER_S, Guard, GuardMiddleware, parse_api_keys
 from freemerge.serving.metrics import ServerMetrics
+from freemerge.serving.openai_api import OpenAIRoutes
+from freemerge.serving.openai_api import router as openai_router
 from freemerge.serving.runtime import StageTimings
 from freemerge.serving.settings import (
     API_KEYS_ENV,
     MAX_ITEMS_CEILING,
+    MAX_TASK_CHARS,
     ServingOptions,
     artifact_update,
 )
+from freemerge.serving.tei_api import TeiRoutes
+from freemerge.serving.tei_api import router as tei_router
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
-MAX_TASK_CHARS = 200  # longer task names are refused before lookup (and never echoed whole)
 MAX_PROBLEMS = 3  # validation problems a 400 lists
+SERVER_VERSION = "freemerge 0.1.0"
 
 api = FastAPI(
     title="freemerge",
-    description="Many task classifiers served from one FREE-merged backbone.",
+    description="Many task models served from one FREE-merged backbone: the native API, and "
+    "drop-in routes for TEI, huggingface_hub, OpenAI and vLLM clients.",
     version="1",
 )
 api.add_middleware(GuardMiddleware)
+api.include_router(tei_router)
+api.include_router(openai_router)
 
 
 def openapi_with_keys() -> dict:
-    """FastAPI's schema, plus the bearer-key scheme on every ``/v1/*`` operation (the key is
-    checked by :class:`GuardMiddleware`, before the body is read)."""
+    """FastAPI's schema, plus the bearer-key scheme on every operation but the probes (the key
+    is checked by :class:`GuardMiddleware`, before the body is read), its 401 in the error
+    shape of the operation's API family."""
     if api.openapi_schema is None:
         schema = get_openapi(title=api.title, version=api.version, routes=api.routes)
         schema["info"]["description"] = api.description
@@ -105,10 +116,11 @@ def openapi_with_keys() -> dict:
             }
         }
         for path, operations in schema["paths"].items():
-            if path.startswith(PROTECTED_PREFIX):
+            if needs_key(path):
                 for operation in operations.values():
                     operation["security"] = [{"apiKey": []}]
-                    operation["responses"]["401"] = _error_response("missing or wrong API key")
+                    if dialect_of(path) == NATIVE:
+                        operation["responses"]["401"] = _error_response("missing or wrong API key")
         api.openapi_schema = schema
     return api.openapi_schema
 
@@ -241,10 +253,42 @@ class UnroutedBody(BaseModel):
     unrouted: list[Unrouted]
 
 
+def error_response(
+    path: str,
+    status: int,
+    message: str,
+    details: dict | None = None,
+    overloaded: bool = False,
+    param: str | None = None,
+) -> JSONResponse:
+    """An error in the shape of ``path``'s API family (:mod:`freemerge.serving.dialects`);
+    overload and unavailability say when to retry."""
+    dialect = dialect_of(path)
+    status = error_status(dialect, status, overloaded)
+    body = error_body(dialect, status, message, details, overloaded, param)
+    retry = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    return JSONResponse(body, status_code=status, headers=retry)
+
+
+class Overloaded(RequestError):
+    """No model replica took the request in time, or every one is full: 503 (TEI: 429)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(503, message)
+
+
+@api.exception_handler(RequestError)
+async def refused_request(request: Request, err: RequestError) -> JSONResponse:
+    """A request the checks or a model replica refused, in its route's error shape."""
+    overloaded = isinstance(err, Overloaded)
+    return error_response(request.url.path, err.status, str(err), err.details, overloaded)
+
+
 @api.exception_handler(RequestValidationError)
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """Malformed bodies get 400 with a readable reason (the first few problems) instead of
-    FastAPI's 422; a list longer than the schema allows gets 413, as over ``max_items``."""
+    """Malformed bodies get 400 (TEI's routes: 422) with a readable reason (the first few
+    problems) instead of FastAPI's list; a list longer than the schema allows gets 413, as
+    over ``max_items``."""
     errors = exc.errors()
     # a list field itself too long (body.inputs), not a pair of three texts inside it
     status = 413 if any(e["type"] == "too_long" and len(e["loc"]) <= 2 for e in errors) else 400
@@ -253,13 +297,15 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
         for e in errors[:MAX_PROBLEMS]
     )
     more = f" (and {len(errors) - MAX_PROBLEMS} more)" if len(errors) > MAX_PROBLEMS else ""
-    return JSONResponse({"error": f"invalid request: {problems}{more}"}, status_code=status)
+    param = ".".join(str(p) for p in errors[0]["loc"][1:]) or None if errors else None
+    message = f"invalid request: {problems}{more}"
+    return error_response(request.url.path, status, message, param=param)
 
 
 @api.exception_handler(StarletteHTTPException)
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Unknown routes, wrong methods and unreadable bodies: the same ``{"error": ...}``."""
-    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+    """Unknown routes, wrong methods and unreadable bodies: the same error shapes."""
+    return error_response(request.url.path, exc.status_code, str(exc.detail))
 
 
 def build_limits(options: ServingOptions) -> Limits:
@@ -480,6 +526,7 @@ class ModelReplica:
             "artifact_version": self.engine.version,
             "tasks": self.engine.tasks_info(),
             "router": self.engine.has_router,
+            "dtype": getattr(self.engine, "dtype", "float32"),
         }
 
     def problem(self) -> str | None:
@@ -620,11 +667,12 @@ def front_tasks(options: ServingOptions) -> ArtifactTasks | ZooTasks:
 
 @serve.deployment(health_check_period_s=10)
 @serve.ingress(api)
-class ClassifierServer:
+class ClassifierServer(TeiRoutes, OpenAIRoutes):
     """The HTTP front: the guard, request checks and metrics, and nothing heavy. It hands each
     checked request to the model deployment (:class:`ModelReplica`, or :class:`MultiplexedModels`
     for the multiplexed baseline) and, as classifying is idempotent, sends it again when the
-    replica running it dies, up to three attempts within the request timeout."""
+    replica running it dies, up to three attempts within the request timeout. Beside the
+    native routes it serves the drop-in ones (TEI's, OpenAI's, vLLM's) it inherits."""
 
     def __init__(self, options: ServingOptions, models: DeploymentHandle) -> None:
         """Like the model replicas, a merged artifact's tasks arrive through
@@ -632,6 +680,7 @@ class ClassifierServer:
         self.metrics = ServerMetrics()
         self.models = models
         self.multiplexed = options.models_per_replica is not None
+        self.options = options
         self.timeout_s = options.request_timeout_s
         self.limits = build_limits(options)
         self.front: ArtifactTasks | ZooTasks | None = (
@@ -641,7 +690,7 @@ class ClassifierServer:
             parse_api_keys(os.environ.get(API_KEYS_ENV)),
             options.max_body_bytes,
             options.max_queued_requests,
-            lambda status: self.metrics.request("unknown", status),
+            lambda status, path: self.metrics.request("unknown", status, route=route_label(path)),
         )
 
     @api.post(
@@ -672,9 +721,8 @@ class ClassifierServer:
                 CLASSIFY_ROUTE,
                 options,
             ),
+            CLASSIFY_ROUTE,
         )
-        if isinstance(answered, JSONResponse):
-            return answered
         return {
             "artifact_version": answered.version,
             "results": [a.body() for a in answered.predictions],
@@ -695,9 +743,8 @@ class ClassifierServer:
         answered = await self._served(
             body.task,
             lambda: self.front.check(body.task, body.inputs, None, None, EMBED_ROUTE, options),
+            EMBED_ROUTE,
         )
-        if isinstance(answered, JSONResponse):
-            return answered
         embeddings = [a.embedding for a in answered.predictions]
         return {
             "artifact_version": answered.version,
@@ -707,39 +754,69 @@ class ClassifierServer:
         }
 
     async def _served(
-        self, task: str | None, check: Callable[[], ClassifyRequest]
-    ) -> Answered | JSONResponse:
-        """The checked request's answers from a model replica, or the error response (every
-        outcome counted in the metrics, by task)."""
+        self, task: str | None, check: Callable[[], ClassifyRequest], route: str
+    ) -> Answered:
+        """The checked request's answers from a model replica; a refusal or failure raised as
+        :class:`RequestError`, which :func:`refused_request` answers in the route's shape.
+        Every outcome is counted in the metrics, by task and ``route`` (a route template)."""
         try:
             request = check()
         except RequestError as err:
             # one label for every task name a client invents, so the metrics stay bounded
-            self.metrics.request("unknown" if err.status == 404 else task, err.status)
-            return JSONResponse({"error": str(err)}, status_code=err.status)
+            self._count("unknown" if err.status == 404 else task, err.status, route)
+            raise
         try:
             answers = await asyncio.wait_for(self._answers(request), self.timeout_s)
         except (TimeoutError, BackPressureError, *REPLICA_LOST) as err:
-            self.metrics.request(task, 503)
-            retry = {"Retry-After": str(RETRY_AFTER_S)}
-            return JSONResponse({"error": self._unavailable(err)}, 503, headers=retry)
+            refusal = self._unavailable(err)
+            self._count(task, 503, route, isinstance(refusal, Overloaded))
+            raise refusal from None
         if isinstance(answers, RequestError):  # unsure router (422); task not in its version
-            self.metrics.request(task, answers.status)
-            return JSONResponse(answers.body(), status_code=answers.status)
+            self._count(task, answers.status, route)
+            raise answers
         if isinstance(answers, Exception):  # this request failed alone: the server's fault
-            self.metrics.request(task, 500)
+            self._count(task, 500, route)
             message = f"the model failed on this request ({type(answers).__name__})"
-            return JSONResponse({"error": message}, status_code=500)
-        self.metrics.request(task, 200, time.perf_counter() - request.arrived)
+            raise RequestError(500, message)
+        self.metrics.request(task, 200, time.perf_counter() - request.arrived, route)
         return answers
 
-    def _unavailable(self, err: Exception) -> str:
-        """Why no model replica answered, for a 503."""
+    def _count(self, task: str | None, status: int, route: str, overloaded: bool = False) -> None:
+        """A refused or failed request in the metrics, with the status its client saw."""
+        shown = error_status(dialect_of(route), status, overloaded)
+        self.metrics.request(task, shown, route=route)
+
+    def _unavailable(self, err: Exception) -> RequestError:
+        """Why no model replica answered: overloaded, or the replicas lost (503)."""
         if isinstance(err, TimeoutError):
-            return f"no answer within {self.timeout_s:g} s: the server is overloaded"
+            return Overloaded(f"no answer within {self.timeout_s:g} s: the server is overloaded")
         if isinstance(err, BackPressureError):
-            return "every model replica is full: the server is overloaded"
-        return f"the model replicas were lost {ATTEMPTS} times in a row; retry shortly"
+            return Overloaded("every model replica is full: the server is overloaded")
+        return RequestError(
+            503, f"the model replicas were lost {ATTEMPTS} times in a row; retry shortly"
+        )
+
+    async def _task_info(self, task: str) -> tuple[dict, dict]:
+        """``task``'s entry of ``/v1/tasks`` (from a model replica) and the server's limits,
+        for TEI's ``/info``."""
+        described = await asyncio.wait_for(
+            _again_if_lost(lambda: self.models.describe.remote()), self.timeout_s
+        )
+        entry = next((t for t in described["tasks"] if t["task"] == task), None)
+        if entry is None:  # a task of another version, met in a rolling update
+            raise RequestError(
+                404, f"unknown task {task!r} in version {described['artifact_version'][:12]}"
+            )
+        options = self.options
+        return entry, {
+            "artifact_version": described["artifact_version"],
+            "dtype": described.get("dtype", "float32"),
+            "max_queued_requests": options.max_queued_requests,
+            "max_batch_tokens": options.max_batch_tokens,
+            "max_batch_size": options.max_batch_size,
+            "max_items": options.max_items,
+            "server_version": SERVER_VERSION,
+        }
 
     def reconfigure(self, config: dict) -> None:
         """Ray Serve's lightweight update (``user_config``): check requests against the tasks
@@ -776,7 +853,7 @@ class ClassifierServer:
                 _again_if_lost(lambda: self.models.status.remote()), self.timeout_s
             )
         except (TimeoutError, BackPressureError, *REPLICA_LOST) as err:
-            return JSONResponse({"ready": False, "error": self._unavailable(err)}, 503)
+            return JSONResponse({"ready": False, "error": str(self._unavailable(err))}, 503)
         if status["problem"] is not None:
             return JSONResponse({"ready": False, "error": status["problem"]}, 503)
         return JSONResponse(

@@ -36,7 +36,8 @@ def _local_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         metavar="KEY",
-        help="require `Authorization: Bearer KEY` on every /v1/* route; repeat for several "
+        help="require `Authorization: Bearer KEY` on every route but /healthz, /readyz and the "
+        "OpenAPI page; repeat for several "
         f"keys, or list them comma-separated in ${API_KEYS_ENV}, which keeps them out of the "
         "process list (default: no key)",
     )

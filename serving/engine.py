@@ -27,6 +27,7 @@ from freemerge.merging.kinds import (
     CLASSIFY_ROUTE,
     DEFAULT_OPTIONS,
     ROUTE_OF_KIND,
+    SCORINGS,
     SINGLE_LABEL,
     kind_of_model,
     model_runner,
@@ -89,6 +90,14 @@ class TaskKinds:
             {t: e.get("task_kind", SINGLE_LABEL) for t, e in tasks},
             {t: e.get("text_pairs", "accepted") for t, e in tasks},
         )
+
+    def kind_of(self, task: str) -> str:
+        """``task``'s kind; 404 naming the known tasks when there is no such task."""
+        if task not in self.kinds:
+            raise RequestError(
+                404, f"unknown task {task!r}; known tasks: {named(list(self.kinds))}"
+            )
+        return self.kinds[task]
 
     def routable(self, route: str) -> list[str]:
         """The tasks the router may choose for an untagged request on ``route``."""
@@ -259,6 +268,12 @@ def check_options(options: dict | None) -> dict:
             400,
             f"unknown aggregation {options['aggregation']!r}; allowed: {', '.join(AGGREGATIONS)}",
         )
+    if options["function_to_apply"] not in (None, *SCORINGS):
+        raise RequestError(
+            400,
+            f"unknown function_to_apply {options['function_to_apply']!r}; allowed: "
+            f"{', '.join(SCORINGS)}",
+        )
     if not 0.0 <= options["threshold"] <= 1.0:
         raise RequestError(400, f"threshold must be within [0, 1], got {options['threshold']}")
     return options
@@ -310,13 +325,28 @@ def check_routing(
 
 def split_by_request(
     answers: list[Prediction], requests: list[ClassifyRequest]
-) -> list[list[Prediction]]:
-    """Cut the flat list of answers back into one list per request, in order."""
+) -> list[list[Prediction] | RequestError]:
+    """Cut the flat list of answers back into one list per request, in order; a request that
+    asked not to be truncated (``truncate`` false) and had a text cut gets a 413 instead."""
     out, start = [], 0
     for request in requests:
-        out.append(answers[start : start + len(request.inputs)])
+        rows = answers[start : start + len(request.inputs)]
+        out.append(_cut_against_wish(request, rows) or rows)
         start += len(request.inputs)
     return out
+
+
+def _cut_against_wish(request: ClassifyRequest, rows: list[Prediction]) -> RequestError | None:
+    if request.options.get("truncate", True):
+        return None
+    cut = [i for i, prediction in enumerate(rows) if prediction.truncated]
+    if not cut:
+        return None
+    return RequestError(
+        413,
+        f"input {cut[0]} is longer than its task's limit of {rows[cut[0]].tokens} tokens; send "
+        "`truncate: true` to have it cut, or a shorter text",
+    )
 
 
 def unsure(request: ClassifyRequest, routes: list[Route | None]) -> RequestError | None:
@@ -347,6 +377,8 @@ class ArtifactTasks:
         self.version = artifact.version
         self.limits = limits or Limits()
         self.task_names = list(artifact.tasks)
+        self.labels = {task: entry["labels"] for task, entry in artifact.tasks.items()}
+        self.created = int((artifact.source / "manifest.json").stat().st_mtime)  # for /v1/models
         self.has_router = bool(artifact.manifest.get("router"))
         self.task_kinds = TaskKinds.of_artifact(artifact)
 
@@ -412,6 +444,11 @@ class MergedEngine(ArtifactTasks):
         return self.model.device
 
     @property
+    def dtype(self) -> str:
+        """The backbone's dtype, as ``float32``."""
+        return str(self.model.backbone.dtype).removeprefix("torch.")
+
+    @property
     def damaged(self) -> str | None:
         """Why the backbone may no longer hold the merged weights (a failed restore), or None."""
         return self.model.damaged
@@ -440,13 +477,14 @@ class MergedEngine(ArtifactTasks):
                 "labels": entry["labels"],
                 "expert_bytes": entry["expert_bytes"],
                 "expert_kind": layouts[task].kind if task in layouts else None,
+                "max_input_length": self.model.heads[task].token_limit(self.model.max_length),
             }
             for task, entry in self.model.artifact.tasks.items()
         ]
 
     def classify_requests(
         self, requests: list[ClassifyRequest], timings: StageTimings
-    ) -> list[list[Prediction]]:
+    ) -> list[list[Prediction] | RequestError]:
         """All rows of all requests in one call: untagged rows routed first (one router pass
         for all); a request with a text routed below its ``min_confidence`` gets a 422 naming
         the top candidate tasks instead of answers, and costs no forward; the other requests'
@@ -559,6 +597,7 @@ class ZooTasks:
             kinds, {name: takes_pairs(kinds[name], c) for name, c in configs.items()}
         )
         self.version = f"separate:{','.join(self.labels)}"
+        self.created = int(Path(zoo_dir).stat().st_mtime)  # for /v1/models
 
     has_router = False
     damaged = None  # separate models are never altered in place
@@ -584,6 +623,7 @@ class ZooTasks:
                 "labels": labels,
                 "expert_bytes": 0,
                 "expert_kind": None,
+                "max_input_length": None,  # known once the model is loaded
             }
             for name, labels in self.labels.items()
         ]
@@ -681,7 +721,7 @@ def classify_by_task(
     requests: list[ClassifyRequest],
     model_for: Callable[[str], TaskModel],
     timings: StageTimings,
-) -> list[list[Prediction]]:
+) -> list[list[Prediction] | RequestError]:
     """All rows of all requests, each task's rows through ``model_for(task)``."""
     texts = [text for request in requests for text in request.inputs]
     tasks = [request.task for request in requests for _ in request.inputs]

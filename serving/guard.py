@@ -2,15 +2,16 @@
 
 :class:`GuardMiddleware` is plain ASGI in front of the FastAPI app. In order, it refuses
 
-- a ``/v1/*`` request without a valid ``Authorization: Bearer KEY`` when keys are set (401;
+- a request without a valid ``Authorization: Bearer KEY`` when keys are set (401;
   ``/healthz``, ``/readyz`` and the OpenAPI page stay open for probes and readers);
-- a classify request when the replica already holds ``max_queued`` of them (503 with
-  ``Retry-After``), before its body is read;
+- a POST (every route that runs the model) when the replica already holds ``max_queued`` of
+  them (503 with ``Retry-After``; TEI's routes: 429), before its body is read;
 - a body longer than ``max_body_bytes`` (413), by its ``Content-Length`` before reading, or
   as soon as the bytes read pass the cap (chunked bodies).
 
-Each refusal is ``{"error": ...}`` JSON. The middleware reads its :class:`Guard` from the
-app's ``state.guard``, which the replica sets when it starts; no Ray here.
+Each refusal is JSON in the error shape of the path's API family
+(:mod:`freemerge.serving.dialects`). The middleware reads its :class:`Guard` from the app's
+``state.guard``, which the replica sets when it starts; no Ray here.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from freemerge.serving.dialects import dialect_of, error_body, error_status, needs_key
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-PROTECTED_PREFIX = "/v1/"
-CLASSIFY_PATH = "/v1/classify"
 RETRY_AFTER_S = 1
 
 
@@ -39,12 +40,13 @@ def parse_api_keys(text: str | None) -> tuple[str, ...]:
 
 @dataclass
 class Guard:
-    """A replica's admission rules and its count of classify requests held now."""
+    """A replica's admission rules and its count of model requests (POSTs) held now."""
 
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 2 * 1024 * 1024
     max_queued: int = 32
-    refused: Callable[[int], None] = lambda status: None  # called with each refusal's status
+    # called with each refusal's status and path
+    refused: Callable[[int, str], None] = lambda status, path: None
     held: int = field(default=0, init=False)
 
     def key_accepted(self, authorization: str | None) -> bool:
@@ -77,15 +79,16 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         guard: Guard | None = getattr(scope["app"].state, "guard", None)
+        path = scope["path"]
         if guard is None:
-            await send_error(send, 503, "the server is starting; retry shortly", retry=True)
+            await send_error(send, path, 503, "the server is starting; retry shortly", True)
             return
         refusal = _refusal(guard, scope)
         if refusal is not None:
-            guard.refused(refusal[0])
-            await send_error(send, *refusal)
+            guard.refused(refusal[0], path)
+            await send_error(send, path, *refusal)
             return
-        counted = scope["path"] == CLASSIFY_PATH
+        counted = scope["method"] == "POST"
         guard.held += counted
         try:
             await self._with_body(guard, scope, receive, send)
@@ -97,8 +100,8 @@ class GuardMiddleware:
         try:
             body = await read_body(receive, guard.max_body_bytes)
         except BodyTooLarge:
-            guard.refused(413)
-            await send_error(send, 413, _too_large(guard.max_body_bytes))
+            guard.refused(413, scope["path"])
+            await send_error(send, scope["path"], 413, _too_large(guard.max_body_bytes))
             return
         delivered = False
 
@@ -115,11 +118,11 @@ class GuardMiddleware:
 def _refusal(guard: Guard, scope: Scope) -> tuple[int, str, bool] | None:
     """(status, message, retry) for a request refused before its body is read, else None."""
     headers = {name.lower(): value for name, value in scope.get("headers", [])}
-    if scope["path"].startswith(PROTECTED_PREFIX):
+    if needs_key(scope["path"]):
         authorization = headers.get(b"authorization")
         if not guard.key_accepted(authorization.decode("latin-1") if authorization else None):
             return 401, "a valid API key is required: send `Authorization: Bearer KEY`", False
-    if scope["path"] == CLASSIFY_PATH and guard.held >= guard.max_queued:
+    if scope["method"] == "POST" and guard.held >= guard.max_queued:
         return 503, f"the replica holds {guard.held} requests, its limit; retry shortly", True
     declared = headers.get(b"content-length", b"")
     if declared.isdigit() and int(declared) > guard.max_body_bytes:
@@ -148,14 +151,17 @@ async def read_body(receive: Receive, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def send_error(send: Send, status: int, message: str, retry: bool = False) -> None:
-    """An ``{"error": message}`` JSON response; 401s name the scheme, 503s say when to retry."""
+async def send_error(send: Send, path: str, status: int, message: str, retry: bool = False) -> None:
+    """The error response of ``path``'s API family; 401s name the scheme, a refusal to retry
+    (overloaded, starting) says when."""
     headers = [(b"content-type", b"application/json")]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
     if retry:
         headers.append((b"retry-after", str(RETRY_AFTER_S).encode()))
-    body = json.dumps({"error": message}).encode()
+    dialect = dialect_of(path)
+    status = error_status(dialect, status, overloaded=retry)
+    body = json.dumps(error_body(dialect, status, message, overloaded=retry)).encode()
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -16,7 +16,8 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psutil
@@ -156,12 +157,31 @@ def stop_local() -> None:
     """
     leftovers = _ray_tree()
     try:
-        if ray.is_initialized():  # serve.shutdown() would otherwise start a Ray to connect to
-            serve.shutdown()
+        with _worker_logs_quiet():
+            try:
+                if ray.is_initialized():  # serve.shutdown() would otherwise start a Ray
+                    serve.shutdown()
+            finally:
+                ray.shutdown()
     finally:
-        ray.shutdown()
         _end(leftovers, STOP_GRACE_S)
         _ray_started.clear()
+
+
+@contextmanager
+def _worker_logs_quiet() -> Iterator[None]:
+    """Stop printing the workers' logs on this console while Ray stops (they stay in Ray's log
+    folder): when Serve stops, Ray reports its controller's shutdown task as failed
+    ("graceful_shutdown failed ... killed by `ray.kill`"), which reads as an error and is
+    none. The switch is the one Ray itself flips while a debugger is attached."""
+    from ray._private import worker  # no public switch once Ray has started
+
+    before = getattr(worker, "_worker_logs_enabled", True)
+    worker._worker_logs_enabled = False
+    try:
+        yield
+    finally:
+        worker._worker_logs_enabled = before
 
 
 def _end(processes: Iterable[psutil.Process], grace_s: float) -> None:

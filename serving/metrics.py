@@ -41,7 +41,9 @@ class ServerMetrics:
 
     def __init__(self) -> None:
         self.requests = Counter(
-            "freemerge_requests_total", "Requests answered", tag_keys=("task", "status")
+            "freemerge_requests_total",
+            "Requests answered, by task, status and route (a route template)",
+            tag_keys=("task", "status", "route"),
         )
         self.latency = Histogram(
             "freemerge_request_latency_seconds",
@@ -90,9 +92,11 @@ class ServerMetrics:
         }
         self._tiers_seen: dict[str, TierCounts] = {}
 
-    def request(self, task: str | None, status: int, seconds: float | None = None) -> None:
+    def request(
+        self, task: str | None, status: int, seconds: float | None = None, route: str = "other"
+    ) -> None:
         tag = task or "routed"
-        self.requests.inc(tags={"task": tag, "status": str(status)})
+        self.requests.inc(tags={"task": tag, "status": str(status), "route": route})
         if seconds is not None:
             self.latency.observe(seconds, tags={"task": tag})
 

@@ -16,6 +16,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 DEVICES = ("auto", "cpu", "cuda")
 MAX_ITEMS_CEILING = 4096  # the request schema's bound on texts per request; max_items below it
+MAX_TASK_CHARS = 200  # longer task names are refused before lookup (and never echoed whole)
 # API keys reach replicas through the environment, never through the Serve config.
 API_KEYS_ENV = "FREEMERGE_API_KEYS"
 MIXING_MODES = ("argmax", "softmax")
@@ -60,12 +61,12 @@ class ServingOptions:
     )
     max_queued_requests: int = _option(
         32,
-        "classify requests one replica holds at once, waiting or running; more are refused "
-        "at once with 503 and Retry-After",
+        "model requests (the POSTs of every API) one front replica holds at once, waiting "
+        "or running; more are refused at once with 503 (TEI's routes: 429) and Retry-After",
     )
     request_timeout_s: float = _option(
         30.0,
-        "seconds a classify request waits for its answer before a 503; a model thread busy "
+        "seconds a model request waits for its answer before a 503; a model thread busy "
         "twice this long on one batch marks the replica unhealthy",
     )
     expect_version: str | None = _option(

@@ -98,6 +98,14 @@ def tiny_routed_artifact(tiny_zoo: Zoo, tmp_path_factory: pytest.TempPathFactory
 _EXIT_STATUS: list[int] = []
 
 
+@pytest.fixture(scope="session")
+def kinds(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Tiny models of every task kind and their artifact (tests/tiny_kinds.py)."""
+    from tiny_kinds import make_kinds_artifact
+
+    return make_kinds_artifact(tmp_path_factory.mktemp("kinds"))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _EXIT_STATUS.append(int(exitstatus))
 

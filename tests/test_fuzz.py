@@ -1,6 +1,11 @@
-"""Property-based fuzzing of the HTTP API from its own OpenAPI schema (schemathesis): no
-generated request, valid or not, may get a 5xx, an undocumented status or body, or get past
-the API key; and the server still answers afterwards."""
+"""Property-based fuzzing of the HTTP API from its own OpenAPI schema (schemathesis), native
+and drop-in routes, on an artifact of every task kind: no generated request, valid or not,
+may get a 5xx, an undocumented status or body, or get past the API key; and the server still
+answers afterwards. The task a generated request names (in the path, or as ``model``) is
+mostly one of the artifact's, chosen from the request itself, so that most requests reach
+the model rather than a 404."""
+
+import random
 
 import pytest
 import schemathesis
@@ -27,9 +32,12 @@ CHECKS = [
 ]
 
 
+TASKS = ["topic", "tags", "rating", "rerank", "ner", "emb"]  # tests/tiny_kinds.py
+
+
 @pytest.fixture(scope="module")
-def fuzzed_server(tiny_routed_artifact):
-    options = {"artifact": str(tiny_routed_artifact), "device": "cpu", "max_items": 8}
+def fuzzed_server(kinds):
+    options = {"artifact": str(kinds["artifact"]), "device": "cpu", "max_items": 8}
     with live_server(options, api_keys=(KEY,)) as urls:
         yield urls[0]
 
@@ -47,6 +55,17 @@ def test_the_schema_has_every_route(operations):
         "GET /v1/tasks",
         "GET /healthz",
         "GET /readyz",
+        "POST /tasks/{task}",
+        "POST /tasks/{task}/predict",
+        "POST /tasks/{task}/embed",
+        "POST /tasks/{task}/rerank",
+        "POST /tasks/{task}/similarity",
+        "GET /tasks/{task}/info",
+        "GET /v1/models",
+        "POST /v1/embeddings",
+        "POST /classify",
+        "POST /rerank",
+        "POST /v1/rerank",
     }
 
 
@@ -59,6 +78,23 @@ def test_the_schema_has_every_route(operations):
         ("POST /v1/embed", GenerationMode.NEGATIVE, 60),
         ("GET /v1/tasks", GenerationMode.POSITIVE, 10),  # nothing to make invalid on the GETs
         ("GET /readyz", GenerationMode.POSITIVE, 10),
+        ("GET /v1/models", GenerationMode.POSITIVE, 5),
+        *[
+            (f"POST {route}", mode, 40)
+            for route in (
+                "/tasks/{task}",
+                "/tasks/{task}/predict",
+                "/tasks/{task}/embed",
+                "/tasks/{task}/rerank",
+                "/tasks/{task}/similarity",
+                "/v1/embeddings",
+                "/classify",
+                "/rerank",
+            )
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+        ],
+        ("POST /v1/rerank", GenerationMode.POSITIVE, 20),
+        ("GET /tasks/{task}/info", GenerationMode.POSITIVE, 20),
     ],
 )
 def test_no_generated_request_gets_a_server_error(operations, fuzzed_server, label, mode, examples):
@@ -72,6 +108,7 @@ def test_no_generated_request_gets_a_server_error(operations, fuzzed_server, lab
         suppress_health_check=list(HealthCheck),
     )
     def check(case):
+        aim_at_a_task(case)
         case.call_and_validate(
             base_url=fuzzed_server,
             headers={"Authorization": f"Bearer {KEY}"},
@@ -82,8 +119,22 @@ def test_no_generated_request_gets_a_server_error(operations, fuzzed_server, lab
     check()
 
 
+def aim_at_a_task(case) -> None:
+    """Name one of the artifact's tasks in three generated requests of four (the path's
+    ``task``, or the body's ``model`` or ``task``), chosen from the request itself (so that
+    derandomized runs stay the same)."""
+    pick = random.Random(repr((case.path_parameters, case.body)))
+    if pick.random() < 0.25:
+        return
+    if isinstance(case.path_parameters, dict) and "task" in case.path_parameters:
+        case.path_parameters["task"] = pick.choice(TASKS)
+    for field in ("model", "task"):
+        if isinstance(case.body, dict) and isinstance(case.body.get(field), str):
+            case.body[field] = pick.choice(TASKS)
+
+
 def test_the_server_still_answers_after_the_fuzzing(fuzzed_server):
-    body = {"task": "sms_spam", "inputs": ["win a prize"]}
+    body = {"task": "topic", "inputs": ["win a prize"]}
     assert (
         call(f"{fuzzed_server}/v1/classify", body, headers={"Authorization": f"Bearer {KEY}"})[0]
         == 200

@@ -20,7 +20,9 @@ async def echo_length(scope, receive, send):
     await send({"type": "http.response.body", "body": json.dumps(len(body)).encode()})
 
 
-async def call(guard, path="/v1/classify", headers=(), chunks=(b"{}",), app=echo_length):
+async def call(
+    guard, path="/v1/classify", headers=(), chunks=(b"{}",), app=echo_length, method="POST"
+):
     """(status, headers, JSON body) of one request through the middleware."""
     pending = [
         {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
@@ -36,7 +38,7 @@ async def call(guard, path="/v1/classify", headers=(), chunks=(b"{}",), app=echo
 
     scope = {
         "type": "http",
-        "method": "POST",
+        "method": method,
         "path": path,
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers],
         "app": SimpleNamespace(state=SimpleNamespace(guard=guard)),
@@ -50,9 +52,9 @@ def run(guard, **kwargs):
     return asyncio.run(call(guard, **kwargs))
 
 
-def test_keys_are_required_on_v1_only_and_any_listed_key_works():
+def test_keys_are_required_but_on_the_probes_and_any_listed_key_works():
     refused = []
-    guard = Guard(parse_api_keys(" k1, ,k2 "), refused=refused.append)
+    guard = Guard(parse_api_keys(" k1, ,k2 "), refused=lambda status, path: refused.append(status))
     assert guard.api_keys == ("k1", "k2")
     status, headers, body = run(guard)
     assert (status, headers[b"www-authenticate"]) == (401, b"Bearer")
@@ -64,7 +66,10 @@ def test_keys_are_required_on_v1_only_and_any_listed_key_works():
     assert run(guard, headers=[("authorization", "bearer k2")])[0] == 200
     assert run(guard, path="/healthz")[0] == 200
     assert run(guard, path="/readyz")[0] == 200
-    assert refused == [401, 401, 401, 401]
+    assert run(guard, path="/openapi.json", method="GET")[0] == 200
+    for path in ("/tasks/t/predict", "/tasks/t", "/v1/embeddings", "/classify", "/rerank"):
+        assert run(guard, path=path)[0] == 401
+    assert refused == [401] * 9
 
 
 def test_without_keys_nothing_is_asked():
@@ -73,13 +78,13 @@ def test_without_keys_nothing_is_asked():
 
 def test_bodies_over_the_cap_are_refused_by_length_and_while_read():
     refused = []
-    guard = Guard(max_body_bytes=10, refused=refused.append)
+    guard = Guard(max_body_bytes=10, refused=lambda status, path: refused.append((status, path)))
     status, _, body = run(guard, headers=[("Content-Length", "11")], chunks=[b"x" * 11])
     assert (status, body["error"]) == (413, "the request body is larger than the limit of 10 bytes")
     # no declared length (chunked): refused once the bytes read pass the cap
     assert run(guard, chunks=[b"x" * 6, b"x" * 6])[0] == 413
     assert run(guard, chunks=[b"x" * 5, b"x" * 5]) == (200, {}, 10)
-    assert refused == [413, 413]
+    assert refused == [(413, "/v1/classify")] * 2
     assert guard.held == 0
 
 
@@ -96,7 +101,7 @@ def test_classify_requests_beyond_the_limit_get_503_at_once_and_the_count_recove
         await asyncio.sleep(0.01)
         assert guard.held == 2
         status, headers, body = await call(guard, app=blocked)  # refused before it waits
-        other = await call(guard, path="/v1/tasks")  # other routes are not counted
+        other = await call(guard, path="/v1/tasks", method="GET")  # GETs are not counted
         release.set()
         return status, headers, body, other, [await task for task in held]
 
@@ -125,3 +130,22 @@ def test_no_guard_yet_means_not_ready():
     status, headers, body = run(None)
     assert (status, headers[b"retry-after"]) == (503, b"1")
     assert "starting" in body["error"]
+
+
+def test_each_api_family_gets_its_own_refusal_shape():
+    guard = Guard(parse_api_keys("k"))
+    status, _, body = run(guard, path="/tasks/t/embed")
+    assert (status, body) == (401, {"error": body["error"], "error_type": "Validation"})
+    status, _, body = run(guard, path="/v1/embeddings")
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    status, _, body = run(guard, path="/rerank")
+    assert status == 401 and body["error"]["code"] == 401
+    assert body["error"]["type"] == "UnauthorizedError"
+
+
+def test_overload_on_the_tei_routes_is_429_overloaded():
+    guard = Guard(max_queued=0)
+    status, headers, body = run(guard, path="/tasks/t/predict")
+    assert (status, headers[b"retry-after"], body["error_type"]) == (429, b"1", "Overloaded")
+    status, _, body = run(guard, path="/v1/embeddings")
+    assert status == 503 and body["error"]["type"] == "overloaded_error"

@@ -1,11 +1,13 @@
 import dataclasses
 import hashlib
 import json
+import logging
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 import freemerge.benchmarks.zoo as zoo_module
 from freemerge.benchmarks.commands import ZOO_NAMES
@@ -21,6 +23,10 @@ TINY = Recipe(epochs=2, max_train_examples=96, batch_size=16, max_length=32, lea
 
 def test_fine_tune_lowers_the_loss_on_real_samples(tiny_backbone, cache_dir):
     task = load_task("sms_spam", cache_dir)
+    reported = []  # transformers' log records, its load report among them
+    handler = logging.Handler()
+    handler.emit = lambda record: reported.append(record.getMessage())
+    hf_logging.get_logger().addHandler(handler)
     result = fine_tune(
         tiny_backbone,
         task,
@@ -29,6 +35,8 @@ def test_fine_tune_lowers_the_loss_on_real_samples(tiny_backbone, cache_dir):
     )
     assert result.steps == len(result.losses) == 24
     assert np.mean(result.losses[-6:]) < np.mean(result.losses[:6])
+    hf_logging.get_logger().removeHandler(handler)
+    assert not any("MISSING" in message for message in reported)  # the new head: expected
 
 
 def test_zoo_build_saves_loadable_models_and_reuses_the_cache(tiny_backbone, cache_dir, tmp_path):
