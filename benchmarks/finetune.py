@@ -7,8 +7,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,17 +79,23 @@ def _length_bucketed_batches(
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-@contextmanager
-def new_head_expected() -> Iterator[None]:
-    """Load a model for fine-tuning without transformers' load report, whose notes (the new
-    head "MISSING ... newly initialized", the base's pooler "UNEXPECTED" for a token model)
-    describe what a fine-tune from a base model always does, and read as errors."""
+def with_new_head(model_class: type, backbone: Path, label_names: list[str]) -> PreTrainedModel:
+    """``model_class`` from the base model ``backbone`` with a new head for ``label_names``,
+    without transformers' load report: its notes (the head "MISSING ... newly initialized",
+    the base's pooler "UNEXPECTED" for a token model) describe what every fine-tune from a
+    base does, and read as errors. A missing weight outside the head is still an error."""
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        yield
+        model, info = model_class.from_pretrained(
+            backbone, output_loading_info=True, **label_settings(label_names)
+        )
     finally:
         hf_logging.set_verbosity(level)
+    missing = [key for key in info["missing_keys"] if "classifier" not in key]
+    if missing:
+        raise ValueError(f"{backbone}: weights missing beyond the new head: {missing[:5]}")
+    return model
 
 
 def fine_tune(
@@ -99,10 +104,7 @@ def fine_tune(
     """Fine-tune ``AutoModelForSequenceClassification`` from ``backbone`` on the train split."""
     torch.manual_seed(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(backbone)
-    with new_head_expected():
-        model = AutoModelForSequenceClassification.from_pretrained(
-            backbone, **label_settings(task.label_names)
-        )
+    model = with_new_head(AutoModelForSequenceClassification, backbone, task.label_names)
     texts, labels = task.subset(task.split()["train"])
     tokens = Tokenized(tokenizer, texts, recipe.max_length)  # once, padded per batch below
     return _train(
@@ -118,10 +120,7 @@ def fine_tune_tokens(
     its first token, the other tokens left out of the loss."""
     torch.manual_seed(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(backbone)
-    with new_head_expected():
-        model = AutoModelForTokenClassification.from_pretrained(
-            backbone, **label_settings(task.label_names)
-        )
+    model = with_new_head(AutoModelForTokenClassification, backbone, task.label_names)
     sentences, tags = task.subset(task.split()["train"])
     tokens = Tokenized(tokenizer, [" ".join(words) for words in sentences], recipe.max_length)
     ids = {name: i for i, name in enumerate(task.label_names)}

@@ -290,16 +290,22 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
     problems) instead of FastAPI's list; a list longer than the schema allows gets 413, as
     over ``max_items``."""
     errors = exc.errors()
-    # a list field itself too long (body.inputs), not a pair of three texts inside it
-    status = 413 if any(e["type"] == "too_long" and len(e["loc"]) <= 2 for e in errors) else 400
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}"
-        for e in errors[:MAX_PROBLEMS]
+    # a list of texts past the schema's ceiling (inputs, candidates), not a pair of three texts
+    too_many = any(
+        e["type"] == "too_long" and e.get("ctx", {}).get("max_length") == MAX_ITEMS_CEILING
+        for e in errors
     )
+    problems = "; ".join(f"{_where(e['loc'])}: {e['msg']}" for e in errors[:MAX_PROBLEMS])
     more = f" (and {len(errors) - MAX_PROBLEMS} more)" if len(errors) > MAX_PROBLEMS else ""
-    param = ".".join(str(p) for p in errors[0]["loc"][1:]) or None if errors else None
+    param = _where(errors[0]["loc"][:2]) if errors and len(errors[0]["loc"]) > 1 else None
     message = f"invalid request: {problems}{more}"
-    return error_response(request.url.path, status, message, param=param)
+    return error_response(request.url.path, 413 if too_many else 400, message, param=param)
+
+
+def _where(loc: tuple) -> str:
+    """A validation problem's place (``inputs.0`` for ``("body", "inputs", 0)``), each part
+    cut to 64 characters: an unknown field's name is the client's, of any length."""
+    return ".".join(str(part)[:64] for part in loc[1:]) or "body"
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -690,7 +696,7 @@ class ClassifierServer(TeiRoutes, OpenAIRoutes):
             parse_api_keys(os.environ.get(API_KEYS_ENV)),
             options.max_body_bytes,
             options.max_queued_requests,
-            lambda status, path: self.metrics.request("unknown", status, route=route_label(path)),
+            lambda status, path: self._count("unknown", status, route_label(path), status == 503),
         )
 
     @api.post(
@@ -799,9 +805,12 @@ class ClassifierServer(TeiRoutes, OpenAIRoutes):
     async def _task_info(self, task: str) -> tuple[dict, dict]:
         """``task``'s entry of ``/v1/tasks`` (from a model replica) and the server's limits,
         for TEI's ``/info``."""
-        described = await asyncio.wait_for(
-            _again_if_lost(lambda: self.models.describe.remote()), self.timeout_s
-        )
+        try:
+            described = await asyncio.wait_for(
+                _again_if_lost(lambda: self.models.describe.remote()), self.timeout_s
+            )
+        except (TimeoutError, BackPressureError, *REPLICA_LOST) as err:
+            raise self._unavailable(err) from None
         entry = next((t for t in described["tasks"] if t["task"] == task), None)
         if entry is None:  # a task of another version, met in a rolling update
             raise RequestError(

@@ -15,14 +15,23 @@ A client's mistake is a 4xx on every family (the ``openai`` client retries 5xx, 
 
 from __future__ import annotations
 
-from http import HTTPStatus
-
 NATIVE, TEI, OPENAI, VLLM = "native", "tei", "openai", "vllm"
 TEI_PREFIX = "/tasks/"
 OPENAI_PATHS = {"/v1/models": "/v1/models", "/v1/embeddings": "/v1/embeddings"}
 VLLM_PATHS = {"/classify": "/classify", "/rerank": "/rerank", "/v1/rerank": "/v1/rerank"}
 NATIVE_PATHS = ("/v1/classify", "/v1/embed", "/v1/tasks", "/healthz", "/readyz")
 TEI_ROUTES = ("predict", "embed", "rerank", "similarity", "info")
+VLLM_TYPES = {  # vLLM's error `type` per status
+    400: "BadRequestError",
+    401: "UnauthorizedError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestTooLargeError",
+    422: "UnprocessableEntityError",
+    429: "TooManyRequestsError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/redoc", "/openapi.json"})
 
 
@@ -88,7 +97,7 @@ def error_body(
             kind = "overloaded_error"
         return {"error": {"message": message, "type": kind, "param": param, "code": code}}
     if dialect == VLLM:
-        kind = HTTPStatus(status).phrase.replace(" ", "").replace("-", "") + "Error"
+        kind = VLLM_TYPES.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
         return {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return {"error": message, **(details or {})}
 

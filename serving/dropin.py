@@ -7,19 +7,25 @@ the front provides ``front`` (the tasks requests are checked against), ``_served
 route)`` (the answers of a checked request from a model replica, or a raised
 :class:`RequestError`) and ``_task_info(task)`` (a task's ``/v1/tasks`` entry and the
 server's limits). No Ray here.
+
+Serve's ingress turns these methods into routes of the one app it wraps (``serving/app.py``):
+a second ingress class inheriting the mixins would not get them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, StrictStr
 
 from freemerge.merging.kinds import ROUTE_OF_KIND
 from freemerge.serving.dialects import OPENAI, TEI, VLLM
 from freemerge.serving.engine import ClassifyRequest, RequestError
 from freemerge.serving.runtime import Prediction
+from freemerge.serving.settings import MAX_ITEMS_CEILING
+
+Texts = Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_ITEMS_CEILING)]
 
 
 class TeiError(BaseModel):
@@ -63,6 +69,14 @@ def usage_tokens(predictions: list[Prediction]) -> int:
     return sum(p.tokens for p in predictions)
 
 
+def scored_labels(prediction: Prediction, labels: list[str]) -> dict[str, float]:
+    """A sequence answer's score per label (a regression task: its one score, under its one
+    label, or ``LABEL_0`` as transformers names it)."""
+    if prediction.scores is not None:
+        return prediction.scores
+    return {labels[0] if labels else "LABEL_0": prediction.score}
+
+
 class DropInRoutes:
     """The checks every drop-in route shares; see the module docstring for what the server
     class inheriting this provides."""
@@ -88,15 +102,31 @@ class DropInRoutes:
         rows: list[str | tuple[str, str]],
         options: dict | None = None,
         fits: Callable[[str], None] | None = None,
-    ) -> list[Prediction]:
+    ) -> tuple[list[Prediction], list[str]]:
         """The predictions for ``rows`` of ``task`` on the drop-in ``route`` (the metrics'
-        label), checked as the native route of its kind checks them, and by ``fits(kind)``."""
+        label), checked as the native route of its kind checks them, and by ``fits(kind)``
+        (before the model runs); with the task's labels in the version checked against."""
+        labels: list[str] = []
 
         def check() -> ClassifyRequest:
             kind = self._kind(task, serves, elsewhere)
             if fits is not None:
                 fits(kind)
+            labels.extend(self.front.labels[task])
             return self.front.check(task, rows, None, None, ROUTE_OF_KIND[kind], options)
 
-        answered = await self._served(task, check, route)
-        return answered.predictions
+        predictions = (await self._served(task, check, route)).predictions
+        if any(p.kind not in serves for p in predictions):  # another version's task, same name
+            raise RequestError(503, f"task {task!r} changed kind in a live update; retry")
+        return predictions, labels
+
+    def _dimensions_fit(self, task: str, dimensions: int | None) -> None:
+        """400 unless ``dimensions`` is None or the embedding task's own length."""
+        own = self.front.embeddings.get(task, {}).get("dimensions")
+        if dimensions is not None and dimensions != own:
+            raise RequestError(
+                400,
+                f"dimensions {dimensions} is not the length of task {task!r}'s embeddings, "
+                f"{own}: omit it, or give that length",
+                {"param": "dimensions"},
+            )

@@ -378,6 +378,9 @@ class ArtifactTasks:
         self.limits = limits or Limits()
         self.task_names = list(artifact.tasks)
         self.labels = {task: entry["labels"] for task, entry in artifact.tasks.items()}
+        self.embeddings = {
+            t: e["embedding"] for t, e in artifact.tasks.items() if e.get("embedding")
+        }
         self.created = int((artifact.source / "manifest.json").stat().st_mtime)  # for /v1/models
         self.has_router = bool(artifact.manifest.get("router"))
         self.task_kinds = TaskKinds.of_artifact(artifact)
@@ -598,6 +601,7 @@ class ZooTasks:
         )
         self.version = f"separate:{','.join(self.labels)}"
         self.created = int(Path(zoo_dir).stat().st_mtime)  # for /v1/models
+        self.embeddings: dict[str, dict] = {}  # the baseline serves sequence tasks only
 
     has_router = False
     damaged = None  # separate models are never altered in place

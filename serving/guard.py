@@ -81,7 +81,8 @@ class GuardMiddleware:
         guard: Guard | None = getattr(scope["app"].state, "guard", None)
         path = scope["path"]
         if guard is None:
-            await send_error(send, path, 503, "the server is starting; retry shortly", True)
+            starting = "the server is starting; retry shortly"
+            await send_error(send, path, 503, starting, retry=True, overloaded=False)
             return
         refusal = _refusal(guard, scope)
         if refusal is not None:
@@ -151,17 +152,26 @@ async def read_body(receive: Receive, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def send_error(send: Send, path: str, status: int, message: str, retry: bool = False) -> None:
+async def send_error(
+    send: Send,
+    path: str,
+    status: int,
+    message: str,
+    retry: bool = False,
+    overloaded: bool | None = None,
+) -> None:
     """The error response of ``path``'s API family; 401s name the scheme, a refusal to retry
-    (overloaded, starting) says when."""
+    says when. A refusal to retry is overload (TEI's 429) unless ``overloaded`` is False (the
+    server starting: 503)."""
+    overloaded = retry if overloaded is None else overloaded
     headers = [(b"content-type", b"application/json")]
     if status == 401:
         headers.append((b"www-authenticate", b"Bearer"))
     if retry:
         headers.append((b"retry-after", str(RETRY_AFTER_S).encode()))
     dialect = dialect_of(path)
-    status = error_status(dialect, status, overloaded=retry)
-    body = json.dumps(error_body(dialect, status, message, overloaded=retry)).encode()
+    status = error_status(dialect, status, overloaded)
+    body = json.dumps(error_body(dialect, status, message, overloaded=overloaded)).encode()
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

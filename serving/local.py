@@ -174,8 +174,11 @@ def _worker_logs_quiet() -> Iterator[None]:
     folder): when Serve stops, Ray reports its controller's shutdown task as failed
     ("graceful_shutdown failed ... killed by `ray.kill`"), which reads as an error and is
     none. The switch is the one Ray itself flips while a debugger is attached."""
-    from ray._private import worker  # no public switch once Ray has started
-
+    try:
+        from ray._private import worker  # no public switch once Ray has started
+    except ImportError:  # another Ray: its logs are printed, nothing else changes
+        yield
+        return
     before = getattr(worker, "_worker_logs_enabled", True)
     worker._worker_logs_enabled = False
     try:

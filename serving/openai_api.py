@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from freemerge.merging.kinds import (
     EMBEDDING,
@@ -24,10 +24,15 @@ from freemerge.merging.kinds import (
     TOKEN_CLASSIFICATION,
 )
 from freemerge.serving.dialects import OPENAI, VLLM
-from freemerge.serving.dropin import DropInRoutes, error_responses, usage_tokens
-from freemerge.serving.engine import RequestError
+from freemerge.serving.dropin import (
+    DropInRoutes,
+    Texts,
+    error_responses,
+    scored_labels,
+    usage_tokens,
+)
 from freemerge.serving.runtime import Prediction
-from freemerge.serving.settings import MAX_ITEMS_CEILING, MAX_TASK_CHARS
+from freemerge.serving.settings import MAX_TASK_CHARS
 
 router = APIRouter(tags=["OpenAI and vLLM (each task a model)"])
 OWNER = "freemerge"
@@ -42,7 +47,6 @@ RERANK_ROUTE = {**ROUTE, SINGLE_LABEL: "/classify (a reranker has one score)"}
 RERANK_ROUTE[MULTI_LABEL] = RERANK_ROUTE[SINGLE_LABEL]
 
 Model = Annotated[StrictStr, Field(max_length=MAX_TASK_CHARS, description="a task's name")]
-Texts = Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_ITEMS_CEILING)]
 User = Annotated[StrictStr, Field(max_length=MAX_TASK_CHARS)] | None
 
 
@@ -99,6 +103,10 @@ class VllmClassifyBody(BaseModel):
     truncate_prompt_tokens: Literal[-1] | None = Field(
         None, description="-1 or null: texts are cut at the task's token limit"
     )
+    use_activation: StrictBool | None = Field(
+        None, description="false: raw logits instead of the task's probabilities"
+    )
+    priority: StrictInt = Field(0, description="accepted for vLLM clients; requests are FIFO")
     user: User = None
 
 
@@ -134,6 +142,7 @@ class VllmRerankBody(BaseModel):
     truncate_prompt_tokens: Literal[-1] | None = Field(
         None, description="-1 or null: pairs are cut at the task's token limit"
     )
+    priority: StrictInt = Field(0, description="accepted for vLLM clients; requests are FIFO")
     user: User = None
 
 
@@ -163,10 +172,8 @@ def encoded(vector: list[float], encoding_format: str) -> list[float] | str:
 
 def class_probs(prediction: Prediction, labels: list[str]) -> tuple[str, list[float]]:
     """A sequence answer as vLLM's (label, probs in label order)."""
-    if prediction.scores is None:  # regression: its one score
-        return (labels[0] if labels else "LABEL_0"), [prediction.score]
-    probs = list(prediction.scores.values())
-    return labels[int(np.argmax(probs))], probs
+    scores = scored_labels(prediction, labels)
+    return max(scores, key=scores.__getitem__), list(scores.values())
 
 
 def _texts(value: str | list[str]) -> list[str]:
@@ -194,16 +201,15 @@ class OpenAIRoutes(DropInRoutes):
     @router.post("/v1/embeddings", response_model=EmbeddingList, responses=error_responses(OPENAI))
     async def openai_embeddings(self, body: OpenAIEmbeddingsBody) -> Any:
         """An embedding task's vectors, unit length, as floats or base64."""
-        found = await self._predictions(
-            body.model, "/v1/embeddings", (EMBEDDING,), ROUTE, _texts(body.input), {}
+        found, _ = await self._predictions(
+            body.model,
+            "/v1/embeddings",
+            (EMBEDDING,),
+            ROUTE,
+            _texts(body.input),
+            {},
+            lambda kind: self._dimensions_fit(body.model, body.dimensions),
         )
-        if body.dimensions is not None and body.dimensions != len(found[0].embedding):
-            raise RequestError(
-                400,
-                f"dimensions {body.dimensions} is not this model's embedding length "
-                f"{len(found[0].embedding)}: omit it, or give that length",
-                {"param": "dimensions"},
-            )
         tokens = usage_tokens(found)
         return {
             "object": "list",
@@ -222,10 +228,10 @@ class OpenAIRoutes(DropInRoutes):
     @router.post("/classify", response_model=ClassifyList, responses=error_responses(VLLM))
     async def vllm_classify(self, body: VllmClassifyBody) -> Any:
         """A sequence task's label and probabilities per text, as vLLM's ``/classify``."""
-        found = await self._predictions(
-            body.model, "/classify", SEQUENCE_KINDS, ROUTE, _texts(body.input)
+        options = {"function_to_apply": "none" if body.use_activation is False else None}
+        found, labels = await self._predictions(
+            body.model, "/classify", SEQUENCE_KINDS, ROUTE, _texts(body.input), options
         )
-        labels = self.front.labels[body.model]
         data = []
         for i, prediction in enumerate(found):
             label, probs = class_probs(prediction, labels)
@@ -252,7 +258,7 @@ class OpenAIRoutes(DropInRoutes):
 
     async def _reranked(self, body: VllmRerankBody, route: str) -> dict:
         rows = [(body.query, document) for document in body.documents]
-        found = await self._predictions(body.model, route, (REGRESSION,), RERANK_ROUTE, rows)
+        found, _ = await self._predictions(body.model, route, (REGRESSION,), RERANK_ROUTE, rows)
         ranked = sorted(range(len(found)), key=lambda i: -found[i].score)
         tokens = usage_tokens(found)
         return {

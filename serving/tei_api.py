@@ -27,7 +27,7 @@ from freemerge.merging.kinds import (
     TOKEN_CLASSIFICATION,
 )
 from freemerge.serving.dialects import TEI
-from freemerge.serving.dropin import DropInRoutes, error_responses
+from freemerge.serving.dropin import DropInRoutes, Texts, error_responses, scored_labels
 from freemerge.serving.engine import RequestError
 from freemerge.serving.runtime import Prediction
 from freemerge.serving.settings import MAX_ITEMS_CEILING, MAX_TASK_CHARS
@@ -45,7 +45,6 @@ MAX_LABELS = 256  # ignore_labels entries at most
 
 Text = StrictStr
 TaskName = Annotated[str, Path(max_length=MAX_TASK_CHARS, description="a task's name")]
-Texts = Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_ITEMS_CEILING)]
 Sequence = Annotated[list[StrictStr], Field(min_length=1, max_length=2)]
 
 
@@ -136,6 +135,7 @@ class TeiRootBody(TeiEmbedBody):
 
 ROOT_FIELDS = {  # the fields the root takes per kind, beside inputs
     "sequence": {"truncate", "truncation_direction", "top_k", "function_to_apply"},
+    "similarity": {"truncate", "truncation_direction"},
     TOKEN_CLASSIFICATION: {"truncate", "truncation_direction", "aggregation_strategy"}
     | {"ignore_labels"},
     EMBEDDING: {"truncate", "truncation_direction", "normalize", "dimensions", "encoding_format"},
@@ -189,26 +189,13 @@ def _rows(inputs: str | list) -> tuple[list[str | tuple[str, str]], bool]:
 
 
 def label_scores(prediction: Prediction, labels: list[str]) -> list[dict]:
-    """A sequence answer as ``[{"score", "label"}]``, best first (regression: its one label)."""
-    if prediction.scores is not None:
-        pairs = prediction.scores.items()
-    else:
-        pairs = [(labels[0] if labels else "LABEL_0", prediction.score)]
-    ranked = sorted(pairs, key=lambda pair: -pair[1])
+    """A sequence answer as ``[{"score", "label"}]``, best first."""
+    ranked = sorted(scored_labels(prediction, labels).items(), key=lambda pair: -pair[1])
     return [{"score": score, "label": label} for label, score in ranked]
 
 
 def _options(body: Truncation, **more: Any) -> dict:
     return {"truncate": body.truncate is not False, **more}
-
-
-def _check_dimensions(vectors: list[list[float]], dimensions: int | None) -> None:
-    if dimensions is not None and dimensions != len(vectors[0]):
-        raise RequestError(
-            400,
-            f"dimensions {dimensions} is not this task's embedding length {len(vectors[0])}: "
-            "omit it, or give that length",
-        )
 
 
 def hub_entities(entities: list[dict], ignored: set[str], grouped: bool) -> list[dict]:
@@ -228,6 +215,21 @@ def hub_entities(entities: list[dict], ignored: set[str], grouped: bool) -> list
     ]
 
 
+def root_answer(
+    found: list[Prediction], labels: list[str], single: bool, params: RootParameters
+) -> Any:
+    """huggingface_hub's shape of the root's answers, by the task's kind."""
+    kind = found[0].kind
+    if kind == EMBEDDING:
+        return [p.embedding for p in found]
+    if kind == TOKEN_CLASSIFICATION:
+        ignored = set(params.ignore_labels if params.ignore_labels is not None else ["O"])
+        grouped = (params.aggregation_strategy or "simple") != "none"
+        answers = [hub_entities(p.entities, ignored, grouped) for p in found]
+        return answers[0] if single else answers
+    return [label_scores(p, labels)[: params.top_k] for p in found]
+
+
 def cosines(source: list[float], others: list[list[float]]) -> list[float]:
     """Cosine similarity of unit vectors: their dot products."""
     return [sum(a * b for a, b in zip(source, other, strict=True)) for other in others]
@@ -245,10 +247,10 @@ class TeiRoutes(DropInRoutes):
     async def tei_predict(self, task: TaskName, body: TeiPredictBody) -> Any:
         rows, single = _rows(body.inputs)
         options = _options(body, function_to_apply="none" if body.raw_scores else None)
-        found = await self._predictions(
+        found, labels = await self._predictions(
             task, "/tasks/{task}/predict", SEQUENCE_KINDS, TEI_ROUTE, rows, options
         )
-        answers = [label_scores(p, self.front.labels[task]) for p in found]
+        answers = [label_scores(p, labels) for p in found]
         return answers[0] if single else answers
 
     @router.post(
@@ -260,12 +262,16 @@ class TeiRoutes(DropInRoutes):
     async def tei_embed(self, task: TaskName, body: TeiEmbedBody) -> Any:
         rows = [body.inputs] if isinstance(body.inputs, str) else body.inputs
         options = _options(body, normalize=body.normalize)
-        found = await self._predictions(
-            task, "/tasks/{task}/embed", (EMBEDDING,), TEI_ROUTE, rows, options
+        found, _ = await self._predictions(
+            task,
+            "/tasks/{task}/embed",
+            (EMBEDDING,),
+            TEI_ROUTE,
+            rows,
+            options,
+            lambda kind: self._dimensions_fit(task, body.dimensions),
         )
-        vectors = [p.embedding for p in found]
-        _check_dimensions(vectors, body.dimensions)
-        return vectors
+        return [p.embedding for p in found]
 
     @router.post(
         "/tasks/{task}/rerank",
@@ -277,7 +283,7 @@ class TeiRoutes(DropInRoutes):
     async def tei_rerank(self, task: TaskName, body: TeiRerankBody) -> Any:
         rows = [(body.query, text) for text in body.texts]
         options = _options(body, function_to_apply="none" if body.raw_scores else None)
-        found = await self._predictions(
+        found, _ = await self._predictions(
             task, "/tasks/{task}/rerank", (REGRESSION,), RERANK, rows, options
         )
         ranked = sorted(range(len(found)), key=lambda i: -found[i].score)
@@ -304,7 +310,9 @@ class TeiRoutes(DropInRoutes):
     ) -> list[float]:
         rows = [inputs.source_sentence, *inputs.sentences]
         options = _options(truncation, normalize=True)
-        found = await self._predictions(task, route, (EMBEDDING,), TEI_ROUTE, rows, options, fits)
+        found, _ = await self._predictions(
+            task, route, (EMBEDDING,), TEI_ROUTE, rows, options, fits
+        )
         return cosines(found[0].embedding, [p.embedding for p in found[1:]])
 
     @router.post(
@@ -324,7 +332,7 @@ class TeiRoutes(DropInRoutes):
         similar = isinstance(body.inputs, SimilarityInputs)
         truncation = body if body.truncate is not None else params
         if similar:
-            fits = lambda kind: self._root_fits(task, kind, body)  # noqa: E731
+            fits = lambda kind: self._root_fits(task, "similarity", body)  # noqa: E731
             return await self._similarity(task, body.inputs, truncation, "/tasks/{task}", fits)
         single = isinstance(body.inputs, str)
         options = _options(
@@ -333,7 +341,7 @@ class TeiRoutes(DropInRoutes):
             function_to_apply=params.function_to_apply,
             aggregation=params.aggregation_strategy,
         )
-        found = await self._predictions(
+        found, labels = await self._predictions(
             task,
             "/tasks/{task}",
             (*SEQUENCE_KINDS, TOKEN_CLASSIFICATION, EMBEDDING),
@@ -342,39 +350,25 @@ class TeiRoutes(DropInRoutes):
             options,
             lambda kind: self._root_fits(task, kind, body),
         )
-        return self._root_answer(task, found, single, body)
+        return root_answer(found, labels, single, params)
 
     def _root_fits(self, task: str, kind: str, body: TeiRootBody) -> None:
-        """400 for a field the task's kind does not take, and for a task that scores pairs."""
+        """400 for a field the task's kind (or ``similarity``) does not take, a ``dimensions``
+        not the embedding's, and a task that scores pairs."""
         params = body.parameters
         given = {name for name in body.model_fields_set if getattr(body, name) is not None}
         given |= {n for n in (params.model_fields_set if params else ()) if getattr(params, n)}
         group = "sequence" if kind in SEQUENCE_KINDS else kind
         stray = sorted(given - ROOT_FIELDS[group] - {"inputs", "parameters"})
         if stray:
-            raise RequestError(400, f"`{stray[0]}` does not apply to task {task!r} ({kind})")
+            what = "sentence similarity" if kind == "similarity" else f"task {task!r} ({kind})"
+            raise RequestError(400, f"`{stray[0]}` does not apply to {what}")
+        if kind == EMBEDDING:
+            self._dimensions_fit(task, body.dimensions)
         if self.front.task_kinds.pairs[task] == "required":
             raise RequestError(
                 400, f"task {task!r} scores text pairs: send them to /tasks/{task}/rerank"
             )
-
-    def _root_answer(
-        self, task: str, found: list[Prediction], single: bool, body: TeiRootBody
-    ) -> Any:
-        """huggingface_hub's shape of the answers, by the task's kind."""
-        kind = found[0].kind
-        params = body.parameters or RootParameters()
-        if kind == EMBEDDING:
-            vectors = [p.embedding for p in found]
-            _check_dimensions(vectors, body.dimensions)
-            return vectors
-        if kind == TOKEN_CLASSIFICATION:
-            ignored = set(params.ignore_labels if params.ignore_labels is not None else ["O"])
-            grouped = (params.aggregation_strategy or "simple") != "none"
-            answers = [hub_entities(p.entities, ignored, grouped) for p in found]
-            return answers[0] if single else answers
-        top = params.top_k
-        return [label_scores(p, self.front.labels[task])[:top] for p in found]
 
     @router.get(
         "/tasks/{task}/info",
@@ -389,7 +383,7 @@ class TeiRoutes(DropInRoutes):
             "model_id": task,
             "model_sha": limits["artifact_version"],
             "model_dtype": limits["dtype"],
-            "model_type": model_type(kind, entry),
+            "model_type": model_type(kind, entry, self.front.embeddings.get(task)),
             "max_concurrent_requests": limits["max_queued_requests"],
             "max_input_length": entry.get("max_input_length"),
             "max_batch_tokens": limits["max_batch_tokens"],
@@ -410,10 +404,15 @@ RERANK = {
 }
 
 
-def model_type(kind: str, entry: dict) -> dict:
-    """TEI's ``model_type``: an embedding model, a one-score reranker or a classifier."""
+POOLING_NAMES = {"cls_token": "cls", "mean_tokens": "mean", "max_tokens": "max"}
+
+
+def model_type(kind: str, entry: dict, embedding: dict | None) -> dict:
+    """TEI's ``model_type``: an embedding model (its pooling, as TEI names it), a one-score
+    reranker or a classifier."""
     if kind == EMBEDDING:
-        return {"embedding": {"pooling": "see the task's sentence-transformers settings"}}
+        modes = (embedding or {}).get("pooling") or []
+        return {"embedding": {"pooling": "+".join(POOLING_NAMES.get(m, m) for m in modes)}}
     labels = entry["labels"] or ["LABEL_0"]
     maps = {
         "id2label": {str(i): label for i, label in enumerate(labels)},

@@ -20,6 +20,7 @@ from freemerge.serving.openai_api import encoded
 
 KEY = "dropin-key"
 LONG = " ".join(["the people came back from work"] * 20)  # past the tiny models' 64 tokens
+SIMILAR = {"source_sentence": "a", "sentences": ["b"]}
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +163,12 @@ def test_tei_routes(server):
         ("/tasks/topic/predict", {"inputs": LONG, "truncate": False}, 413, "64 tokens"),
         ("/tasks/topic", {"inputs": "x", "normalize": True}, 422, "`normalize`"),
         ("/tasks/rerank", {"inputs": "x"}, 422, "/tasks/rerank/rerank"),
-        ("/tasks/emb/embed", {"inputs": "x", "dimensions": 3}, 422, "embedding length 32"),
+        ("/tasks/emb/embed", {"inputs": "x", "dimensions": 3}, 422, "embeddings, 32"),
+        ("/tasks/emb", {"inputs": "x", "dimensions": 3}, 422, "embeddings, 32"),
+        ("/tasks/emb/predict", {"inputs": [["x"]] * 4097}, 413, "inputs"),
+        ("/tasks/emb/embed", {"inputs": ["x"] * 4097}, 413, "inputs"),
+        ("/tasks/emb", {"inputs": ["x"] * 65}, 413, "65 inputs, more than the limit of 64"),
+        ("/tasks/emb", {"inputs": SIMILAR, "normalize": False}, 422, "sentence similarity"),
         ("/tasks/topic/predict", {"inputs": "x"}, 401, "API key"),
     ],
 )
@@ -204,6 +210,12 @@ def test_vllm_routes(server):
     )
     status, refused = post(f"{url}/rerank", {"model": "nope", "query": "x", "documents": ["y"]})
     assert status == 404 and refused["error"]["type"] == "NotFoundError"
+    status, refused = post(f"{url}/classify", {"model": "topic", "input": ["x"] * 4097})
+    assert status == 413 and refused["error"]["param"] == "input"
+    body = {"model": "topic", "input": TEXTS[:1], "use_activation": False, "priority": 1}
+    status, raw = post(f"{url}/classify", body)
+    exp = np.exp(raw["data"][0]["probs"])
+    assert exp / exp.sum() == pytest.approx(list(want[0]["scores"].values()), abs=1e-5)
 
 
 def requests_lines(metrics_url: str) -> list[str]:

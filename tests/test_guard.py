@@ -130,6 +130,8 @@ def test_no_guard_yet_means_not_ready():
     status, headers, body = run(None)
     assert (status, headers[b"retry-after"]) == (503, b"1")
     assert "starting" in body["error"]
+    status, _, body = run(None, path="/tasks/t/predict")  # unhealthy, not overloaded
+    assert (status, body["error_type"]) == (503, "Unhealthy")
 
 
 def test_each_api_family_gets_its_own_refusal_shape():
