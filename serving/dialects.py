@@ -4,8 +4,9 @@
 - ``tei``: ``/tasks/{task}`` and below, Text Embeddings Inference's routes for one task:
   ``{"error": message, "error_type": "Validation"}`` with TEI's statuses (a bad request is
   422; overloaded is 429 ``Overloaded``; no model replica is 503 ``Unhealthy``).
-- ``openai``: ``/v1/models``, ``/v1/embeddings``: ``{"error": {"message", "type", "param",
-  "code"}}`` as OpenAI's API nests it (``code`` a string or null).
+- ``openai``: ``/v1/models``, ``/v1/models/{model}``, ``/v1/embeddings``: ``{"error":
+  {"message", "type", "param", "code"}}`` as OpenAI's API nests it (``code`` a string or
+  null).
 - ``vllm``: ``/classify``, ``/rerank``, ``/v1/rerank``: the same nesting as vLLM gives it
   (``type`` such as ``BadRequestError``, ``code`` the HTTP status).
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 NATIVE, TEI, OPENAI, VLLM = "native", "tei", "openai", "vllm"
 TEI_PREFIX = "/tasks/"
 OPENAI_PATHS = {"/v1/models": "/v1/models", "/v1/embeddings": "/v1/embeddings"}
+MODELS_PREFIX = "/v1/models/"
 VLLM_PATHS = {"/classify": "/classify", "/rerank": "/rerank", "/v1/rerank": "/v1/rerank"}
 NATIVE_PATHS = ("/v1/classify", "/v1/embed", "/v1/tasks", "/healthz", "/readyz")
 TEI_ROUTES = ("predict", "embed", "rerank", "similarity", "info")
@@ -39,7 +41,7 @@ def dialect_of(path: str) -> str:
     """The API family a request path belongs to (``native`` for any path of no family)."""
     if path.startswith(TEI_PREFIX):
         return TEI
-    if path in OPENAI_PATHS:
+    if path in OPENAI_PATHS or path.startswith(MODELS_PREFIX):
         return OPENAI
     if path in VLLM_PATHS:
         return VLLM
@@ -51,6 +53,8 @@ def route_label(path: str) -> str:
     replaced by ``{task}``; a path the server does not serve is ``other``."""
     if path in NATIVE_PATHS or path in OPENAI_PATHS or path in VLLM_PATHS:
         return path
+    if path.startswith(MODELS_PREFIX) and "/" not in path[len(MODELS_PREFIX) :]:
+        return "/v1/models/{model}"
     if path.startswith(TEI_PREFIX):
         parts = path[len(TEI_PREFIX) :].split("/")
         if len(parts) == 1 and parts[0]:

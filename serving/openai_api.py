@@ -12,7 +12,7 @@ import uuid
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from freemerge.merging.kinds import (
@@ -197,6 +197,17 @@ class OpenAIRoutes(DropInRoutes):
                 for t, k in kinds.items()
             ],
         }
+
+    @router.get(
+        "/v1/models/{model}",
+        response_model=ModelCard,
+        responses={s: error_responses(OPENAI)[s] for s in (400, 401, 404)},
+    )
+    async def openai_model(self, model: Annotated[str, Path(max_length=MAX_TASK_CHARS)]) -> Any:
+        """One task as a model (``client.models.retrieve``)."""
+        kind = self.front.task_kinds.kind_of(model)
+        created = self.front.created
+        return {"id": model, "object": "model", "created": created, "owned_by": OWNER, "kind": kind}
 
     @router.post("/v1/embeddings", response_model=EmbeddingList, responses=error_responses(OPENAI))
     async def openai_embeddings(self, body: OpenAIEmbeddingsBody) -> Any:

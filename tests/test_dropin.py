@@ -85,6 +85,7 @@ def test_openai_client(server):
     models = {m.id: m for m in client.models.list()}
     assert set(models) == {"topic", "tags", "rating", "rerank", "ner", "emb"}
     assert models["emb"].kind == "embedding" and models["emb"].owned_by == "freemerge"
+    assert client.models.retrieve("ner").kind == "token_classification"
     want = np.array(native(url, "/v1/embed", {"task": "emb", "inputs": TEXTS}))
     default = client.embeddings.create(model="emb", input=TEXTS)  # sent as base64
     floats = client.embeddings.create(model="emb", input=TEXTS, encoding_format="float")
@@ -98,6 +99,8 @@ def test_openai_client(server):
     with pytest.raises(openai.NotFoundError) as unknown:
         client.embeddings.create(model="nope", input="x")
     assert unknown.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
     with pytest.raises(openai.BadRequestError) as wrong:
         client.embeddings.create(model="topic", input="x")
     assert "/classify" in wrong.value.message

@@ -62,6 +62,7 @@ def test_the_schema_has_every_route(operations):
         "POST /tasks/{task}/similarity",
         "GET /tasks/{task}/info",
         "GET /v1/models",
+        "GET /v1/models/{model}",
         "POST /v1/embeddings",
         "POST /classify",
         "POST /rerank",
@@ -95,6 +96,7 @@ def test_the_schema_has_every_route(operations):
         ],
         ("POST /v1/rerank", GenerationMode.POSITIVE, 20),
         ("GET /tasks/{task}/info", GenerationMode.POSITIVE, 20),
+        ("GET /v1/models/{model}", GenerationMode.POSITIVE, 20),
     ],
 )
 def test_no_generated_request_gets_a_server_error(operations, fuzzed_server, label, mode, examples):
@@ -121,13 +123,14 @@ def test_no_generated_request_gets_a_server_error(operations, fuzzed_server, lab
 
 def aim_at_a_task(case) -> None:
     """Name one of the artifact's tasks in three generated requests of four (the path's
-    ``task``, or the body's ``model`` or ``task``), chosen from the request itself (so that
-    derandomized runs stay the same)."""
+    ``task`` or ``model``, or the body's ``model`` or ``task``), chosen from the request
+    itself (so that derandomized runs stay the same)."""
     pick = random.Random(repr((case.path_parameters, case.body)))
     if pick.random() < 0.25:
         return
-    if isinstance(case.path_parameters, dict) and "task" in case.path_parameters:
-        case.path_parameters["task"] = pick.choice(TASKS)
+    for field in ("task", "model"):
+        if isinstance(case.path_parameters, dict) and field in case.path_parameters:
+            case.path_parameters[field] = pick.choice(TASKS)
     for field in ("model", "task"):
         if isinstance(case.body, dict) and isinstance(case.body.get(field), str):
             case.body[field] = pick.choice(TASKS)
