@@ -6,7 +6,9 @@ Every argument is a field of :class:`freemerge.serving.settings.ServingOptions`.
 
 The front (:class:`ClassifierServer`) guards and checks each request, then hands it to a
 :class:`ModelReplica`, which batches requests dynamically and runs the engine; when that
-replica dies mid-request, the front sends the request to another. The baseline has a second
+replica dies mid-request, the front sends the request to another. A front sends the requests
+that queued while its calls ran in one call; a model replica runs what queued while its last
+batch ran as its next batch (:mod:`freemerge.serving.batcher`). The baseline has a second
 shape, ``zoo=DIR models_per_replica=K``: the models are a :class:`MultiplexedModels`
 deployment using Ray Serve model multiplexing (the task is the model id), whose replicas hold
 at most K models each, loading on demand and evicting the least recently used.
@@ -46,6 +48,7 @@ from freemerge.merging.kinds import (
     EMBED_ROUTE,
     ROUTE_OF_KIND,
 )
+from freemerge.serving.batcher import Batcher
 from freemerge.serving.dialects import (
     NATIVE,
     dialect_of,
@@ -455,17 +458,12 @@ class Answered:
     predictions: list[Any]
 
 
-def set_batching(method: Any, options: ServingOptions) -> None:
-    method.set_max_batch_size(options.max_batch_size)
-    method.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
-
-
 @serve.deployment(health_check_period_s=10)
 class ModelReplica:
     """One replica of the models: the engine (merged, or the separate models) loaded once and
-    warmed up, requests batched by ``@serve.batch`` on the model thread. Behind the
-    :class:`ClassifierServer` front, which retries a request on another replica if this one
-    dies."""
+    warmed up, requests batched continuously (:class:`Batcher`: the next batch forms while
+    one runs) on the model thread. Behind the :class:`ClassifierServer` fronts, which send
+    their queued requests in one call and retry it on another replica if this one dies."""
 
     def __init__(self, options: ServingOptions) -> None:
         """A merged artifact arrives through :meth:`reconfigure` (``user_config``), which Serve
@@ -476,7 +474,9 @@ class ModelReplica:
         self.model_thread = ModelThread(options.torch_threads)
         # reads cold experts from disk, so a request waiting for one holds up no batch
         self.fetcher = ThreadPoolExecutor(1, thread_name_prefix="freemerge-fetch")
-        set_batching(self.classify_batch, options)
+        self.batcher = Batcher(
+            self._run_batch, options.max_batch_size, options.batch_wait_timeout_s
+        )
         self.engine: Engine | None = None
         if options.zoo or options.artifact:
             self._start(options)
@@ -486,18 +486,18 @@ class ModelReplica:
         self.model_thread.call(warm_up, self.engine)
         self.metrics.refresh_memory_every(2.0, lambda: self.engine.memory())
 
-    async def classify(self, request: ClassifyRequest) -> Answered | Exception:
-        request.arrived = time.perf_counter()  # this process's clock, for the queue stage
-        if self.engine.is_cold(request):
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self.fetcher, self.engine.prefetch, request)
-        return await self.classify_batch(request)
+    async def classify(self, requests: list[ClassifyRequest]) -> list[Answered | Exception]:
+        """Answers to checked requests (a front's batch), each an :class:`Answered` or the
+        exception that request alone failed with; they join the replica's next batch."""
+        arrived = time.perf_counter()  # this process's clock, for the queue stage
+        for request in requests:
+            request.arrived = arrived
+            if self.engine.is_cold(request):
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self.fetcher, self.engine.prefetch, request)
+        return await self.batcher.submit(requests)
 
-    @serve.batch(
-        max_batch_size=ServingOptions.max_batch_size,
-        batch_wait_timeout_s=ServingOptions.batch_wait_timeout_s,
-    )
-    async def classify_batch(self, requests: list[ClassifyRequest]) -> list[Answered | Exception]:
+    async def _run_batch(self, requests: list[ClassifyRequest]) -> list[Answered | Exception]:
         engine = self.engine  # the whole batch runs on one version, even if an update lands
         answers = await answer_batch(
             self.model_thread, engine.classify_requests, requests, self.metrics
@@ -596,23 +596,24 @@ class MultiplexedModels:
         per_replica = options.models_per_replica
         self.load_model = serve.multiplexed(max_num_models_per_replica=per_replica)(load_model)
         self.metrics.refresh_memory_every(2.0, self.memory_figures)
-        set_batching(self.classify_batch, options)
+        self.batcher = Batcher(
+            self._run_batch, options.max_batch_size, options.batch_wait_timeout_s
+        )
 
-    async def classify(self, request: ClassifyRequest) -> Answered | Exception:
-        request.arrived = time.perf_counter()  # this process's clock, for the queue stage
-        answers = await self.classify_batch(request)
-        return answers if isinstance(answers, Exception) else Answered(self.zoo.version, answers)
+    async def classify(self, requests: list[ClassifyRequest]) -> list[Answered | Exception]:
+        """As :meth:`ModelReplica.classify`; a front sends one task's requests together."""
+        arrived = time.perf_counter()  # this process's clock, for the queue stage
+        for request in requests:
+            request.arrived = arrived
+        answers = await self.batcher.submit(requests)
+        return [a if isinstance(a, Exception) else Answered(self.zoo.version, a) for a in answers]
 
-    @serve.batch(
-        max_batch_size=ServingOptions.max_batch_size,
-        batch_wait_timeout_s=ServingOptions.batch_wait_timeout_s,
-    )
-    async def classify_batch(self, requests: list[ClassifyRequest]) -> list[list[Any] | Exception]:
-        """Serve splits batches by model id, so every request here is for one task."""
-        model = await self.load_model(serve.get_multiplexed_model_id())
+    async def _run_batch(self, requests: list[ClassifyRequest]) -> list[list[Any] | Exception]:
+        """Each task's model (loaded if this replica does not hold it) on that task's rows."""
+        models = {task: await self.load_model(task) for task in {r.task for r in requests}}
         return await answer_batch(
             self.model_thread,
-            lambda batch, timings: classify_by_task(batch, lambda _: model, timings),
+            lambda batch, timings: classify_by_task(batch, models.__getitem__, timings),
             requests,
             self.metrics,
         )
@@ -643,6 +644,7 @@ class MultiplexedModels:
 # A request whose model replica died is sent again: another replica takes it.
 REPLICA_LOST = (RayActorError, ReplicaUnavailableError)
 ATTEMPTS = 3
+FRONT_CALLS = 2  # calls a front has out to model replicas at once; the rest queue in the front
 
 
 async def _again_if_lost(send: Callable[[], Any]) -> Any:
@@ -674,10 +676,12 @@ def front_tasks(options: ServingOptions) -> ArtifactTasks | ZooTasks:
 @serve.deployment(health_check_period_s=10)
 @serve.ingress(api)
 class ClassifierServer(TeiRoutes, OpenAIRoutes):
-    """The HTTP front: the guard, request checks and metrics, and nothing heavy. It hands each
-    checked request to the model deployment (:class:`ModelReplica`, or :class:`MultiplexedModels`
-    for the multiplexed baseline) and, as classifying is idempotent, sends it again when the
-    replica running it dies, up to three attempts within the request timeout. Beside the
+    """The HTTP front: the guard, request checks and metrics, and nothing heavy. It hands the
+    checked requests to the model deployment (:class:`ModelReplica`: those that queued while
+    its calls ran, in one call, at most :data:`FRONT_CALLS` calls out at once;
+    :class:`MultiplexedModels`, the multiplexed baseline, routed per task: one by one) and, as
+    classifying is idempotent, sends a call again when the replica running it dies, up to
+    three attempts within the request timeout. Beside the
     native routes it serves the drop-in ones (TEI's, OpenAI's, vLLM's) it inherits."""
 
     def __init__(self, options: ServingOptions, models: DeploymentHandle) -> None:
@@ -691,6 +695,9 @@ class ClassifierServer(TeiRoutes, OpenAIRoutes):
         self.limits = build_limits(options)
         self.front: ArtifactTasks | ZooTasks | None = (
             front_tasks(options) if options.zoo or options.artifact else None
+        )
+        self.batcher = Batcher(
+            self._send_batch, options.max_batch_size, 0.0, concurrency=FRONT_CALLS
         )
         api.state.guard = Guard(
             parse_api_keys(os.environ.get(API_KEYS_ENV)),
@@ -839,10 +846,14 @@ class ClassifierServer(TeiRoutes, OpenAIRoutes):
             self.front = ArtifactTasks(artifact, self.limits)
 
     async def _answers(self, request: ClassifyRequest) -> Answered | Exception:
-        handle = self.models
-        if self.multiplexed:
-            handle = handle.options(multiplexed_model_id=request.task)
-        return await _again_if_lost(lambda: handle.classify.remote(request))
+        if self.multiplexed:  # Serve routes by task: one request at a time
+            handle = self.models.options(multiplexed_model_id=request.task)
+            return (await _again_if_lost(lambda: handle.classify.remote([request])))[0]
+        return (await self.batcher.submit([request]))[0]
+
+    async def _send_batch(self, requests: list[ClassifyRequest]) -> list[Answered | Exception]:
+        """One call to a model replica for the requests queued while the last calls ran."""
+        return await _again_if_lost(lambda: self.models.classify.remote(requests))
 
     @api.get("/v1/tasks")
     async def tasks(self) -> dict:

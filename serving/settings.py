@@ -44,9 +44,11 @@ class ServingOptions:
     cpus_per_replica: float = _option(
         1.0, "CPUs Ray reserves per replica; torch uses as many threads"
     )
-    max_batch_size: int = _option(16, "requests per dynamic batch (Ray Serve @serve.batch)")
+    max_batch_size: int = _option(16, "requests per batch at most (a front's and a model's)")
     batch_wait_timeout_s: float = _option(
-        0.005, "seconds a batch waits for more requests before it runs"
+        0.005,
+        "seconds a model replica's next batch waits for more requests, only while it holds "
+        "fewer than the last batch did (an idle server runs a request at once)",
     )
     max_items: int = _option(64, "texts per request at most (more: 413)")
     max_chars: int = _option(10_000, "characters per text at most (more: 413)")

@@ -1,0 +1,120 @@
+"""Continuous batching for a model replica: requests queue while a batch runs, and the next
+batch takes what queued, as soon as the model is free.
+
+Ray Serve's ``@serve.batch`` closes a batch when its wait ends even while the model is busy, so
+under load its batches queue up behind the running one holding one request each. Here a batch
+is only formed when a slot is free. Its wait adapts to the traffic: when the queue holds fewer
+requests than the last batch had, it waits up to ``wait_s`` for them to arrive (under steady
+load they are on their way); an idle server (last batch of one) answers at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Answer = TypeVar("Answer")
+
+
+class Batcher(Generic[Item, Answer]):
+    """Runs ``run(items)`` on batches of at most ``max_size`` items, ``concurrency`` batches at
+    a time; ``run`` answers one result (or exception) per item, in order."""
+
+    def __init__(
+        self,
+        run: Callable[[list[Item]], Awaitable[Sequence[Answer]]],
+        max_size: int,
+        wait_s: float,
+        concurrency: int = 1,
+    ) -> None:
+        if max_size < 1 or concurrency < 1 or wait_s < 0:
+            raise ValueError("max_size and concurrency must be >= 1, wait_s >= 0")
+        self.run = run
+        self.max_size = max_size
+        self.wait_s = wait_s
+        self.concurrency = concurrency
+        self.queue: deque[tuple[Item, asyncio.Future]] = deque()
+        self.last_size = 1  # items in the last batch: how many to wait for, up to wait_s
+        self.running = 0
+        self._changed: asyncio.Event | None = None  # bound to the loop on first use
+        self._loop_task: asyncio.Task | None = None
+
+    def configure(self, max_size: int, wait_s: float) -> None:
+        """New limits, applied from the next batch."""
+        self.max_size, self.wait_s = max(1, max_size), max(0.0, wait_s)
+
+    async def submit(self, items: list[Item]) -> list[Answer | BaseException]:
+        """Queue ``items`` together (they enter the same batch when it has room) and wait for
+        their answers; a batch that raised answers its exception to each of its items."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in items]
+        self.queue.extend(zip(items, futures, strict=True))
+        self._wake()
+        return list(await asyncio.gather(*futures, return_exceptions=True))
+
+    def _wake(self) -> None:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        self._changed.set()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._form_batches())
+
+    async def _changes(self, timeout: float | None = None) -> None:
+        """Wait for a new item or a finished batch (or ``timeout``)."""
+        assert self._changed is not None
+        self._changed.clear()
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    async def _form_batches(self) -> None:
+        while True:
+            self._drop_cancelled()
+            if not self.queue or self.running >= self.concurrency:
+                await self._changes()
+                continue
+            await self._fill()
+            batch = [self.queue.popleft() for _ in range(min(self.max_size, len(self.queue)))]
+            if batch:
+                self.running += 1
+                self.last_size = len(batch)
+                asyncio.get_running_loop().create_task(self._run(batch))
+
+    async def _fill(self) -> None:
+        """Wait up to ``wait_s`` while the queue is shorter than the last batch was."""
+        deadline = time.monotonic() + self.wait_s
+        while len(self.queue) < min(self.last_size, self.max_size):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            await self._changes(left)
+            self._drop_cancelled()
+
+    def _drop_cancelled(self) -> None:
+        """Items whose caller gave up (a timeout) take no place in a batch."""
+        if any(future.done() for _, future in self.queue):
+            self.queue = deque(entry for entry in self.queue if not entry[1].done())
+
+    async def _run(self, batch: list[tuple[Item, asyncio.Future]]) -> None:
+        items = [item for item, _ in batch]
+        try:
+            answers: Sequence[Answer | BaseException] = await self.run(items)
+            if len(answers) != len(items):
+                raise RuntimeError(f"{len(answers)} answers to a batch of {len(items)}")
+        except Exception as err:
+            answers = [err] * len(items)
+        finally:
+            self.running -= 1
+            self._wake()
+        for (_, future), answer in zip(batch, answers, strict=True):
+            if future.done():  # its caller gave up
+                continue
+            if isinstance(answer, BaseException):
+                future.set_exception(answer)
+            else:
+                future.set_result(answer)

@@ -1,0 +1,132 @@
+"""The continuous batcher: batches form while the model is busy, the wait adapts to the
+traffic, one batch's failure or a caller's timeout touches no other request."""
+
+import asyncio
+import random
+import statistics
+
+import pytest
+
+from freemerge.serving.batcher import Batcher
+
+
+class SlowModel:
+    """A stand-in model: each batch takes ``seconds``; records batch sizes and overlap."""
+
+    def __init__(self, seconds: float = 0.02, fail_on: object = None) -> None:
+        self.seconds = seconds
+        self.fail_on = fail_on
+        self.batches: list[list] = []
+        self.running = 0
+        self.most_running = 0
+
+    async def __call__(self, items: list) -> list:
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        self.batches.append(list(items))
+        try:
+            await asyncio.sleep(self.seconds)
+            if self.fail_on in items:
+                raise RuntimeError("this batch failed")
+            return [ValueError(item) if item == "bad" else item * 2 for item in items]
+        finally:
+            self.running -= 1
+
+
+def test_batches_form_while_the_model_is_busy():
+    """16 clients in a closed loop, each arriving with its own small delay (as through a proxy
+    and a front), against a model busy for 20 ms per batch: the requests that arrive during a
+    batch join the next one, so batches hold many requests, not one each."""
+
+    async def scenario() -> SlowModel:
+        model = SlowModel(0.02)
+        batcher = Batcher(model, max_size=16, wait_s=0.005)
+        rng = random.Random(0)
+
+        async def client(number: int) -> None:
+            for _ in range(10):
+                await asyncio.sleep(rng.uniform(0, 0.01))
+                assert await batcher.submit([number]) == [number * 2]
+
+        await asyncio.gather(*(client(n) for n in range(16)))
+        return model
+
+    model = asyncio.run(scenario())
+    sizes = [len(batch) for batch in model.batches]
+    assert sum(sizes) == 160
+    assert statistics.median(sizes) >= 8, sizes
+    assert model.most_running == 1
+
+
+def test_an_idle_batcher_answers_at_once_and_waits_only_under_load():
+    """After a batch of one (idle), a request runs without waiting for others (a wait of 10 s
+    would time it out); after a batch of four, the next batch waits for four requests."""
+
+    async def scenario() -> SlowModel:
+        model = SlowModel(0.0)
+        batcher = Batcher(model, max_size=8, wait_s=10.0)
+        assert await asyncio.wait_for(batcher.submit([1]), 2.0) == [2]
+        await batcher.submit([1, 2, 3, 4])  # a batch of four: the wait now expects four
+
+        async def late(item: int, delay: float) -> list:
+            await asyncio.sleep(delay)
+            return await batcher.submit([item])
+
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(late(item, 0.01 * item) for item in range(4))), 5.0
+        )
+        assert answers == [[0], [2], [4], [6]]
+        return model
+
+    model = asyncio.run(scenario())
+    assert [len(batch) for batch in model.batches] == [1, 4, 4]
+
+
+def test_limits_order_and_concurrency():
+    async def scenario() -> tuple[SlowModel, list]:
+        model = SlowModel(0.01)
+        batcher = Batcher(model, max_size=3, wait_s=0.0, concurrency=2)
+        answers = await asyncio.gather(*(batcher.submit([k, k + 100]) for k in range(5)))
+        return model, answers
+
+    model, answers = asyncio.run(scenario())
+    assert answers == [[2 * k, 2 * (k + 100)] for k in range(5)]
+    assert max(len(batch) for batch in model.batches) <= 3
+    assert sum(len(batch) for batch in model.batches) == 10
+    assert model.most_running == 2
+
+
+def test_a_failed_batch_or_item_fails_only_its_own_requests():
+    async def scenario() -> tuple[list, list, list]:
+        model = SlowModel(0.01, fail_on="boom")
+        batcher = Batcher(model, max_size=2, wait_s=0.0)
+        failed = await batcher.submit(["boom", "x"])
+        one_bad = await batcher.submit(["bad", "y"])
+        after = await batcher.submit(["z"])
+        return failed, one_bad, after
+
+    failed, one_bad, after = asyncio.run(scenario())
+    assert all(isinstance(answer, RuntimeError) for answer in failed)
+    assert isinstance(one_bad[0], ValueError) and one_bad[1] == "yy"
+    assert after == ["zz"]
+
+
+def test_a_caller_that_gave_up_takes_no_place_in_a_batch():
+    async def scenario() -> SlowModel:
+        model = SlowModel(0.05)
+        batcher = Batcher(model, max_size=8, wait_s=0.0)
+        first = asyncio.ensure_future(batcher.submit(["first"]))
+        await asyncio.sleep(0.01)  # "first" is running; the next one queues behind it
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(batcher.submit(["gave up"]), 0.01)
+        assert await batcher.submit(["kept"]) == ["keptkept"]
+        await first
+        return model
+
+    model = asyncio.run(scenario())
+    assert model.batches == [["first"], ["kept"]]
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError):
+        Batcher(SlowModel(), max_size=0, wait_s=0.0)
