@@ -151,6 +151,13 @@ def _bench_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    from freemerge.benchmarks.serve import run_serve_bench, serve_markdown
+
+    result = run_serve_bench(_artifact(args)[1], args.rounds, args.requests)
+    return _written(args.out, "serve", result, serve_markdown(result, _command()))
+
+
 def _bench_scale(args: argparse.Namespace) -> int:
     from freemerge.benchmarks.scale import run_scale_bench, scale_markdown
     from freemerge.merging.zoo_folder import open_zoo
@@ -243,8 +250,8 @@ def _add_zoo_commands(commands: argparse._SubParsersAction) -> None:
 def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser(
         "bench",
-        help="benchmarks: quality, kinds, experts, router, load, scale, autoscaling, faults, "
-        "revision",
+        help="benchmarks: quality, kinds, experts, router, load, serve, scale, autoscaling, "
+        "faults, revision",
     )
     kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     quality = kinds.add_parser("quality", help="the merge quality table on a zoo")
@@ -286,6 +293,11 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         help="only the costs of the expert path and the router, in one process "
         "(a few minutes) -> costs.{md,json}",
     )
+    serve = kinds.add_parser(
+        "serve", help="the served rate at 1 to 64 clients against the engine's own rate"
+    )
+    serve.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
+    serve.add_argument("--requests", type=int, default=300, help="requests per run (default: 300)")
     scale = kinds.add_parser(
         "scale", help="a thousand tasks on one replica: memory, fetches, Zipf load, live edits"
     )
@@ -345,6 +357,7 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         (experts, _bench_experts, "full"),
         (router, _bench_router, "full"),
         (load, _bench_load, "full"),
+        (serve, _bench_serve, "demo"),
         (scale, _bench_scale, "full"),
         (autoscale, _bench_autoscale, "full"),
         (faults, _bench_faults, "full"),
