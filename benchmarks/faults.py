@@ -29,6 +29,7 @@ from freemerge.merging.artifact import open_artifact
 from freemerge.serving.settings import ServingOptions
 
 REPLICA_TITLE = "ServeReplica:freemerge:ModelReplica"
+FRONT_TITLE = "ServeReplica:freemerge:ClassifierServer"
 MAX_TEXT = "market growth team player vote debate film plot great spam prize " * 160
 
 
@@ -205,14 +206,21 @@ def peak_resident_mib(pid: int) -> float | None:
 
 
 def replica_kill(
-    url: str, bodies: list[dict], replicas: int, clients: int = 16, seconds: float = 30.0
+    url: str,
+    bodies: list[dict],
+    replicas: int,
+    clients: int = 16,
+    seconds: float = 30.0,
+    title: str = REPLICA_TITLE,
 ) -> dict:
-    """``kill -9`` of one model replica a third into closed-loop load: failed requests, and
-    the seconds from the kill until ``replicas`` replica processes run again."""
-    victim = replica_pids()[0]
+    """``kill -9`` of one replica of a deployment (``title``: the model replicas', or
+    :data:`FRONT_TITLE` for the fronts') a third into closed-loop load: failed requests, and
+    the seconds from the kill until ``replicas`` such processes run again."""
+    victim = pids_matching(title)[0]
 
     def recovered() -> bool:
-        return len([p for p in replica_pids() if p != victim]) >= replicas and _ready(url)
+        alive = [p for p in pids_matching(title) if p != victim]
+        return len(alive) >= replicas and _ready(url)
 
     spec = load_spec(url, bodies, concurrency=clients, requests=100_000, max_seconds=seconds)
     return kill_under_load(spec, lambda: os.kill(victim, signal.SIGKILL), recovered, seconds * 3)

@@ -27,6 +27,7 @@ from ray.serve.context import _get_global_client  # what `serve run CONFIG.yaml`
 from ray.serve.schema import ServeDeploySchema
 
 from freemerge.serving.app import build_app
+from freemerge.serving.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 
 APP_NAME = "freemerge"
 STOP_GRACE_S = 5.0  # between SIGTERM and SIGKILL for a process that outlived ray.shutdown()
@@ -73,6 +74,7 @@ def start_local(
 def _start_ray(metrics_port: int, num_cpus: int | None, metrics_interval_ms: int | None) -> None:
     global _not_ray, _ray_started
     _not_ray = set(psutil.Process().children())
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # Ray's processes inherit it
     system_config = (
         {"metrics_report_interval_ms": metrics_interval_ms} if metrics_interval_ms else {}
     )

@@ -19,6 +19,8 @@ import yaml
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
+from freemerge.serving.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 SCHEMA_NAME = "rayservice.schema.strict.json"
@@ -569,6 +571,18 @@ def test_api_keys_come_from_secret(name):
             assert ref, f"{where}: {API_KEYS_ENV} is not from a secretKeyRef"
             assert {k: ref.get(k) for k in API_KEYS_SECRET} == API_KEYS_SECRET, where
             assert ref.get("optional") is not True, f"{where}: the Secret must not be optional"
+
+
+@pytest.mark.parametrize("name", RAYSERVICE_FILES)
+def test_every_proxy_resends_requests_of_a_lost_front(name):
+    """Every Ray container names the proxy middleware (any node may run a proxy), and the
+    name imports to Ray's callback."""
+    module, _, attribute = PROXY_CALLBACK.partition(":")
+    assert callable(getattr(importlib.import_module(module), attribute))
+    for group, spec in pod_specs(rayservice(name)):
+        for container in spec["containers"]:
+            entry = env_entry(container, PROXY_CALLBACK_ENV) or {}
+            assert entry.get("value") == PROXY_CALLBACK, f"{group}/{container['name']}"
 
 
 @pytest.mark.parametrize("name", RAYSERVICE_FILES)

@@ -1,13 +1,15 @@
 """The fault scenarios of `bench faults`, on a local Ray with two model replicas of the tiny
 artifact: hostile inputs never get a 5xx, a bad request fails alone, a killed model replica
-costs no request."""
+costs no request, and neither does a killed front (Ray's proxy sends its requests again)."""
 
 import pytest
 from live_server import live_server
 
 from freemerge.benchmarks.faults import (
+    FRONT_TITLE,
     batch_isolation,
     hostile_cases,
+    pids_matching,
     replica_kill,
     replica_pids,
     try_cases,
@@ -47,6 +49,17 @@ def test_a_killed_model_replica_costs_no_request(two_replicas):
     assert len(replica_pids()) == 2
     bodies = [{"task": t, "inputs": ["win a free prize now"]} for t in ("sms_spam", "bbc_topic")]
     result = replica_kill(two_replicas, bodies, replicas=2, clients=8, seconds=15)
+    assert result["requests"] > 30, result
+    assert result["failed"] == 0, result
+    assert result["seconds_until_replicas_back"] is not None, result
+
+
+def test_a_killed_front_costs_no_request(two_replicas):
+    """Ray's proxy cannot retry a request whose front died; the middleware it runs
+    (serving/proxy.py) sends it again to the other front."""
+    assert len(pids_matching(FRONT_TITLE)) == 2
+    bodies = [{"task": t, "inputs": ["win a free prize now"]} for t in ("sms_spam", "bbc_topic")]
+    result = replica_kill(two_replicas, bodies, 2, clients=8, seconds=15, title=FRONT_TITLE)
     assert result["requests"] > 30, result
     assert result["failed"] == 0, result
     assert result["seconds_until_replicas_back"] is not None, result
