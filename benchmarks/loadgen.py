@@ -5,10 +5,13 @@ client never competes with the server for the same interpreter.
 
 from __future__ import annotations
 
+import http.client
 import json
+import queue
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -118,17 +121,57 @@ def call(
         return status, None
 
 
+class KeptConnections:
+    """POSTs to one URL over kept-alive HTTP/1.1 connections, as HTTP clients' pools send them
+    (``requests``, ``httpx``, Go's client): a connection is reused by the next request once its
+    answer is read, and a new one opened only when all are busy."""
+
+    def __init__(self, url: str, timeout: float = 60.0) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.host, self.port, self.path = parts.hostname, parts.port, parts.path or "/"
+        self.timeout = timeout
+        self.idle: queue.LifoQueue[http.client.HTTPConnection] = queue.LifoQueue()
+
+    def post(self, body: bytes) -> tuple[int, dict | None]:
+        """(HTTP status, JSON answer) as :func:`call` gives them."""
+        try:
+            connection = self.idle.get_nowait()
+        except queue.Empty:
+            connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            connection.request("POST", self.path, body, {"content-type": "application/json"})
+            response = connection.getresponse()
+            status, text = response.status, response.read()
+        except (OSError, http.client.HTTPException):
+            connection.close()
+            return 0, None
+        if response.will_close:
+            connection.close()
+        else:
+            self.idle.put(connection)
+        try:
+            return status, json.loads(text)
+        except ValueError:
+            return status, None
+
+    def close(self) -> None:
+        while not self.idle.empty():
+            self.idle.get_nowait().close()
+
+
 def run_load(spec: LoadSpec) -> LoadResult:
-    """Drive the load in this process (threads); stops after ``requests`` or ``max_seconds``."""
+    """Drive the load in this process (threads, kept-alive connections); stops after
+    ``requests`` or ``max_seconds``."""
     result = LoadResult(asdict(spec) | {"texts": None})
     bodies = _bodies(spec)  # encoded as they are sent: a spec may allow far more than get sent
     lock = threading.Lock()
+    connections = KeptConnections(spec.url)
     start = time.perf_counter()
     deadline = start + spec.max_seconds
 
     def one(body: bytes, index: int) -> None:
         sent = time.perf_counter()
-        status, answer = call(spec.url, raw=body)
+        status, answer = connections.post(body)
         latency = time.perf_counter() - sent
         answer = answer if status == 200 else None
         with lock:
@@ -156,6 +199,7 @@ def run_load(spec: LoadSpec) -> LoadResult:
     for thread in threads:
         thread.join(timeout=max(1.0, deadline - time.perf_counter() + 60))
     result.seconds = time.perf_counter() - start
+    connections.close()
     return result
 
 

@@ -46,7 +46,7 @@ class ServingOptions:
     )
     max_batch_size: int = _option(16, "requests per batch at most (a front's and a model's)")
     batch_wait_timeout_s: float = _option(
-        0.005,
+        0.02,
         "seconds a model replica's next batch waits for more requests, only while it holds "
         "fewer than the last batch did (an idle server runs a request at once)",
     )
