@@ -84,7 +84,7 @@ class GuardMiddleware:
             starting = "the server is starting; retry shortly"
             await send_error(send, path, 503, starting, retry=True, overloaded=False)
             return
-        refusal = _refusal(guard, scope)
+        refusal = refusal_of(guard, scope)
         if refusal is not None:
             guard.refused(refusal[0], path)
             await send_error(send, path, *refusal)
@@ -116,7 +116,7 @@ class GuardMiddleware:
         await self.app(scope, replay, send)
 
 
-def _refusal(guard: Guard, scope: Scope) -> tuple[int, str, bool] | None:
+def refusal_of(guard: Guard, scope: Scope) -> tuple[int, str, bool] | None:
     """(status, message, retry) for a request refused before its body is read, else None."""
     headers = {name.lower(): value for name, value in scope.get("headers", [])}
     if needs_key(scope["path"]):

@@ -27,7 +27,8 @@ from ray.serve.context import _get_global_client  # what `serve run CONFIG.yaml`
 from ray.serve.schema import ServeDeploySchema
 
 from freemerge.serving.app import build_app
-from freemerge.serving.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+from freemerge.serving.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV, PROXY_LIMIT_ENV
+from freemerge.serving.settings import ServingOptions
 
 APP_NAME = "freemerge"
 STOP_GRACE_S = 5.0  # between SIGTERM and SIGKILL for a process that outlived ray.shutdown()
@@ -64,6 +65,7 @@ def start_local(
     before the error propagates.
     """
     try:
+        _proxy_environment(ServingOptions.from_mapping(dict(options)))
         _start_ray(metrics_port, num_cpus, metrics_interval_ms)
         _deploy(options, host, port, from_config)
     except BaseException:
@@ -71,10 +73,18 @@ def start_local(
         raise
 
 
+def _proxy_environment(options: ServingOptions) -> None:
+    """What Ray's proxy reads when it starts (Ray's processes inherit this environment): our
+    middleware, and the room of the fronts it serves (``--max-queued-requests`` each)."""
+    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+    autoscaling = options.autoscaling or {}
+    fronts = int(autoscaling.get("max_replicas", options.replicas))
+    os.environ[PROXY_LIMIT_ENV] = str(options.max_queued_requests * fronts)
+
+
 def _start_ray(metrics_port: int, num_cpus: int | None, metrics_interval_ms: int | None) -> None:
     global _not_ray, _ray_started
     _not_ray = set(psutil.Process().children())
-    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # Ray's processes inherit it
     system_config = (
         {"metrics_report_interval_ms": metrics_interval_ms} if metrics_interval_ms else {}
     )

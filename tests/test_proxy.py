@@ -95,3 +95,79 @@ def test_a_body_too_large_to_keep_passes_through_once(monkeypatch):
     app = FlakyApp(lost=1)
     assert call(app, b"0123456789", chunk=3) == []
     assert app.bodies == [b"012"]  # the app read its first chunk; nothing was sent again
+
+
+def test_past_its_room_the_proxy_refuses_without_calling_a_front(monkeypatch):
+    """A refusal in the proxy never reaches a front (a front's refusal costs a call to it):
+    with one POST held, the next is refused in the path's shape; reads are never counted."""
+
+    async def scenario() -> tuple[list, list, list, int]:
+        release = asyncio.Event()
+        calls = []
+
+        async def front(scope, receive, send) -> None:
+            calls.append(scope["path"])
+            await receive()
+            if scope["path"] == "/slow":
+                await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        middleware = ResendWhenFrontLost(front, limit=1)
+
+        async def request(path: str, method: str = "POST") -> list[dict]:
+            sent: list[dict] = []
+            incoming = [{"type": "http.request", "body": b"{}", "more_body": False}]
+
+            async def receive() -> dict:
+                if incoming:
+                    return incoming.pop(0)
+                await asyncio.sleep(3600)
+
+            async def send(message: dict) -> None:
+                sent.append(message)
+
+            scope = {"type": "http", "method": method, "path": path, "headers": []}
+            await middleware(scope, receive, send)
+            return sent
+
+        slow = asyncio.ensure_future(request("/slow"))
+        await asyncio.sleep(0.01)
+        refused = await request("/v1/classify")
+        tei = await request("/tasks/sms_spam/predict")
+        read = await request("/v1/tasks", "GET")
+        release.set()
+        await slow
+        return refused, tei, read, len(calls)
+
+    refused, tei, read, calls = asyncio.run(scenario())
+    assert refused[0]["status"] == 503 and (b"retry-after", b"1") in refused[0]["headers"]
+    assert "error" in json.loads(refused[1]["body"])
+    assert tei[0]["status"] == 429  # TEI's overload status
+    assert json.loads(tei[1]["body"])["error_type"] == "Overloaded"
+    assert read[0]["status"] == 200
+    assert calls == 2  # the slow POST and the read; the refused never reached the front
+
+
+def test_the_proxy_asks_for_the_key_first(monkeypatch):
+    monkeypatch.setenv("FREEMERGE_API_KEYS", "secret")
+    app = FlakyApp(lost=0)
+    middleware = ResendWhenFrontLost(app, limit=5)
+
+    async def post(headers: list) -> list[dict]:
+        sent: list[dict] = []
+        incoming = [{"type": "http.request", "body": b"{}", "more_body": False}]
+
+        async def receive() -> dict:
+            return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/classify", "headers": headers}
+        await middleware(scope, receive, send)
+        return sent
+
+    assert asyncio.run(post([]))[0]["status"] == 401
+    assert app.bodies == []
+    assert asyncio.run(post([(b"authorization", b"Bearer secret")]))[0]["status"] == 200
