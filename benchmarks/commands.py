@@ -153,8 +153,11 @@ def _bench_load(args: argparse.Namespace) -> int:
 
 def _bench_serve(args: argparse.Namespace) -> int:
     from freemerge.benchmarks.serve import run_serve_bench, serve_markdown
+    from freemerge.merging.zoo_folder import open_zoo
 
-    result = run_serve_bench(_artifact(args)[1], args.rounds, args.requests)
+    cache_dir, artifact = _artifact(args)
+    zoo = open_zoo(args.zoo, cache_dir).root
+    result = run_serve_bench(artifact, zoo, args.rounds, args.seconds)
     return _written(args.out, "serve", result, serve_markdown(result, _command()))
 
 
@@ -294,7 +297,9 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         "(a few minutes) -> costs.{md,json}",
     )
     serve = kinds.add_parser(
-        "serve", help="the served rate at 1 to 64 clients against the engine's own rate"
+        "serve",
+        help="the served rate at 1 to 64 clients and under overload against the engine's own "
+        "rate, merged and separate models; kills of a front and a model replica",
     )
     serve.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     serve.add_argument("--requests", type=int, default=300, help="requests per run (default: 300)")

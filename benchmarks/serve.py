@@ -1,11 +1,14 @@
 """``freemerge bench serve``: the served rate against the engine's own rate on the same cores.
 
-Each round measures the engine alone (``MergedEngine.classify_requests`` in a fresh process,
-no HTTP; 1 and 16 requests per call), then the server (started fresh: Ray's proxy, a front, a
-model replica) at 1, 4, 16 and 64 closed-loop clients: one short tagged text per request,
-tasks mixed. Per run: the rate, p50 and p99, the texts per batch the model ran, and the CPU
-each process spent per answered request (from /proc). Targets are judged on the per-round
-ratios, met only when the whole range clears them.
+Two contenders, the merged artifact and the separate-models baseline (its zoo). Each round, for
+each: the engine alone (built as a model replica builds it, in a fresh process, no HTTP; 1 and
+16 one-text requests per call), then the server (started fresh: Ray's proxy, a front, a model
+replica) at 1, 4, 16 and 64 closed-loop clients and, open loop, at four times the rate it
+sustained at 64 clients, each run for a fixed time (a refused client sends its next request at
+once). One short tagged text per request, tasks mixed. Per run: the rate,
+p50 and p99, the texts per batch the model ran, and the CPU each process spent per request
+(from /proc). Then, once, ``kill -9`` of a front and of a model replica under 16 clients (two
+of each). Targets are judged on the per-round ratios, met only when the whole range clears.
 """
 
 from __future__ import annotations
@@ -14,12 +17,15 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 
+from freemerge.benchmarks.faults import FRONT_TITLE, REPLICA_TITLE, replica_kill
 from freemerge.benchmarks.load import (
     MIN_ROUNDS,
     SERVER_SETTINGS,
     contender_texts,
+    histogram_delta,
     ratio_target,
     server_side,
     spread,
@@ -33,8 +39,10 @@ from freemerge.serving.metrics import scrape
 
 CLIENTS = (1, 4, 16, 64)
 PER_CALL = (1, 16)
+OVERLOAD = 4  # the open loop's rate, in multiples of the rate sustained at 64 clients
 ROLES = {"proxy": "ProxyActor", "front": "ClassifierServer", "model": "ModelReplica"}
 SHORT = (40, 120)  # characters of the texts sent
+SETTINGS = {**SERVER_SETTINGS, "max_queued_requests": 32}  # the default room
 
 
 def short_texts(tasks: list[str]) -> dict[str, list[str]]:
@@ -43,16 +51,17 @@ def short_texts(tasks: list[str]) -> dict[str, list[str]]:
     return {t: [x for x in v if SHORT[0] <= len(x) <= SHORT[1]] or v for t, v in pools.items()}
 
 
-def engine_rate(artifact: str, texts: dict, per_call: int, total: int, threads: int) -> float:
+def engine_rate(options: dict, texts: dict, per_call: int, total: int) -> float:
     """Texts per second of the engine alone, ``per_call`` one-text requests per call."""
     import torch
 
-    from freemerge.serving.engine import MergedEngine
+    from freemerge.serving.app import build_engine
     from freemerge.serving.runtime import StageTimings
+    from freemerge.serving.settings import ServingOptions
 
-    torch.set_num_threads(threads)
-    engine, rng = MergedEngine(Path(artifact), "cpu"), random.Random(per_call)
-    tasks = list(texts)
+    parsed = ServingOptions.from_mapping(options)
+    torch.set_num_threads(parsed.torch_threads)
+    engine, rng, tasks = build_engine(parsed), random.Random(per_call), list(texts)
 
     def requests() -> list:
         chosen = [rng.choice(tasks) for _ in range(per_call)]
@@ -80,132 +89,212 @@ def cpu_seconds() -> dict[str, float]:
     return spent
 
 
-def served_runs(artifact: Path, texts: dict, requests: int, round_number: int) -> list[dict]:
-    """Start the server, then one closed-loop run per client count; stop it."""
+def measured_run(spec: LoadSpec, metrics: str) -> dict:
+    """One load run: rate, latency, refusals, batch sizes and CPU per request by process."""
+    before, cpu_before = scrape(metrics), cpu_seconds()
+    result = run_load_in_process(spec)
+    cpu_after = cpu_seconds()
+    answered = [r for r in result.records if r["status"] == 200]
+    refused = [r["latency"] * 1000 for r in result.records if r["status"] != 200]
+    sent = max(len(result.records), 1)
+    server = server_side(before, metrics, len(answered))
+    sizes = histogram_delta(before, scrape(metrics), "ray_freemerge_batch_size")
+    return {
+        "rate": len(answered) / result.seconds if result.seconds else 0.0,
+        "errors": len(refused),
+        "p50_ms": float(np.percentile([r["latency"] * 1000 for r in answered] or [np.nan], 50)),
+        "p99_ms": float(np.percentile([r["latency"] * 1000 for r in answered] or [np.nan], 99)),
+        "refused_p99_ms": float(np.percentile(refused, 99)) if refused else None,
+        "batch_p50_texts": server["batch_p50_texts_bucket"],
+        "batch_mean_texts": len(answered) / max(sizes.values(), default=0.0) if sizes else None,
+        "cpu_ms_per_request": {
+            role: 1000 * (cpu_after[role] - cpu_before[role]) / sent for role in ROLES
+        },
+    }
+
+
+def served_runs(options: dict, texts: dict, seconds: float, round_number: int) -> list[dict]:
+    """Start the server, one closed-loop run per client count, then the open-loop overload."""
     port, metrics_port = free_port(), free_port()
-    start_local(
-        {**SERVER_SETTINGS, "artifact": str(artifact)},
-        port=port,
-        metrics_port=metrics_port,
-        metrics_interval_ms=1000,
-    )
+    start_local(options, port=port, metrics_port=metrics_port, metrics_interval_ms=1000)
     url, metrics = (
         f"http://127.0.0.1:{port}/v1/classify",
         f"http://127.0.0.1:{metrics_port}/metrics",
     )
     tasks, runs = list(texts), []
+    load = {"url": url, "tasks": tasks, "texts": texts, "seed": round_number}
     try:
-        warm = LoadSpec(url=url, tasks=tasks, texts=texts, concurrency=4, requests=40)
-        run_load_in_process(warm)
+        run_load_in_process(LoadSpec(**load, concurrency=4, requests=40))  # warm-up
         for clients in CLIENTS:
-            spec = LoadSpec(
-                url=url, tasks=tasks, texts=texts, concurrency=clients,
-                requests=max(requests, 4 * clients), max_seconds=60.0, seed=round_number,
-            )  # fmt: skip
-            before, cpu_before = scrape(metrics), cpu_seconds()
-            summary = run_load_in_process(spec).summary()
-            cpu_after, answered = cpu_seconds(), len(summary["latencies_ms"])
-            server = server_side(before, metrics, answered)
-            runs.append({
-                "round": round_number, "clients": clients,
-                "rate": summary["throughput_rps"], "errors": summary["errors"],
-                "p50_ms": summary["p50_ms"], "p99_ms": summary["p99_ms"],
-                "batch_p50_texts": server["batch_p50_texts_bucket"],
-                "cpu_ms_per_request": {
-                    role: 1000 * (cpu_after[role] - cpu_before[role]) / max(answered, 1)
-                    for role in ROLES
-                },
-            })  # fmt: skip
-            print(f"  round {round_number}, {clients} clients: {runs[-1]}", flush=True)
+            spec = LoadSpec(**load, concurrency=clients, requests=100_000, max_seconds=seconds)
+            runs.append({"round": round_number, "clients": clients, **measured_run(spec, metrics)})
+            print(f"  round {round_number}, {clients} clients: {_brief(runs[-1])}", flush=True)
+        rate = OVERLOAD * runs[-1]["rate"]
+        spec = LoadSpec(
+            **load, mode="open", rate=rate, requests=int(rate * seconds), max_seconds=seconds
+        )
+        runs.append({"round": round_number, "clients": "open", "offered": rate,
+                     "capacity": runs[-1]["rate"], **measured_run(spec, metrics)})  # fmt: skip
+        print(f"  round {round_number}, open loop at {rate:.0f}/s: {_brief(runs[-1])}", flush=True)
     finally:
         stop_local()
     return runs
 
 
-def run_serve_bench(artifact: Path, rounds: int = MIN_ROUNDS, requests: int = 300) -> dict:
-    """Engine and server in interleaved rounds (engine, served, engine, served, ...)."""
-    tasks = list(open_artifact(artifact, verify=False).tasks)
-    texts = short_texts(tasks)
-    threads = int(SERVER_SETTINGS["cpus_per_replica"])
-    engine, served = [], []
-    for round_number in range(1, rounds + 1):
-        for per_call in PER_CALL:
-            rate = run_in_child(engine_rate, str(artifact), texts, per_call, 320, threads)
-            engine.append({"round": round_number, "per_call": per_call, "rate": rate})
-            print(f"  round {round_number}, engine {per_call} per call: {rate:.1f}", flush=True)
-        served += served_runs(artifact, texts, requests, round_number)
+def _brief(run: dict) -> str:
+    return (
+        f"{run['rate']:.1f}/s, p50 {run['p50_ms']:.0f} ms, {run['errors']} refused or failed, "
+        f"batch p50 {run['batch_p50_texts']}"
+    )
+
+
+def contenders(artifact: Path, zoo: Path) -> dict[str, dict]:
+    """The merged artifact and the separate models of its zoo, each with the bench's settings."""
     return {
-        "machine": describe_machine(),
-        "settings": SERVER_SETTINGS,
-        "artifact": str(artifact),
-        "rounds": rounds,
-        "engine": engine,
-        "served": served,
+        "merged": {**SETTINGS, "artifact": str(artifact)},
+        "separate": {**SETTINGS, "zoo": str(zoo)},
     }
 
 
-def _per_round(rows: list[dict], **match: object) -> list[dict]:
-    found = [r for r in rows if all(r[k] == v for k, v in match.items())]
+def run_serve_bench(
+    artifact: Path, zoo: Path, rounds: int = MIN_ROUNDS, seconds: float = 10.0
+) -> dict:
+    """Engine and server of each contender in interleaved rounds, then the kills."""
+    texts = short_texts(list(open_artifact(artifact, verify=False).tasks))
+    result: dict = {"machine": describe_machine(), "settings": SETTINGS, "rounds": rounds}
+    result |= {"artifact": str(artifact), "zoo": str(zoo), "engine": [], "served": []}
+    for round_number in range(1, rounds + 1):
+        for name, options in contenders(artifact, zoo).items():
+            for per_call in PER_CALL:
+                rate = run_in_child(engine_rate, options, texts, per_call, 320)
+                result["engine"].append(
+                    {"contender": name, "round": round_number, "per_call": per_call, "rate": rate}
+                )
+                print(f"  round {round_number}, {name} engine, {per_call} per call: {rate:.1f}")
+            runs = served_runs(options, texts, seconds, round_number)
+            result["served"] += [{"contender": name, **run} for run in runs]
+    result["kills"] = kills(artifact, texts)
+    return result
+
+
+def kills(artifact: Path, texts: dict) -> dict[str, dict]:
+    """``kill -9`` of one front, then (on a fresh server) of one model replica, under 16
+    clients, two of each on a CPU each."""
+    options = {**SETTINGS, "artifact": str(artifact), "replicas": 2, "cpus_per_replica": 1}
+    bodies = [{"task": task, "inputs": [pool[0]]} for task, pool in texts.items()]
+    found = {}
+    for name, title in (("front", FRONT_TITLE), ("model replica", REPLICA_TITLE)):
+        port = free_port()
+        start_local(options, port=port, metrics_port=free_port())
+        try:
+            url = f"http://127.0.0.1:{port}"
+            found[name] = replica_kill(url, bodies, 2, clients=16, seconds=30, title=title)
+        finally:
+            stop_local()
+        print(f"  kill -9 of a {name}: {found[name]}", flush=True)
+    return found
+
+
+def _rows(result: dict, part: str, contender: str, **match: object) -> list[dict]:
+    found = [
+        r
+        for r in result[part]
+        if r["contender"] == contender and all(r[k] == v for k, v in match.items())
+    ]
     return sorted(found, key=lambda r: r["round"])
 
 
 def serve_targets(result: dict) -> list[dict]:
-    """Served rate at 16 and 64 clients against the engine's at 16 per call, per round; the
-    median texts per batch at 16 clients."""
-    engine = [r["rate"] for r in _per_round(result["engine"], per_call=16)]
+    """The merged server's targets, each judged on its per-round values."""
+    engine = [r["rate"] for r in _rows(result, "engine", "merged", per_call=16)]
     rows = []
     for clients in (16, 64):
-        served = [r["rate"] for r in _per_round(result["served"], clients=clients)]
+        served = [r["rate"] for r in _rows(result, "served", "merged", clients=clients)]
         ratios = [s / e if e else float("nan") for s, e in zip(served, engine, strict=True)]
         name = f"served rate at {clients} clients / engine at 16 per call"
         rows.append(ratio_target(name, ratios, 0.6, True, unit="%"))
-    batches = [r["batch_p50_texts"] or 0.0 for r in _per_round(result["served"], clients=16)]
-    rows.append(
-        ratio_target("texts per batch at 16 clients (median, bucket bound)", batches, 8, True)
-    )
+    batches = [r["batch_p50_texts"] or 0.0 for r in _rows(result, "served", "merged", clients=16)]
+    name = "texts per batch at 16 clients (median, bucket bound)"
+    rows.append(ratio_target(name, batches, 8, True))
+    overload = _rows(result, "served", "merged", clients="open")
+    answered = [r["rate"] / r["capacity"] if r["capacity"] else float("nan") for r in overload]
+    name = f"answered at {OVERLOAD}x the sustainable rate / the rate at 64 clients"
+    rows.append(ratio_target(name, answered, 0.9, True, unit="%"))
+    refusals = [r["refused_p99_ms"] or 0.0 for r in overload]
+    rows.append(ratio_target("refusals p99 at that overload, ms", refusals, 50, False))
     return rows
 
 
 def _cell(values: list[float], spec: str = ".1f", unit: str = "") -> str:
-    s = spread(values)
+    s = spread([v for v in values if v is not None])
     if s["median"] is None:
         return "-"
     return f"{s['median']:{spec}}{unit} ({s['min']:{spec}}{unit} to {s['max']:{spec}}{unit})"
+
+
+def _contender_lines(result: dict, contender: str) -> list[str]:
+    lines = [
+        "| what | texts/s | p50 ms | p99 ms | texts per batch: p50 (bucket bound) / mean | refused "
+        "or failed | CPU ms per request: proxy / front / model |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for per_call in PER_CALL:
+        rates = [r["rate"] for r in _rows(result, "engine", contender, per_call=per_call)]
+        lines.append(f"| engine alone, {per_call} per call | {_cell(rates)} | | | | | |")
+    for clients in (*CLIENTS, "open"):
+        runs = _rows(result, "served", contender, clients=clients)
+        what = f"served, {clients} clients" if clients != "open" else (
+            f"served, open loop at {OVERLOAD}x the 64-client rate "
+            f"(median {spread([r['offered'] for r in runs])['median'] or 0:.0f}/s offered)"
+        )  # fmt: skip
+        cpu = " / ".join(_cell([r["cpu_ms_per_request"][role] for r in runs]) for role in ROLES)
+        lines.append(
+            f"| {what} | {_cell([r['rate'] for r in runs])} "
+            f"| {_cell([r['p50_ms'] for r in runs], '.0f')} "
+            f"| {_cell([r['p99_ms'] for r in runs], '.0f')} "
+            f"| {_cell([r['batch_p50_texts'] or 0.0 for r in runs], '.0f')} / "
+            f"{_cell([r.get('batch_mean_texts') for r in runs])} "
+            f"| {_cell([r['errors'] for r in runs], '.0f')} | {cpu} |"
+        )
+    return lines
+
+
+def _target_lines(result: dict) -> list[str]:
+    lines = ["| target | median (range) | met |", "|---|---|---|"]
+    for row in serve_targets(result):
+        scale, unit = (100, "%") if row["unit"] == "%" else (1, "")
+        values = [v * scale for v in row["per_round"]]
+        sign = ">=" if row["higher_is_better"] else "<="
+        threshold = f"{sign} {row['threshold'] * scale:g}{unit}"
+        met = {True: "yes", False: "no", None: "not judged"}[row["met"]]
+        lines.append(f"| {row['target']} {threshold} | {_cell(values, unit=unit)} | {met} |")
+    for name, kill in result.get("kills", {}).items():
+        met = "yes" if kill["failed"] == 0 else "no"
+        lines.append(
+            f"| kill -9 of a {name} under {kill['clients']} clients: 0 failed | "
+            f"{kill['failed']} of {kill['requests']} (statuses "
+            f"{kill['failed_statuses'] or 'none'}), back in "
+            f"{kill['seconds_until_replicas_back']} s | {met} |"
+        )
+    return lines
 
 
 def serve_markdown(result: dict, command: str) -> str:
     lines = [
         "# Served rate against the engine's own rate",
         "",
-        f"Machine: {machine_line(result['machine'])}. Command: `{command}`. "
-        f"Artifact: `{result['artifact']}`; {result['rounds']} interleaved rounds "
-        "(engine, then a freshly started server); medians with the range over rounds. "
-        f"One tagged text of {SHORT[0]} to {SHORT[1]} characters per request, tasks mixed; "
-        f"server settings `{result['settings']}`.",
+        f"Machine: {machine_line(result['machine'])}. Command: `{command}`. Artifact: "
+        f"`{result['artifact']}`, its zoo `{result['zoo']}` for the separate models; "
+        f"{result['rounds']} interleaved rounds (per contender: the engine, then a freshly "
+        "started server); medians with the range over rounds. One tagged text of "
+        f"{SHORT[0]} to {SHORT[1]} characters per request, tasks mixed, kept-alive connections; "
+        f"server settings `{result['settings']}`. CPU per request: per request sent, answered "
+        "or refused.",
         "",
-        "| what | texts/s | p50 ms | p99 ms | texts per batch (p50) | CPU ms per request: "
-        "proxy / front / model |",
-        "|---|---|---|---|---|---|",
+        "## Targets (merged)",
+        "",
+        *_target_lines(result),
     ]
-    for per_call in PER_CALL:
-        rates = [r["rate"] for r in _per_round(result["engine"], per_call=per_call)]
-        lines.append(f"| engine alone, {per_call} per call | {_cell(rates)} | | | | |")
-    for clients in CLIENTS:
-        runs = _per_round(result["served"], clients=clients)
-        cpu = " / ".join(_cell([r["cpu_ms_per_request"][role] for r in runs]) for role in ROLES)
-        lines.append(
-            f"| served, {clients} clients | {_cell([r['rate'] for r in runs])} "
-            f"| {_cell([r['p50_ms'] for r in runs], '.0f')} "
-            f"| {_cell([r['p99_ms'] for r in runs], '.0f')} "
-            f"| {_cell([r['batch_p50_texts'] or 0.0 for r in runs], '.0f')} | {cpu} |"
-        )
-    errors = sum(r["errors"] for r in result["served"])
-    lines += ["", f"Failed requests in all runs: {errors}.", ""]
-    lines += ["| target | median (range) | met |", "|---|---|---|"]
-    for row in serve_targets(result):
-        scale, unit = (100, "%") if row["unit"] == "%" else (1, "")
-        values = [v * scale for v in row["per_round"]]
-        threshold = f">= {row['threshold'] * scale:g}{unit}"
-        met = {True: "yes", False: "no", None: "not judged"}[row["met"]]
-        lines.append(f"| {row['target']} {threshold} | {_cell(values, unit=unit)} | {met} |")
+    for contender, title in (("merged", "Merged"), ("separate", "Separate models (baseline)")):
+        lines += ["", f"## {title}", "", *_contender_lines(result, contender)]
     return "\n".join(lines) + "\n"

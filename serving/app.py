@@ -697,7 +697,10 @@ class ClassifierServer(TeiRoutes, OpenAIRoutes):
             front_tasks(options) if options.zoo or options.artifact else None
         )
         self.batcher = Batcher(
-            self._send_batch, options.max_batch_size, 0.0, concurrency=FRONT_CALLS
+            self._send_batch,
+            options.max_batch_size,
+            options.batch_wait_timeout_s,
+            concurrency=FRONT_CALLS,
         )
         api.state.guard = Guard(
             parse_api_keys(os.environ.get(API_KEYS_ENV)),
