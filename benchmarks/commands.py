@@ -302,7 +302,9 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         "rate, merged and separate models; kills of a front and a model replica",
     )
     serve.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
-    serve.add_argument("--requests", type=int, default=300, help="requests per run (default: 300)")
+    serve.add_argument(
+        "--seconds", type=float, default=10.0, help="seconds per load run (default: 10)"
+    )
     scale = kinds.add_parser(
         "scale", help="a thousand tasks on one replica: memory, fetches, Zipf load, live edits"
     )

@@ -44,7 +44,7 @@ class Guard:
 
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 2 * 1024 * 1024
-    max_queued: int = 32
+    max_queued: int = 128
     # called with each refusal's status and path
     refused: Callable[[int, str], None] = lambda status, path: None
     held: int = field(default=0, init=False)

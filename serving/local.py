@@ -65,8 +65,7 @@ def start_local(
     before the error propagates.
     """
     try:
-        _proxy_environment(ServingOptions.from_mapping(dict(options)))
-        _start_ray(metrics_port, num_cpus, metrics_interval_ms)
+        _start_ray(options, metrics_port, num_cpus, metrics_interval_ms)
         _deploy(options, host, port, from_config)
     except BaseException:
         stop_local()
@@ -82,9 +81,15 @@ def _proxy_environment(options: ServingOptions) -> None:
     os.environ[PROXY_LIMIT_ENV] = str(options.max_queued_requests * fronts)
 
 
-def _start_ray(metrics_port: int, num_cpus: int | None, metrics_interval_ms: int | None) -> None:
+def _start_ray(
+    options: dict[str, Any],
+    metrics_port: int,
+    num_cpus: int | None,
+    metrics_interval_ms: int | None,
+) -> None:
     global _not_ray, _ray_started
     _not_ray = set(psutil.Process().children())
+    _proxy_environment(ServingOptions.from_mapping(dict(options)))
     system_config = (
         {"metrics_report_interval_ms": metrics_interval_ms} if metrics_interval_ms else {}
     )
@@ -262,7 +267,7 @@ def serve_until_signalled(options: dict[str, Any], host: str, port: int, metrics
     """
     _on_stop_signals(_interrupt)
     try:
-        _start_ray(metrics_port, None, None)
+        _start_ray(options, metrics_port, None, None)
         # ray.init() installs its own SIGTERM handlers: sys.exit(15), behind Ray's crash
         # handler, which aborts the process (SIGABRT) 3 s later, in the middle of stopping.
         _on_stop_signals(_interrupt)

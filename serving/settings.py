@@ -62,9 +62,10 @@ class ServingOptions:
         "(default: 8192 on the CPU, 65536 on a GPU)",
     )
     max_queued_requests: int = _option(
-        32,
+        128,
         "model requests (the POSTs of every API) one front replica holds at once, waiting "
-        "or running; more are refused at once with 503 (TEI's routes: 429) and Retry-After",
+        "or running; more are refused at once with 503 (TEI's routes: 429) and Retry-After "
+        "(by Ray's proxy, before they reach a front)",
     )
     request_timeout_s: float = _option(
         30.0,

@@ -21,6 +21,8 @@ import psutil
 import pytest
 
 from freemerge.serving.local import _end, free_port, still_running
+from freemerge.serving.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV, PROXY_LIMIT_ENV
+from freemerge.serving.settings import ServingOptions
 
 READY_WITHIN_S = 120  # Ray, Serve and the tiny model on 2 shared CPUs
 EXIT_WITHIN_S = 90  # the server's own bound on stopping (STOP_DEADLINE_S) is under this
@@ -125,12 +127,23 @@ def _kill_leftovers(server: subprocess.Popen, seen: dict[int, psutil.Process]) -
             pass
 
 
+def _assert_proxy_has_our_middleware(seen: dict[int, psutil.Process]) -> None:
+    """`freemerge serve` starts Ray's proxy with the middleware that resends and refuses, and
+    the room of its one front (the default --max-queued-requests, 32)."""
+    running = still_running(list(seen.values()))
+    proxy = next(p for p in running if "ProxyActor" in " ".join(p.cmdline()))
+    environment = proxy.environ()
+    assert environment.get(PROXY_CALLBACK_ENV) == PROXY_CALLBACK
+    assert environment.get(PROXY_LIMIT_ENV) == str(ServingOptions.max_queued_requests)
+
+
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_a_stopped_server_leaves_no_process_behind(tiny_routed_artifact, stop_signal, tmp_path):
     log = tmp_path / "serve.log"
     with _serve(tiny_routed_artifact, log) as (server, port, seen):
         _wait_ready(server, port, seen)
         assert any("raylet" in p.name() for p in still_running(list(seen.values())))
+        _assert_proxy_has_our_middleware(seen)
         started = time.monotonic()
         server.send_signal(stop_signal)
         server.wait(timeout=EXIT_WITHIN_S)
