@@ -266,7 +266,7 @@ def run_contenders(contenders: list[Contender], plan: LoadPlan) -> list[dict]:
     return results
 
 
-def histogram_delta(before: dict, after: dict, name: str) -> dict[float, float]:
+def _histogram_delta(before: dict, after: dict, name: str) -> dict[float, float]:
     """Bucket counts of a histogram's observations between two scrapes. (Ray exports a
     histogram's ``_sum`` from bucket midpoints, so only the buckets are exact.)"""
     old = bucket_counts(before[name]) if name in before else {}
@@ -282,11 +282,11 @@ def server_side(before: dict, metrics_url: str, answered: int, wait_s: float = 1
     name = "ray_freemerge_request_latency_seconds"
 
     def seen(after: dict) -> float:
-        return max(histogram_delta(before, after, name).values(), default=0.0)
+        return max(_histogram_delta(before, after, name).values(), default=0.0)
 
     after = scrape_until(metrics_url, lambda families: seen(families) >= answered, wait_s)
-    latency = histogram_delta(before, after, name)
-    batches = histogram_delta(before, after, "ray_freemerge_batch_size")
+    latency = _histogram_delta(before, after, name)
+    batches = _histogram_delta(before, after, "ray_freemerge_batch_size")
     p50, p99 = quantile_of_buckets(latency, 0.5), quantile_of_buckets(latency, 0.99)
     loads = "ray_freemerge_model_loads"
     return {
@@ -294,6 +294,7 @@ def server_side(before: dict, metrics_url: str, answered: int, wait_s: float = 1
         "p50_ms_bucket": None if p50 is None else p50 * 1000,
         "p99_ms_bucket": None if p99 is None else p99 * 1000,
         "batch_p50_texts_bucket": quantile_of_buckets(batches, 0.5),
+        "batches": int(max(batches.values(), default=0.0)),
         "model_loads": int(counter_total(after, loads) - counter_total(before, loads)),
     }
 

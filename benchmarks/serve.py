@@ -24,7 +24,6 @@ from freemerge.benchmarks.faults import FRONT_TITLE, REPLICA_TITLE, replica_kill
 from freemerge.benchmarks.load import (
     MIN_ROUNDS,
     contender_texts,
-    histogram_delta,
     ratio_target,
     server_side,
     spread,
@@ -97,7 +96,6 @@ def measured_run(spec: LoadSpec, metrics: str) -> dict:
     refused = [r["latency"] * 1000 for r in result.records if r["status"] != 200]
     sent = max(len(result.records), 1)
     server = server_side(before, metrics, len(answered))
-    sizes = histogram_delta(before, scrape(metrics), "ray_freemerge_batch_size")
     return {
         "rate": len(answered) / result.seconds if result.seconds else 0.0,
         "errors": len(refused),
@@ -105,7 +103,7 @@ def measured_run(spec: LoadSpec, metrics: str) -> dict:
         "p99_ms": float(np.percentile([r["latency"] * 1000 for r in answered] or [np.nan], 99)),
         "refused_p99_ms": float(np.percentile(refused, 99)) if refused else None,
         "batch_p50_texts": server["batch_p50_texts_bucket"],
-        "batch_mean_texts": len(answered) / max(sizes.values(), default=0.0) if sizes else None,
+        "batch_mean_texts": len(answered) / server["batches"] if server["batches"] else None,
         "cpu_ms_per_request": {
             role: 1000 * (cpu_after[role] - cpu_before[role]) / sent for role in ROLES
         },

@@ -489,11 +489,10 @@ class ModelReplica:
     async def classify(self, requests: list[ClassifyRequest]) -> list[Answered | Exception]:
         """Answers to checked requests (a front's batch), each an :class:`Answered` or the
         exception that request alone failed with; they join the replica's next batch."""
-        arrived = time.perf_counter()  # this process's clock, for the queue stage
+        arrived, loop = time.perf_counter(), asyncio.get_running_loop()  # this process's clock
         for request in requests:
             request.arrived = arrived
             if self.engine.is_cold(request):
-                loop = asyncio.get_running_loop()
                 await loop.run_in_executor(self.fetcher, self.engine.prefetch, request)
         return await self.batcher.submit(requests)
 

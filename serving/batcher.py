@@ -1,5 +1,5 @@
-"""Continuous batching for a model replica: requests queue while a batch runs, and the next
-batch takes what queued, as soon as the model is free.
+"""Continuous batching, for the fronts' calls and the model replicas' batches: requests queue
+while a batch runs, and the next batch takes what queued, as soon as a slot is free.
 
 Ray Serve's ``@serve.batch`` closes a batch when its wait ends even while the model is busy, so
 under load its batches queue up behind the running one holding one request each. Here a batch
@@ -42,10 +42,6 @@ class Batcher(Generic[Item, Answer]):
         self.running = 0
         self._changed: asyncio.Event | None = None  # bound to the loop on first use
         self._loop_task: asyncio.Task | None = None
-
-    def configure(self, max_size: int, wait_s: float) -> None:
-        """New limits, applied from the next batch."""
-        self.max_size, self.wait_s = max(1, max_size), max(0.0, wait_s)
 
     async def submit(self, items: list[Item]) -> list[Answer | BaseException]:
         """Queue ``items`` together (they enter the same batch when it has room) and wait for

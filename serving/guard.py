@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from freemerge.serving.dialects import dialect_of, error_body, error_status, needs_key
+from freemerge.serving.settings import ServingOptions
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -43,8 +44,8 @@ class Guard:
     """A replica's admission rules and its count of model requests (POSTs) held now."""
 
     api_keys: tuple[str, ...] = ()
-    max_body_bytes: int = 2 * 1024 * 1024
-    max_queued: int = 128
+    max_body_bytes: int = ServingOptions.max_body_bytes
+    max_queued: int = ServingOptions.max_queued_requests
     # called with each refusal's status and path
     refused: Callable[[int, str], None] = lambda status, path: None
     held: int = field(default=0, init=False)

@@ -16,7 +16,7 @@ own plain-text refusals (its queue for the fronts full, or no front) get the sam
 **Resending.** Ray's proxy hands each HTTP request to a front (``ClassifierServer``) replica.
 Serve retries a request only until a replica accepts it; when the front dies mid-request, the
 proxy's app ends without starting a response and the client gets a bare 500. Every route of
-this app is idempotent (inference and reads), so :class:`ResendWhenFrontLost` keeps the
+this app is idempotent (inference and reads), so :class:`GuardAndResend` keeps the
 request's body (up to :data:`RESEND_MAX_BYTES`) and, when the proxy's app ends without starting
 a response while the client is still there, sends the request again (Serve then picks a live
 front), up to :data:`ATTEMPTS` times; then a 503 with ``Retry-After`` in the path's error
@@ -64,7 +64,7 @@ PAUSES_S = (0.5, 2.0)  # before the second and third attempt: time for Serve to 
 
 def proxy_middlewares() -> list[Middleware]:
     """Ray's proxy callback: the middlewares it wraps its ASGI app in."""
-    return [Middleware(ResendWhenFrontLost)]
+    return [Middleware(GuardAndResend)]
 
 
 def _refusal_counter() -> Any:
@@ -87,7 +87,7 @@ def proxy_limit() -> int | None:
     return int(text) if text.isdigit() and int(text) > 0 else None
 
 
-class ResendWhenFrontLost:
+class GuardAndResend:
     """Plain ASGI around the proxy's app: the API key and the room checked with the fronts'
     own :class:`Guard` rules (``limit`` POSTs held, by default :func:`proxy_limit`; none: no
     room check), and HTTP requests whose app ends without a response sent again (see the

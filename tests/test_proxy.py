@@ -7,7 +7,7 @@ import json
 import pytest
 
 from freemerge.serving import proxy
-from freemerge.serving.proxy import ResendWhenFrontLost
+from freemerge.serving.proxy import GuardAndResend
 
 
 class FlakyApp:
@@ -47,7 +47,7 @@ def call(app, body: bytes, chunk: int | None = None, disconnect: bool = False) -
         sent.append(message)
 
     scope = {"type": "http", "method": "POST", "path": "/v1/classify", "headers": []}
-    asyncio.run(ResendWhenFrontLost(app)(scope, receive, send))
+    asyncio.run(GuardAndResend(app)(scope, receive, send))
     return sent
 
 
@@ -113,7 +113,7 @@ def test_past_its_room_the_proxy_refuses_without_calling_a_front(monkeypatch):
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"{}"})
 
-        middleware = ResendWhenFrontLost(front, limit=1)
+        middleware = GuardAndResend(front, limit=1)
 
         async def request(path: str, method: str = "POST") -> list[dict]:
             sent: list[dict] = []
@@ -152,7 +152,7 @@ def test_past_its_room_the_proxy_refuses_without_calling_a_front(monkeypatch):
 def test_the_proxy_asks_for_the_key_first(monkeypatch):
     monkeypatch.setenv("FREEMERGE_API_KEYS", "secret")
     app = FlakyApp(lost=0)
-    middleware = ResendWhenFrontLost(app, limit=5)
+    middleware = GuardAndResend(app, limit=5)
 
     async def post(headers: list) -> list[dict]:
         sent: list[dict] = []
