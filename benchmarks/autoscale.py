@@ -23,9 +23,9 @@ from freemerge.benchmarks.loadgen import LoadSpec, run_load_in_process
 from freemerge.benchmarks.machine import describe_machine
 from freemerge.merging.artifact import open_artifact
 from freemerge.serving.app import build_app
-from freemerge.serving.engine import ClassifyRequest, MergedEngine
+from freemerge.serving.engine import MergedEngine
 from freemerge.serving.local import APP_NAME, free_port, start_local, stop_local
-from freemerge.serving.runtime import StageTimings
+from freemerge.serving.requests import ClassifyRequest, StageTimings
 
 AUTOSCALING = {
     "min_replicas": 1,

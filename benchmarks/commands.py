@@ -138,7 +138,8 @@ def _bench_router(args: argparse.Namespace) -> int:
 
 
 def _bench_load(args: argparse.Namespace) -> int:
-    from freemerge.benchmarks.load import LoadPlan, write_cost_results, write_load_results
+    from freemerge.benchmarks.load import LoadPlan
+    from freemerge.benchmarks.load_results import write_cost_results, write_load_results
     from freemerge.merging.zoo_folder import open_zoo
 
     cache_dir, artifact = _artifact(args)
@@ -256,8 +257,38 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         help="benchmarks: quality, kinds, experts, router, load, serve, scale, autoscaling, "
         "faults, revision",
     )
-    kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    quality = kinds.add_parser("quality", help="the merge quality table on a zoo")
+    benches = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    # (adds the bench's own options, its handler, its default zoo, whether it takes --artifact)
+    for add, handler, zoo, takes_artifact in (
+        (_add_quality_bench, _bench_quality, "full", False),
+        (_add_experts_bench, _bench_experts, "full", False),
+        (_add_router_bench, _bench_router, "full", True),
+        (_add_load_bench, _bench_load, "full", True),
+        (_add_serve_bench, _bench_serve, "demo", True),
+        (_add_scale_bench, _bench_scale, "full", True),
+        (_add_autoscale_bench, _bench_autoscale, "full", True),
+        (_add_revision_bench, _bench_revision, "full", True),
+        (_add_faults_bench, _bench_faults, "full", True),
+        (_add_kinds_bench, _bench_kinds, "kinds", False),
+    ):
+        parser = add(benches)
+        _zoo_argument(parser, zoo)
+        _cache_argument(parser)
+        parser.add_argument(
+            "--out", type=Path, default=RESULTS, help=f"results folder (default: {RESULTS})"
+        )
+        if takes_artifact:
+            parser.add_argument(
+                "--artifact",
+                type=Path,
+                default=None,
+                help="artifact to use (default: configs/free.yaml merged over --zoo)",
+            )
+        parser.set_defaults(handler=handler)
+
+
+def _add_quality_bench(benches: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    quality = benches.add_parser("quality", help="the merge quality table on a zoo")
     quality.add_argument(
         "--grid",
         choices=["full", "small", "quick"],
@@ -266,7 +297,11 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         "ratios and ablation values; for a backbone too large for the full grid on 2 cores), "
         "quick (one candidate per row, a smoke run) (default: full)",
     )
-    experts = kinds.add_parser(
+    return quality
+
+
+def _add_experts_bench(benches: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    experts = benches.add_parser(
         "experts", help="expert factors in 16 or 32 bits, and the rank picked on validation"
     )
     experts.add_argument(
@@ -276,7 +311,11 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         help="the merge config whose method and parameters every row uses "
         "(default: configs/free.yaml)",
     )
-    router = kinds.add_parser(
+    return experts
+
+
+def _add_router_bench(benches: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    router = benches.add_parser(
         "router", help="every router kind fitted and compared; the default picked on validation"
     )
     router.add_argument(
@@ -288,7 +327,11 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     router.add_argument(
         "--rounds", type=int, default=3, help="interleaved rounds of the cost timing (default: 3)"
     )
-    load = kinds.add_parser("load", help="load test: merged server against separate models")
+    return router
+
+
+def _add_load_bench(benches: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    load = benches.add_parser("load", help="load test: merged server against separate models")
     load.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
     load.add_argument(
         "--costs-only",
@@ -296,7 +339,11 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         help="only the costs of the expert path and the router, in one process "
         "(a few minutes) -> costs.{md,json}",
     )
-    serve = kinds.add_parser(
+    return load
+
+
+def _add_serve_bench(benches: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    serve = benches.add_parser(
         "serve",
         help="the served rate at 1 to 64 clients and under overload against the engine's own "
         "rate, merged and separate models; kills of a front and a model replica",
@@ -305,7 +352,11 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--seconds", type=float, default=10.0, help="seconds per load run (default: 10)"
     )
-    scale = kinds.add_parser(
+    return serve
+
+
+def _add_scale_bench(benches: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    scale = benches.add_parser(
         "scale", help="a thousand tasks on one replica: memory, fetches, Zipf load, live edits"
     )
     scale.add_argument(
@@ -317,7 +368,11 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     scale.add_argument(
         "--rounds", type=int, default=3, help="interleaved rounds of the HTTP runs (default: 3)"
     )
-    autoscale = kinds.add_parser("autoscale", help="autoscaling 1->2->1 and a rolling update")
+    return scale
+
+
+def _add_autoscale_bench(benches: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    autoscale = benches.add_parser("autoscale", help="autoscaling 1->2->1 and a rolling update")
     autoscale.add_argument(
         "--new-artifact",
         type=Path,
@@ -327,7 +382,11 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     autoscale.add_argument(
         "--load-seconds", type=float, default=40.0, help="seconds of load at least (default: 40)"
     )
-    revision = kinds.add_parser(
+    return autoscale
+
+
+def _add_revision_bench(benches: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    revision = benches.add_parser(
         "revision",
         help="the engine's tagged batch-1 and batch-16 forward, this tree against a git revision",
     )
@@ -338,7 +397,11 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
     revision.add_argument(
         "--repeats", type=int, default=30, help="timed calls per batch size and side (default: 30)"
     )
-    faults = kinds.add_parser(
+    return revision
+
+
+def _add_faults_bench(benches: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    faults = benches.add_parser(
         "faults", help="hostile inputs, overload, lost replicas, memory under the largest load"
     )
     faults.add_argument(
@@ -347,7 +410,11 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         help="also kill a worker node of a two-node Ray cluster started with `ray start` "
         "(default: the local scenarios only)",
     )
-    task_kinds = kinds.add_parser(
+    return faults
+
+
+def _add_kinds_bench(benches: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    task_kinds = benches.add_parser(
         "kinds",
         help="every task kind on real data: entity F1, embeddings against the original model, "
         "a mixed load (the `kinds` zoo)",
@@ -358,31 +425,7 @@ def _add_bench_commands(commands: argparse._SubParsersAction) -> None:
         default=Path("configs/free.yaml"),
         help="the merge config (default: configs/free.yaml)",
     )
-    for parser, handler, zoo in (
-        (quality, _bench_quality, "full"),
-        (task_kinds, _bench_kinds, "kinds"),
-        (experts, _bench_experts, "full"),
-        (router, _bench_router, "full"),
-        (load, _bench_load, "full"),
-        (serve, _bench_serve, "demo"),
-        (scale, _bench_scale, "full"),
-        (autoscale, _bench_autoscale, "full"),
-        (faults, _bench_faults, "full"),
-        (revision, _bench_revision, "full"),
-    ):
-        _zoo_argument(parser, zoo)
-        _cache_argument(parser)
-        parser.add_argument(
-            "--out", type=Path, default=RESULTS, help=f"results folder (default: {RESULTS})"
-        )
-        if parser not in (quality, experts, task_kinds):
-            parser.add_argument(
-                "--artifact",
-                type=Path,
-                default=None,
-                help="artifact to use (default: configs/free.yaml merged over --zoo)",
-            )
-        parser.set_defaults(handler=handler)
+    return task_kinds
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -10,9 +10,10 @@ import torch
 from tqdm.auto import tqdm
 
 from freemerge.benchmarks.datasets import SPLIT_FRACTIONS, load_task
-from freemerge.merging.kinds import CLASSIFY_ROUTE, SINGLE_LABEL
-from freemerge.serving.engine import TaskKinds
-from freemerge.serving.runtime import MergedClassifier, Prediction
+from freemerge.benchmarks.tables import markdown_table
+from freemerge.merging.kind_rules import CLASSIFY_ROUTE, SINGLE_LABEL
+from freemerge.serving.requests import Prediction, TaskKinds
+from freemerge.serving.runtime import MergedClassifier
 
 SPLITS = ("test", "validation")  # what evaluation reports on; train is for fitting
 CHUNK = 256  # texts per runtime call, to bound the memory of one call
@@ -96,18 +97,13 @@ def evaluate_artifact(
 def evaluation_table(result: dict) -> str:
     """Markdown: accuracy per task (and routed and routing accuracy, with a router)."""
     routed = "routed_accuracy" in result["mean"]
-    lines = [
-        "| task | accuracy (true task) |"
-        + (" routed accuracy | routing accuracy |" if routed else "")
+    metrics = ["accuracy", "routed_accuracy", "routing_accuracy"] if routed else ["accuracy"]
+    header = ["task", "accuracy (true task)", "routed accuracy", "routing accuracy"]
+    rows = [
+        [task, *(f"{scores[metric]:.4f}" for metric in metrics)]
+        for task, scores in [*result["tasks"].items(), ("mean", result["mean"])]
     ]
-    lines.append("|---|---|" + ("---|---|" if routed else ""))
-    for task, scores in [*result["tasks"].items(), ("mean", result["mean"])]:
-        extra = (
-            f" {scores['routed_accuracy']:.4f} | {scores['routing_accuracy']:.4f} |"
-            if routed
-            else ""
-        )
-        lines.append(f"| {task} | {scores['accuracy']:.4f} |{extra}")
+    lines = markdown_table(header[: len(metrics) + 1], rows)
     if routed:
         per_text = 1000 * result["routed_seconds_per_text"]
         lines.append(f"\nrouter + routed forward: {per_text:.2f} ms per text")

@@ -16,6 +16,7 @@ import numpy as np
 
 from freemerge.benchmarks.machine import describe_machine, machine_line
 from freemerge.benchmarks.quality import QualityRun, individual_row
+from freemerge.benchmarks.tables import markdown_table
 from freemerge.merging.artifact import read_manifest
 from freemerge.merging.config import load_config
 from freemerge.merging.zoo_folder import Zoo
@@ -85,6 +86,33 @@ def _pick(rows: list[dict]) -> dict:
     }
 
 
+ROW_COLUMNS = [
+    "rank",
+    "factors",
+    "bytes / expert",
+    "% of backbone",
+    "validation mean",
+    "validation normalised",
+    "test mean",
+    "test normalised",
+]  # then a column per task (its test accuracy)
+
+
+def _row_cells(row: dict, tasks: list[str]) -> list[object]:
+    share = 100 * row["expert_bytes"] / row["backbone_bytes"]
+    return [
+        row["rank"],
+        row["dtype"],
+        f"{row['expert_bytes']:,}",
+        f"{share:.2f}%",
+        f"{row['validation_mean']:.4f}",
+        f"{row['validation_normalised']:.3f}",
+        f"{row['test_mean']:.4f}",
+        f"{row['test_normalised']:.3f}",
+        *(f"{row['test'][task]:.3f}" for task in tasks),
+    ]
+
+
 def expert_markdown(result: dict, command: str) -> str:
     rows, pick = result["rows"], result["pick"]
     tasks = list(rows[0]["test"])
@@ -97,18 +125,8 @@ def expert_markdown(result: dict, command: str) -> str:
         "row; accuracy with the true task. *normalised*: mean over tasks of accuracy / the "
         "individual model's on the same split. Bytes: one task's expert.",
         "",
-        "| rank | factors | bytes / expert | % of backbone | validation mean | validation "
-        "normalised | test mean | test normalised | " + " | ".join(tasks) + " |",
-        "|---" * (8 + len(tasks)) + "|",
+        *markdown_table([*ROW_COLUMNS, *tasks], [_row_cells(r, tasks) for r in rows]),
     ]
-    for r in rows:
-        share = 100 * r["expert_bytes"] / r["backbone_bytes"]
-        cells = " | ".join(f"{r['test'][t]:.3f}" for t in tasks)
-        lines.append(
-            f"| {r['rank']} | {r['dtype']} | {r['expert_bytes']:,} | {share:.2f}% | "
-            f"{r['validation_mean']:.4f} | {r['validation_normalised']:.3f} | "
-            f"{r['test_mean']:.4f} | {r['test_normalised']:.3f} | {cells} |"
-        )
     change = pick["float16_change_points"]
     verdict = "met" if pick["float16_within_0_2_points"] else "not met"
     lines += [

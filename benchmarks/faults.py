@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from freemerge.benchmarks.evaluate import task_texts
+from freemerge.benchmarks.judging import spread
 from freemerge.benchmarks.loadgen import LoadSpec, call, run_load_in_process
 from freemerge.benchmarks.spawn import run_in_child
+from freemerge.benchmarks.tables import markdown_table, median_and_range
 from freemerge.merging.artifact import open_artifact
 from freemerge.serving.settings import ServingOptions
 
@@ -301,8 +303,8 @@ def budget_run(artifact: str, budget: int | None, rows: int) -> dict:
     token budget (None: no bound); seconds and peak resident memory (after a warm-up)."""
     import torch
 
-    from freemerge.serving.engine import ClassifyRequest, MergedEngine
-    from freemerge.serving.runtime import StageTimings
+    from freemerge.serving.engine import MergedEngine
+    from freemerge.serving.requests import ClassifyRequest, StageTimings
 
     torch.set_num_threads(2)
     engine = MergedEngine(Path(artifact), "cpu", max_batch_tokens=budget or 10**12)
@@ -346,17 +348,15 @@ def budget_sweep(
 
 
 def _spread(values: list[float]) -> dict:
-    return {
-        "median": round(float(np.median(values)), 1),
-        "min": round(float(np.min(values)), 1),
-        "max": round(float(np.max(values)), 1),
-    }
+    """Median and range of the rounds' values, to 0.1."""
+    return {key: round(value, 1) for key, value in spread(values).items() if key != "per_round"}
 
 
 # Two model replicas of one CPU; a long request timeout, so that the largest legal traffic
 # (some 500,000 tokens on two cores) is answered whole and its memory peak is the whole run's.
 SERVER = {"device": "cpu", "replicas": 2, "cpus_per_replica": 1, "request_timeout_s": 300.0}
 BUDGETS = (2048, 4096, 8192, 16384, 32768, None)
+BUDGET_FIGURES = ("tokens_per_s", "peak_mib", "peak_over_loaded_mib")  # per budget, over rounds
 
 
 def server_scenarios(artifact: Path, tasks: list[str], bodies: list[dict]) -> dict:
@@ -431,10 +431,6 @@ def run_faults(artifact: Path, full: bool = False) -> dict:
     return result
 
 
-def _range(spread: dict, spec: str = ",.0f") -> str:
-    return f"{spread['median']:{spec}} ({spread['min']:{spec}}..{spread['max']:{spec}})"
-
-
 def _kill_lines(title: str, kill: dict) -> list[str]:
     back = kill["seconds_until_replicas_back"]
     return [
@@ -485,12 +481,14 @@ def _hostile_lines(rows: list[dict]) -> list[str]:
         f"{len(rows)} requests; {fives} got a 5xx or no answer; the server answered a plain "
         f"request after each: {all(r['server_ok_after'] for r in rows)}.",
         "",
-        "| request | status | expected | ms | error |",
-        "|---|---|---|---|---|",
+        *markdown_table(
+            ["request", "status", "expected", "ms", "error"],
+            [
+                [r["case"], r["status"], r["expected"], r["ms"], r["error"].replace("|", "/")]
+                for r in rows
+            ],
+        ),
     ]
-    for r in rows:
-        error = r["error"].replace("|", "/")
-        lines.append(f"| {r['case']} | {r['status']} | {r['expected']} | {r['ms']} | {error} |")
     return lines + [""]
 
 
@@ -536,15 +534,15 @@ def _budget_lines(table: list[dict]) -> list[str]:
         "",
         "Each budget in a fresh process, in interleaved rounds; median (min..max).",
         "",
-        "| budget (tokens) | tokens/s | peak MiB | peak over loaded MiB |",
-        "|---|---|---|---|",
+        *markdown_table(
+            ["budget (tokens)", "tokens/s", "peak MiB", "peak over loaded MiB"],
+            [
+                ["none" if row["budget"] is None else f"{row['budget']:,}"]
+                + [median_and_range(row[key], ",.0f") for key in BUDGET_FIGURES]
+                for row in table
+            ],
+        ),
     ]
-    for row in table:
-        budget = "none" if row["budget"] is None else f"{row['budget']:,}"
-        lines.append(
-            f"| {budget} | {_range(row['tokens_per_s'])} | {_range(row['peak_mib'])} | "
-            f"{_range(row['peak_over_loaded_mib'])} |"
-        )
     return lines + [""]
 
 

@@ -35,15 +35,17 @@ from freemerge.benchmarks.finetune import token_logits, word_tags
 from freemerge.benchmarks.loadgen import call
 from freemerge.benchmarks.machine import describe_machine, machine_line
 from freemerge.benchmarks.sources import fetch_wheel
+from freemerge.benchmarks.tables import markdown_table
 from freemerge.benchmarks.zoo import EMBEDDING_TASK, NER_TASK
 from freemerge.merging.artifact import open_artifact
 from freemerge.merging.batching import PassPlan, Tokenized, outputs_in_passes
 from freemerge.merging.config import ExpertConfig, load_config
-from freemerge.merging.kinds import CLASSIFY_ROUTE, pooled
+from freemerge.merging.kind_rules import CLASSIFY_ROUTE
+from freemerge.merging.kinds import pooled
 from freemerge.merging.merge import run_merge
 from freemerge.merging.zoo_folder import Zoo
-from freemerge.serving.engine import TaskKinds
 from freemerge.serving.local import free_port, start_local, stop_local
+from freemerge.serving.requests import TaskKinds
 from freemerge.serving.runtime import MergedClassifier
 
 TEXTS_PER_TASK = 200  # test texts per sentence task for the embeddings' cosine
@@ -321,45 +323,66 @@ def mixed_load(artifact: Path, cache_dir: Path | None) -> dict:
     }
 
 
-def _kind_rows(result: dict) -> list[str]:
+def _kind_rows(result: dict) -> list[list[str]]:
     """The main table's rows: the tagger per part, the embeddings, then each classifier."""
     share = {t: 100 * b / result["backbone_bytes"] for t, b in result["expert_bytes"].items()}
     rows = []
     for part, ner in result["ner"].items():
         f1 = {k: ner[k]["f1"] for k in ("individual", "tagged", "routed")}
         rows.append(
-            f"| {NER_TASK} (entity F1, {part}: {ner['sentences']} tweets, "
-            f"{ner['tagged']['gold_entities']} entities) | {f1['individual']:.4f} "
-            f"| {f1['tagged']:.4f} ({100 * f1['tagged'] / f1['individual']:.1f}%) "
-            f"| {f1['routed']:.4f} (routing {ner['routing_accuracy']:.3f}) "
-            f"| {share[NER_TASK]:.2f}% |"
+            [
+                f"{NER_TASK} (entity F1, {part}: {ner['sentences']} tweets, "
+                f"{ner['tagged']['gold_entities']} entities)",
+                f"{f1['individual']:.4f}",
+                f"{f1['tagged']:.4f} ({100 * f1['tagged'] / f1['individual']:.1f}%)",
+                f"{f1['routed']:.4f} (routing {ner['routing_accuracy']:.3f})",
+                f"{share[NER_TASK]:.2f}%",
+            ]
         )
     emb = result["embedding"]
     recall = emb["title_to_body_recall_at_1"]
     rows += [
-        f"| {EMBEDDING_TASK} (cosine to the original, {emb['texts']} test texts) | 1 "
-        f"| {emb['cosine_mean']:.4f} (1st percentile {emb['cosine_p01']:.4f}, least "
-        f"{emb['cosine_min']:.4f}) | - | {share[EMBEDDING_TASK]:.2f}% |",
-        f"| {EMBEDDING_TASK} (BBC title -> own body, recall@1 among {emb['articles']}) "
-        f"| {recall['original']:.4f} | {recall['served']:.4f} | - | |",
+        [
+            f"{EMBEDDING_TASK} (cosine to the original, {emb['texts']} test texts)",
+            "1",
+            f"{emb['cosine_mean']:.4f} (1st percentile {emb['cosine_p01']:.4f}, least "
+            f"{emb['cosine_min']:.4f})",
+            "-",
+            f"{share[EMBEDDING_TASK]:.2f}%",
+        ],
+        [
+            f"{EMBEDDING_TASK} (BBC title -> own body, recall@1 among {emb['articles']})",
+            f"{recall['original']:.4f}",
+            f"{recall['served']:.4f}",
+            "-",
+            "",
+        ],
     ]
     rows += [
-        f"| {task} (accuracy) | | {s['accuracy']:.4f} | {s.get('routed_accuracy', 0):.4f} "
-        f"| {share[task]:.2f}% |"
+        [
+            f"{task} (accuracy)",
+            "",
+            f"{s['accuracy']:.4f}",
+            f"{s.get('routed_accuracy', 0):.4f}",
+            f"{share[task]:.2f}%",
+        ]
         for task, s in result["classifiers"]["tasks"].items()
     ]
     return rows
 
 
-def _variant_rows(result: dict) -> list[str]:
+def _variant_rows(result: dict) -> list[list[str]]:
     individual = {part: ner["individual"]["f1"] for part, ner in result["ner"].items()}
     return [
-        f"| {v['experts']} | {v['expert_bytes_pct']:.2f}% | "
-        + " | ".join(
-            f"{f1:.4f} ({100 * f1 / individual[part]:.1f}%)"
-            for part, f1 in v["ner_tagged_f1"].items()
-        )
-        + f" | {v['cosine_mean']:.4f} ({v['cosine_min']:.4f}) |"
+        [
+            v["experts"],
+            f"{v['expert_bytes_pct']:.2f}%",
+            *(
+                f"{f1:.4f} ({100 * f1 / individual[part]:.1f}%)"
+                for part, f1 in v["ner_tagged_f1"].items()
+            ),
+            f"{v['cosine_mean']:.4f} ({v['cosine_min']:.4f})",
+        ]
         for v in result["variants"]
     ]
 
@@ -367,7 +390,8 @@ def _variant_rows(result: dict) -> list[str]:
 def kinds_markdown(result: dict, command: str) -> str:
     """The committed report of :func:`run_kinds`."""
     load = result["mixed_load"]
-    parts = " | ".join(f"entity F1 tagged, {part}" for part in result["ner"])
+    parts = [f"entity F1 tagged, {part}" for part in result["ner"]]
+    variant_header = ["experts", "bytes / task", *parts, "embedding cosine, mean (least)"]
     return "\n".join(
         [
             "# Task kinds on real data",
@@ -381,16 +405,15 @@ def kinds_markdown(result: dict, command: str) -> str:
             "embedding: the original model); tagged and routed = the merged artifact through "
             "the server's runtime; expert bytes as a share of the backbone's.",
             "",
-            "| task | individual | merged, tagged | merged, routed | expert bytes |",
-            "|---|---|---|---|---|",
-            *_kind_rows(result),
+            *markdown_table(
+                ["task", "individual", "merged, tagged", "merged, routed", "expert bytes"],
+                _kind_rows(result),
+            ),
             "",
             "The same merge with one expert setting for every task (no router; bytes per task; "
             "share of the individual tagger's F1):",
             "",
-            f"| experts | bytes / task | {parts} | embedding cosine, mean (least) |",
-            "|---|---|---|---|---|",
-            *_variant_rows(result),
+            *markdown_table(variant_header, _variant_rows(result)),
             "",
             f"Mixed load over HTTP (loopback, one model replica, {load['clients']} clients, "
             f"{load['requests']} requests of 4 texts cycling tagged, routed, entity and embed "

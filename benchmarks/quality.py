@@ -25,6 +25,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Batc
 from freemerge.benchmarks.evaluate import evaluate_artifact, task_texts
 from freemerge.benchmarks.finetune import accuracy, predict
 from freemerge.benchmarks.machine import describe_machine, machine_line
+from freemerge.benchmarks.tables import markdown_table
 from freemerge.merging.artifact import open_artifact, read_manifest
 from freemerge.merging.batching import run_texts
 from freemerge.merging.config import parse_config
@@ -389,27 +390,36 @@ def _row_json(row: Row, individual: dict[str, float]) -> dict:
     }
 
 
+def _method_cells(row: dict, tasks: list[str]) -> list[str]:
+    """A method's row: test accuracy per task, mean, normalised, bytes, time, what was picked."""
+    seconds = "" if row["merge_seconds"] is None else f"{row['merge_seconds']:.0f}"
+    picked = json.dumps(row["picked"]).replace("|", "/") if row["picked"] else ""
+    note = f" {row['note']}" if row["note"] else ""
+    return [
+        row["name"],
+        *(f"{row['test'][task]:.3f}" for task in tasks),
+        f"{row['test_mean']:.3f}",
+        f"{row['normalised_mean']:.3f}",
+        f"{row['extra_bytes_pct']:.2f}%",
+        seconds,
+        f"`{picked}`{note}",
+    ]
+
+
 def quality_markdown(result: dict, command: str) -> str:
     tasks = result["tasks"]
-    header = (
-        "| method | " + " | ".join(tasks) + " | mean | normalised | extra bytes / task "
-        "| merge time (s) | picked on validation |"
-    )
-    rule = "|---" * (len(tasks) + 6) + "|"
+    header = [
+        "method",
+        *tasks,
+        "mean",
+        "normalised",
+        "extra bytes / task",
+        "merge time (s)",
+        "picked on validation",
+    ]
 
     def table(entries: list[dict]) -> str:
-        lines = [header, rule]
-        for row in entries:
-            cells = " | ".join(f"{row['test'][t]:.3f}" for t in tasks)
-            seconds = "" if row["merge_seconds"] is None else f"{row['merge_seconds']:.0f}"
-            picked = json.dumps(row["picked"]).replace("|", "/") if row["picked"] else ""
-            note = f" {row['note']}" if row["note"] else ""
-            lines.append(
-                f"| {row['name']} | {cells} | {row['test_mean']:.3f} "
-                f"| {row['normalised_mean']:.3f} | {row['extra_bytes_pct']:.2f}% | {seconds} "
-                f"| `{picked}`{note} |"
-            )
-        return "\n".join(lines)
+        return "\n".join(markdown_table(header, [_method_cells(row, tasks) for row in entries]))
 
     ablations = "\n\n".join(
         f"### {name}\n\n{table(rows)}" for name, rows in result["ablations"].items()

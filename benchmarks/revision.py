@@ -22,6 +22,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from freemerge.benchmarks.judging import spread
+from freemerge.benchmarks.tables import markdown_table, median_and_range
+
 BATCHES = {"batch 1": 1, "batch 16": 16}
 MAX_TOKENS = 128
 
@@ -120,19 +123,20 @@ def revision_markdown(result: dict, command: str) -> str:
     """The report: per batch size, the seconds per side and round and the ratios."""
     from freemerge.benchmarks.machine import machine_line
 
-    lines = [
-        "| forward | revision (ms, per round) | this tree (ms, per round) | this tree / revision "
-        "per round | median (range) |",
-        "|---|---|---|---|---|",
-    ]
+    rows = []
     for label, ratios in result["ratios"].items():
         old = ", ".join(f"{1000 * r['revision'][label]:.1f}" for r in result["rounds"])
         new = ", ".join(f"{1000 * r['this tree'][label]:.1f}" for r in result["rounds"])
         each = ", ".join(f"{x:.3f}" for x in ratios)
-        lines.append(
-            f"| tagged, {label} | {old} | {new} | {each} "
-            f"| {statistics.median(ratios):.3f} ({min(ratios):.3f}..{max(ratios):.3f}) |"
-        )
+        rows.append([f"tagged, {label}", old, new, each, median_and_range(spread(ratios), ".3f")])
+    header = [
+        "forward",
+        "revision (ms, per round)",
+        "this tree (ms, per round)",
+        "this tree / revision per round",
+        "median (range)",
+    ]
+    lines = markdown_table(header, rows)
     return (
         "# This tree against another revision\n\n"
         f"The engine's tagged forward (`MergedClassifier.classify_rows`, at most {MAX_TOKENS} "

@@ -19,7 +19,6 @@ dense part. Scored on validation (where the default is picked) and test:
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -30,7 +29,9 @@ import torch
 from tqdm.auto import tqdm
 
 from freemerge.benchmarks.evaluate import answers_for, task_texts
+from freemerge.benchmarks.judging import clears, spread
 from freemerge.benchmarks.machine import describe_machine, machine_line
+from freemerge.benchmarks.tables import markdown_table, median_and_range
 from freemerge.merging.artifact import open_artifact
 from freemerge.merging.batching import PassPlan
 from freemerge.merging.router import (
@@ -51,8 +52,9 @@ from freemerge.merging.router_training import (
 )
 from freemerge.merging.zoo_folder import Zoo
 from freemerge.serving.engine import TaskModel
+from freemerge.serving.requests import StageTimings
 from freemerge.serving.router import Router
-from freemerge.serving.runtime import MergedClassifier, StageTimings
+from freemerge.serving.runtime import MergedClassifier
 
 COST_BUDGET_MS = 1.0  # the router's own cost per text the default must stay within
 THRESHOLDS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -210,10 +212,7 @@ def cost_per_text(
                 else:
                     routers[name].routes(model.backbone, model.tokenizer, [text], plan)
             timed[name].append(1000 * (time.perf_counter() - start) / len(texts))
-    return {
-        name: {"median": statistics.median(v), "min": min(v), "max": max(v), "per_round": v}
-        for name, v in timed.items()
-    }
+    return {name: spread(v) for name, v in timed.items()}
 
 
 def fit_kinds(
@@ -269,8 +268,13 @@ def router_record(router: TaskRouter, kind: str, tasks: list[str]) -> dict:
 
 def pick_default(kinds: dict[str, dict]) -> str:
     """The best routing accuracy on validation among the kinds within the cost budget."""
-    within = [k for k, r in kinds.items() if r["cost_ms"]["max"] <= COST_BUDGET_MS] or list(kinds)
+    within = [k for k, r in kinds.items() if _within_budget(r["cost_ms"])] or list(kinds)
     return max(within, key=lambda k: kinds[k]["validation"]["mean"]["routing_accuracy_all"])
+
+
+def _within_budget(cost_ms: dict) -> bool:
+    """Whether the router's cost per text stayed within :data:`COST_BUDGET_MS` every round."""
+    return clears(cost_ms, COST_BUDGET_MS, higher_is_better=False)
 
 
 def run_router_bench(
@@ -328,51 +332,69 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+KIND_COLUMNS = [
+    "kind",
+    "routing accuracy, validation",
+    "routing accuracy, test",
+    "routed accuracy, test",
+    "normalised, test",
+    "ECE, test",
+    "router cost per text (ms)",
+    "fit (s)",
+]
+
+
 def _kinds_table(result: dict) -> list[str]:
-    lines = [
-        "| kind | routing accuracy, validation | routing accuracy, test | routed accuracy, test "
-        "| normalised, test | ECE, test | router cost per text (ms) | fit (s) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
     true_task = result["true_task"]["test"]
-    lines.append(
-        f"| the true task given (no router: the ceiling) | | | {true_task['accuracy']:.3f} "
-        f"| {_pct(true_task['normalised'])} | | | |"
-    )
+    ceiling = [
+        "the true task given (no router: the ceiling)",
+        "",
+        "",
+        f"{true_task['accuracy']:.3f}",
+        _pct(true_task["normalised"]),
+        "",
+        "",
+        "",
+    ]
+    rows = [ceiling]
     for kind, r in result["kinds"].items():
-        val, test, cost = r["validation"]["mean"], r["test"]["mean"], r["cost_ms"]
+        val, test = r["validation"]["mean"], r["test"]["mean"]
         mark = " (default)" if kind == result["default"] else ""
-        lines.append(
-            f"| `{kind}`{mark} | {_pct(val['routing_accuracy_all'])} "
-            f"| {_pct(test['routing_accuracy_all'])} | {test['routed_accuracy']:.3f} "
-            f"| {_pct(test['normalised'])} | {test['ece']:.3f} "
-            f"| {cost['median']:.2f} ({cost['min']:.2f}..{cost['max']:.2f}) "
-            f"| {r['fitting']['fit_seconds']:.0f} |"
+        rows.append(
+            [
+                f"`{kind}`{mark}",
+                _pct(val["routing_accuracy_all"]),
+                _pct(test["routing_accuracy_all"]),
+                f"{test['routed_accuracy']:.3f}",
+                _pct(test["normalised"]),
+                f"{test['ece']:.3f}",
+                median_and_range(r["cost_ms"], ".2f"),
+                f"{r['fitting']['fit_seconds']:.0f}",
+            ]
         )
-    return lines
+    return markdown_table(KIND_COLUMNS, rows)
 
 
 def _coverage_table(rows: list[dict]) -> list[str]:
-    lines = [
-        "| min confidence | coverage | routing accuracy | normalised routed accuracy "
-        "| the same texts with the true task (ceiling) |",
-        "|---|---|---|---|---|",
+    header = [
+        "min confidence",
+        "coverage",
+        "routing accuracy",
+        "normalised routed accuracy",
+        "the same texts with the true task (ceiling)",
     ]
+    figures = ("coverage", "routing_accuracy", "normalised", "true_task_normalised")
+    cells = []
     for row in sorted(rows, key=lambda r: r["threshold"]):
         label = f"{row['threshold']:.3f}" + (" (90% coverage)" if row["at_90_coverage"] else "")
-        lines.append(
-            f"| {label} | {_pct(row['coverage'])} | {_pct(row['routing_accuracy'])} "
-            f"| {_pct(row['normalised'])} | {_pct(row['true_task_normalised'])} |"
-        )
-    return lines
+        cells.append([label, *(_pct(row[key]) for key in figures)])
+    return markdown_table(header, cells)
 
 
 def _confusion_table(result: dict) -> list[str]:
     tasks = result["tasks"]
-    lines = ["| true \\ routed | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-    for task, row in zip(tasks, result["confusion"], strict=True):
-        lines.append(f"| {task} | " + " | ".join(str(n) for n in row) + " |")
-    return lines
+    rows = [[task, *row] for task, row in zip(tasks, result["confusion"], strict=True)]
+    return markdown_table(["true \\ routed", *tasks], rows)
 
 
 def _targets(result: dict) -> list[str]:
@@ -393,23 +415,29 @@ def _targets(result: dict) -> list[str]:
             0.97,
         ),
     ]
-    lines = ["| target (default router, test) | measured | met |", "|---|---|---|"]
-    for name, value, goal in checks:
-        lines.append(f"| {name} | {_pct(value)} | {'yes' if value >= goal else 'no'} |")
+    rows = [[name, _pct(value), _yes(value >= goal)] for name, value, goal in checks]
     tagged = result["tagged_answer_ms"]["per_round"]
-    ratios = [(r + t) / t for r, t in zip(cost["per_round"], tagged, strict=True)]
-    lines.append(
-        f"| untagged answer within 1.10x of tagged (router + tagged answer over the tagged "
-        f"answer, one text, every round) | {statistics.median(ratios):.3f}x "
-        f"({min(ratios):.3f}..{max(ratios):.3f}) | {'yes' if max(ratios) <= 1.10 else 'no'} |"
+    ratios = spread([(r + t) / t for r, t in zip(cost["per_round"], tagged, strict=True)])
+    rows.append(
+        [
+            "untagged answer within 1.10x of tagged (router + tagged answer over the tagged "
+            "answer, one text, every round)",
+            median_and_range(ratios, ".3f", "x"),
+            _yes(clears(ratios, 1.10, higher_is_better=False)),
+        ]
     )
-    met = cost["max"] <= COST_BUDGET_MS
-    lines.append(
-        f"| router cost <= {COST_BUDGET_MS:g} ms per text (every round) "
-        f"| {cost['median']:.2f} ms ({cost['min']:.2f}..{cost['max']:.2f}) "
-        f"| {'yes' if met else 'no'} |"
+    rows.append(
+        [
+            f"router cost <= {COST_BUDGET_MS:g} ms per text (every round)",
+            median_and_range(cost, ".2f", " ms"),
+            _yes(_within_budget(cost)),
+        ]
     )
-    return lines
+    return markdown_table(["target (default router, test)", "measured", "met"], rows)
+
+
+def _yes(met: bool) -> str:
+    return "yes" if met else "no"
 
 
 def router_markdown(result: dict, command: str) -> str:
@@ -426,8 +454,8 @@ def router_markdown(result: dict, command: str) -> str:
         "model's accuracy on the same texts, mean over tasks; ECE: expected calibration error "
         "(15 bins). Cost: the router alone, one text at a time, median and range over "
         f"{result['rounds']} interleaved rounds; "
-        f"a tagged text's whole answer took {tagged['median']:.1f} ms "
-        f"({tagged['min']:.1f}..{tagged['max']:.1f}) in the same rounds. The default (`{default}`) "
+        f"a tagged text's whole answer took {median_and_range(tagged, '.1f', ' ms')} "
+        f"in the same rounds. The default (`{default}`) "
         f"is the best on validation among the kinds within {COST_BUDGET_MS:g} ms per text.",
         "",
         *_kinds_table(result),

@@ -29,18 +29,13 @@ from pathlib import Path
 import numpy as np
 
 from freemerge.benchmarks.evaluate import task_texts
-from freemerge.benchmarks.load import (
-    SERVER_SETTINGS,
-    Contender,
-    LoadPlan,
-    load_run,
-    replica_memory,
-    spread,
-    synthetic_like,
-)
+from freemerge.benchmarks.judging import clears, spread
+from freemerge.benchmarks.load import SERVER_SETTINGS, Contender, LoadPlan, load_run
 from freemerge.benchmarks.loadgen import LoadSpec, call, run_load_in_process
-from freemerge.benchmarks.machine import describe_machine
+from freemerge.benchmarks.machine import describe_machine, machine_line
+from freemerge.benchmarks.memory import MIB, replica_memory, synthetic_like
 from freemerge.benchmarks.spawn import run_in_child
+from freemerge.benchmarks.tables import markdown_table, median_and_range
 from freemerge.merging.artifact import EXPERTS_FOLDER, open_artifact, verify_artifact
 from freemerge.merging.experts import load_expert
 from freemerge.merging.refit import verified_manifest, write_version
@@ -121,8 +116,8 @@ def _served_memory_child(artifact: str, tasks: list[str], texts: dict, requests:
     import torch
 
     from freemerge.benchmarks.loadgen import task_sequence
-    from freemerge.serving.engine import ClassifyRequest, MergedEngine, process_resident_bytes
-    from freemerge.serving.runtime import StageTimings
+    from freemerge.serving.engine import MergedEngine, process_resident_bytes
+    from freemerge.serving.requests import ClassifyRequest, StageTimings
 
     torch.set_num_threads(2)
     engine = MergedEngine(Path(artifact), "cpu")
@@ -362,10 +357,27 @@ def run_scale_bench(source: Path, zoo: Zoo, cache_dir: Path, total: int, rounds:
 def _ratio_target(name: str, values: list[float], limit: float) -> dict:
     """A target on per-round ratios: met when the whole range clears ``limit``."""
     spread_ = spread(values)
-    return {"name": name, **spread_, "limit": limit, "met": spread_["max"] <= limit}
+    return {
+        "name": name,
+        **spread_,
+        "limit": limit,
+        "met": clears(spread_, limit, higher_is_better=False),
+    }
+
+
+def _at_most(name: str, value: float | None, limit: float) -> dict:
+    """A target on one measured value: met when it is at most ``limit`` (None: not met)."""
+    return {
+        "name": name,
+        "value": value,
+        "limit": limit,
+        "met": value is not None and value <= limit,
+    }
 
 
 def scale_targets(result: dict) -> list[dict]:
+    """The targets: memory against one plain model, latency against six tasks over rounds,
+    the cold fetch, and the live update's failures and delay."""
     memory_ = result["memory"]
     rss = memory_["scale"]["rss_bytes"] / memory_["plain"]["rss_bytes"]
     scale_runs, six_runs = result["http"]["scale"], result["http"]["six"]
@@ -373,14 +385,8 @@ def scale_targets(result: dict) -> list[dict]:
     cold = result["fetch"]["disk (dropped from the page cache)"]["p99_ms"]
     live = result["live"]
     failed = sum(n for s, n in live["statuses"].items() if s != "200")
-    answering = live["add"]["answering_s"]
     return [
-        {
-            "name": "resident memory, 1,000 tasks / one plain model",
-            "value": rss,
-            "limit": 2.0,
-            "met": rss <= 2.0,
-        },
+        _at_most("resident memory, 1,000 tasks / one plain model", rss, 2.0),
         _ratio_target(
             "p50, Zipf mix: 1,000 tasks / six tasks",
             [a["p50_ms"] / b["p50_ms"] for a, b in pairs],
@@ -391,78 +397,89 @@ def scale_targets(result: dict) -> list[dict]:
             [a["p99_ms"] / b["p99_ms"] for a, b in pairs],
             2.0,
         ),
-        {
-            "name": "cold expert fetch from disk, p99 (ms)",
-            "value": cold,
-            "limit": 5.0,
-            "met": cold <= 5.0,
-        },
-        {
-            "name": "failed requests while a task is added and one removed",
-            "value": failed,
-            "limit": 0,
-            "met": failed == 0,
-        },
-        {
-            "name": "seconds until the added task answers",
-            "value": answering,
-            "limit": 30.0,
-            "met": answering is not None and answering <= 30.0,
-        },
+        _at_most("cold expert fetch from disk, p99 (ms)", cold, 5.0),
+        _at_most("failed requests while a task is added and one removed", failed, 0),
+        _at_most("seconds until the added task answers", live["add"]["answering_s"], 30.0),
     ]
 
 
-def _target_line(target: dict) -> str:
+def _target_cells(target: dict) -> list[str]:
     verdict = "met" if target["met"] else "not met"
     if "median" in target:
-        value = f"{target['median']:.2f}x ({target['min']:.2f}..{target['max']:.2f})"
-        limit = f"<= {target['limit']:g}x"
+        value, limit = median_and_range(target, ".2f", "x"), f"<= {target['limit']:g}x"
     else:
         value = "none" if target["value"] is None else f"{target['value']:.3g}"
         limit = f"<= {target['limit']:g}"
-    return f"| {target['name']} | {value} | {limit} | {verdict} |"
+    return [target["name"], value, limit, verdict]
 
 
 def _memory_lines(memory_: dict) -> list[str]:
-    mib = 2**20
-    lines = [
-        "| process | tasks | distinct tasks asked | resident | experts held (host + device) |",
-        "|---|---|---|---|---|",
+    rows = [
+        [
+            name,
+            memory_[key]["tasks"],
+            memory_[key]["distinct_tasks_asked"],
+            f"{memory_[key]['rss_bytes'] / MIB:.0f} MiB",
+            f"{memory_[key]['expert_bytes_held'] / MIB:.0f} MiB",
+        ]
+        for key, name in (("scale", "merged, 1,000 tasks"), ("six", "merged, six tasks"))
     ]
-    for key, name in (("scale", "merged, 1,000 tasks"), ("six", "merged, six tasks")):
-        row = memory_[key]
-        lines.append(
-            f"| {name} | {row['tasks']} | {row['distinct_tasks_asked']} | "
-            f"{row['rss_bytes'] / mib:.0f} MiB | {row['expert_bytes_held'] / mib:.0f} MiB |"
-        )
-    lines.append(f"| one plain model | 1 | 1 | {memory_['plain']['rss_bytes'] / mib:.0f} MiB | |")
+    rows.append(["one plain model", 1, 1, f"{memory_['plain']['rss_bytes'] / MIB:.0f} MiB", ""])
+    header = [
+        "process",
+        "tasks",
+        "distinct tasks asked",
+        "resident",
+        "experts held (host + device)",
+    ]
     tiers = memory_["scale"]["tiers"]
-    lines += [
+    return [
+        *markdown_table(header, rows),
         "",
         "Tiers of the 1,000-task process after the traffic: "
         + "; ".join(
             f"{tier}: {t['hits']} hits, {t['misses']} misses, {t['evictions']} evictions, "
-            f"{t['bytes'] / mib:.0f} MiB"
+            f"{t['bytes'] / MIB:.0f} MiB"
             for tier, t in tiers.items()
         )
         + ".",
     ]
-    return lines
+
+
+def _fetch_lines(fetch: dict) -> list[str]:
+    rows = [
+        [tier, q["samples"], f"{q['p50_ms']:.3f}", f"{q['p99_ms']:.3f}", f"{q['max_ms']:.3f}"]
+        for tier, q in fetch.items()
+    ]
+    return markdown_table(["tier", "samples", "p50 (ms)", "p99 (ms)", "max (ms)"], rows)
 
 
 def _http_lines(http: dict) -> list[str]:
-    lines = [
-        "| round | server | throughput (req/s) | p50 (ms) | p99 (ms) | errors | replica resident |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for key, name in (("scale", "1,000 tasks"), ("six", "six tasks")):
         for run in http[key]:
-            resident = run["memory"]["process_resident_bytes"] / 2**20
-            lines.append(
-                f"| {run['round']} | {name} | {run['throughput_rps']:.1f} | {run['p50_ms']:.1f} | "
-                f"{run['p99_ms']:.1f} | {run['errors']} | {resident:.0f} MiB |"
+            resident = run["memory"]["process_resident_bytes"] / MIB
+            rows.append(
+                [
+                    run["round"],
+                    name,
+                    f"{run['throughput_rps']:.1f}",
+                    f"{run['p50_ms']:.1f}",
+                    f"{run['p99_ms']:.1f}",
+                    run["errors"],
+                    f"{resident:.0f} MiB",
+                ]
             )
-    return lines
+    header = [
+        "round",
+        "server",
+        "throughput (req/s)",
+        "p50 (ms)",
+        "p99 (ms)",
+        "errors",
+        "replica resident",
+    ]
+    return markdown_table(header, rows)
 
 
 def _secs(value: float | None) -> str:
@@ -470,9 +487,8 @@ def _secs(value: float | None) -> str:
 
 
 def scale_markdown(result: dict, command: str) -> str:
-    from freemerge.benchmarks.machine import machine_line
-
-    live = result["live"]
+    """The report: targets, resident memory, fetch latency per tier, HTTP rounds, live edits."""
+    target_header = ["target", "measured (median and range over rounds)", "limit", ""]
     lines = [
         "# Experts at scale: a thousand tasks on one replica",
         "",
@@ -488,9 +504,7 @@ def scale_markdown(result: dict, command: str) -> str:
         "",
         "## Targets",
         "",
-        "| target | measured (median and range over rounds) | limit | |",
-        "|---|---|---|---|",
-        *[_target_line(t) for t in result["targets"]],
+        *markdown_table(target_header, [_target_cells(t) for t in result["targets"]]),
         "",
         "## Resident memory",
         "",
@@ -502,13 +516,7 @@ def scale_markdown(result: dict, command: str) -> str:
         "",
         "## Expert fetch latency per tier",
         "",
-        "| tier | samples | p50 (ms) | p99 (ms) | max (ms) |",
-        "|---|---|---|---|---|",
-        *[
-            f"| {tier} | {q['samples']} | {q['p50_ms']:.3f} | {q['p99_ms']:.3f} | "
-            f"{q['max_ms']:.3f} |"
-            for tier, q in result["fetch"].items()
-        ],
+        *_fetch_lines(result["fetch"]),
         "",
         "A fetch from disk reads the file once, checks its sha256 against the manifest and "
         "parses those bytes; *dropped*: `posix_fadvise(DONTNEED)` on the file first.",
@@ -517,6 +525,13 @@ def scale_markdown(result: dict, command: str) -> str:
         "",
         *_http_lines(result["http"]),
         "",
+        *_live_lines(result["live"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _live_lines(live: dict) -> list[str]:
+    return [
         "## A task added and one removed under load",
         "",
         f"Task `{live['added']}` (a zoo model under a new name) added with `add-task` in "
@@ -528,4 +543,3 @@ def scale_markdown(result: dict, command: str) -> str:
         f"deploy began; removed task refused (404) {_secs(live['remove']['refused_s'])} after "
         f"its. Load: {live['load']['requests']} requests, statuses {live['statuses']}.",
     ]
-    return "\n".join(lines) + "\n"

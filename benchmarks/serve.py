@@ -21,16 +21,12 @@ import numpy as np
 import psutil
 
 from freemerge.benchmarks.faults import FRONT_TITLE, REPLICA_TITLE, replica_kill
-from freemerge.benchmarks.load import (
-    MIN_ROUNDS,
-    contender_texts,
-    ratio_target,
-    server_side,
-    spread,
-)
+from freemerge.benchmarks.judging import MIN_ROUNDS, ratio, ratio_target, runs_by_round, spread
+from freemerge.benchmarks.load import contender_texts, server_side
 from freemerge.benchmarks.loadgen import LoadSpec, run_load_in_process
 from freemerge.benchmarks.machine import describe_machine, machine_line
 from freemerge.benchmarks.spawn import run_in_child
+from freemerge.benchmarks.tables import markdown_table
 from freemerge.merging.artifact import open_artifact
 from freemerge.serving.local import free_port, start_local, stop_local
 from freemerge.serving.metrics import scrape
@@ -53,8 +49,8 @@ def engine_rate(options: dict, texts: dict, per_call: int, total: int) -> float:
     """Texts per second of the engine alone, ``per_call`` one-text requests per call."""
     import torch
 
-    from freemerge.serving.app import build_engine
-    from freemerge.serving.runtime import StageTimings
+    from freemerge.serving.replicas import build_engine
+    from freemerge.serving.requests import StageTimings
     from freemerge.serving.settings import ServingOptions
 
     parsed = ServingOptions.from_mapping(options)
@@ -194,12 +190,9 @@ def kills(artifact: Path, texts: dict) -> dict[str, dict]:
 
 
 def _rows(result: dict, part: str, contender: str, **match: object) -> list[dict]:
-    found = [
-        r
-        for r in result[part]
-        if r["contender"] == contender and all(r[k] == v for k, v in match.items())
-    ]
-    return sorted(found, key=lambda r: r["round"])
+    """The contender's rows of ``part`` ("engine" or "served") whose fields equal ``match``,
+    one per round, in round order."""
+    return list(runs_by_round(result[part], contender=contender, **match).values())
 
 
 def serve_targets(result: dict) -> list[dict]:
@@ -208,14 +201,14 @@ def serve_targets(result: dict) -> list[dict]:
     rows = []
     for clients in (16, 64):
         served = [r["rate"] for r in _rows(result, "served", "merged", clients=clients)]
-        ratios = [s / e if e else float("nan") for s, e in zip(served, engine, strict=True)]
+        ratios = [ratio(s, e) for s, e in zip(served, engine, strict=True)]
         name = f"served rate at {clients} clients / engine at 16 per call"
         rows.append(ratio_target(name, ratios, 0.6, True, unit="%"))
     batches = [r["batch_p50_texts"] or 0.0 for r in _rows(result, "served", "merged", clients=16)]
     name = "texts per batch at 16 clients (median, bucket bound)"
     rows.append(ratio_target(name, batches, 8, True))
     overload = _rows(result, "served", "merged", clients="open")
-    answered = [r["rate"] / r["capacity"] if r["capacity"] else float("nan") for r in overload]
+    answered = [ratio(r["rate"], r["capacity"]) for r in overload]
     name = f"answered at {OVERLOAD}x the sustainable rate / that rate (the best closed loop)"
     rows.append(ratio_target(name, answered, 0.9, True, unit="%"))
     refusals = [r["refused_p99_ms"] or 0.0 for r in overload]
@@ -230,51 +223,73 @@ def _cell(values: list[float], spec: str = ".1f", unit: str = "") -> str:
     return f"{s['median']:{spec}}{unit} ({s['min']:{spec}}{unit} to {s['max']:{spec}}{unit})"
 
 
+CONTENDER_COLUMNS = [
+    "what",
+    "texts/s",
+    "p50 ms",
+    "p99 ms",
+    "texts per batch: p50 (bucket bound) / mean",
+    "refused or failed",
+    "CPU ms per request: proxy / front / model",
+]
+
+
 def _contender_lines(result: dict, contender: str) -> list[str]:
-    lines = [
-        "| what | texts/s | p50 ms | p99 ms | texts per batch: p50 (bucket bound) / mean | refused "
-        "or failed | CPU ms per request: proxy / front / model |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for per_call in PER_CALL:
         rates = [r["rate"] for r in _rows(result, "engine", contender, per_call=per_call)]
-        lines.append(f"| engine alone, {per_call} per call | {_cell(rates)} | | | | | |")
+        rows.append([f"engine alone, {per_call} per call", _cell(rates), "", "", "", "", ""])
     for clients in (*CLIENTS, "open"):
-        runs = _rows(result, "served", contender, clients=clients)
-        what = f"served, {clients} clients" if clients != "open" else (
+        rows.append(_served_cells(result, contender, clients))
+    return markdown_table(CONTENDER_COLUMNS, rows)
+
+
+def _served_cells(result: dict, contender: str, clients: int | str) -> list[str]:
+    """The row of the served runs at ``clients`` closed-loop clients, or "open" (overload)."""
+    runs = _rows(result, "served", contender, clients=clients)
+    what = f"served, {clients} clients"
+    if clients == "open":
+        offered = spread([r["offered"] for r in runs])["median"] or 0
+        what = (
             f"served, open loop at {OVERLOAD}x the best closed-loop rate "
-            f"(median {spread([r['offered'] for r in runs])['median'] or 0:.0f}/s offered)"
-        )  # fmt: skip
-        cpu = " / ".join(_cell([r["cpu_ms_per_request"][role] for r in runs]) for role in ROLES)
-        lines.append(
-            f"| {what} | {_cell([r['rate'] for r in runs])} "
-            f"| {_cell([r['p50_ms'] for r in runs], '.0f')} "
-            f"| {_cell([r['p99_ms'] for r in runs], '.0f')} "
-            f"| {_cell([r['batch_p50_texts'] or 0.0 for r in runs], '.0f')} / "
-            f"{_cell([r.get('batch_mean_texts') for r in runs])} "
-            f"| {_cell([r['errors'] for r in runs], '.0f')} | {cpu} |"
+            f"(median {offered:.0f}/s offered)"
         )
-    return lines
+    batches = (
+        f"{_cell([r['batch_p50_texts'] or 0.0 for r in runs], '.0f')} / "
+        f"{_cell([r.get('batch_mean_texts') for r in runs])}"
+    )
+    cpu = " / ".join(_cell([r["cpu_ms_per_request"][role] for r in runs]) for role in ROLES)
+    return [
+        what,
+        _cell([r["rate"] for r in runs]),
+        _cell([r["p50_ms"] for r in runs], ".0f"),
+        _cell([r["p99_ms"] for r in runs], ".0f"),
+        batches,
+        _cell([r["errors"] for r in runs], ".0f"),
+        cpu,
+    ]
 
 
 def _target_lines(result: dict) -> list[str]:
-    lines = ["| target | median (range) | met |", "|---|---|---|"]
+    rows = []
     for row in serve_targets(result):
         scale, unit = (100, "%") if row["unit"] == "%" else (1, "")
         values = [v * scale for v in row["per_round"]]
         sign = ">=" if row["higher_is_better"] else "<="
         threshold = f"{sign} {row['threshold'] * scale:g}{unit}"
         met = {True: "yes", False: "no", None: "not judged"}[row["met"]]
-        lines.append(f"| {row['target']} {threshold} | {_cell(values, unit=unit)} | {met} |")
+        rows.append([f"{row['target']} {threshold}", _cell(values, unit=unit), met])
     for name, kill in result.get("kills", {}).items():
-        met = "yes" if kill["failed"] == 0 else "no"
-        lines.append(
-            f"| kill -9 of a {name} under {kill['clients']} clients: 0 failed | "
-            f"{kill['failed']} of {kill['requests']} (statuses "
-            f"{kill['failed_statuses'] or 'none'}), back in "
-            f"{kill['seconds_until_replicas_back']} s | {met} |"
+        rows.append(
+            [
+                f"kill -9 of a {name} under {kill['clients']} clients: 0 failed",
+                f"{kill['failed']} of {kill['requests']} (statuses "
+                f"{kill['failed_statuses'] or 'none'}), back in "
+                f"{kill['seconds_until_replicas_back']} s",
+                "yes" if kill["failed"] == 0 else "no",
+            ]
         )
-    return lines
+    return markdown_table(["target", "median (range)", "met"], rows)
 
 
 def serve_markdown(result: dict, command: str) -> str:

@@ -52,6 +52,7 @@ from freemerge.benchmarks.sources import (
     backbone_dir,
     sentence_transformers_files,
 )
+from freemerge.benchmarks.tables import markdown_table
 from freemerge.merging.files import (
     replaced_directory,
     sha256_file,
@@ -328,25 +329,36 @@ def backbone_line(zoo: Zoo) -> str:
     return f"{name or 'the base model in base/'} ({shape})"
 
 
+ZOO_COLUMNS = [
+    "task",
+    "classes",
+    "train / val / test",
+    "majority baseline",
+    "val accuracy",
+    "test accuracy",
+    "fine-tune time (s)",
+]
+
+
 def zoo_table(zoo: Zoo) -> str:
     """Markdown table: task, classes, split sizes, majority baseline, accuracy, build time."""
-    lines = [
-        "| task | classes | train / val / test | majority baseline | val accuracy | test accuracy "
-        "| fine-tune time (s) |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for task in zoo.tasks.values():
         sizes = " / ".join(
             str(task.sizes[p]) for p in ("train", "validation", "test") if task.sizes
         )
         scores = (task.majority_accuracy, task.validation_accuracy, task.test_accuracy)
-        shown = " | ".join("-" if x is None else f"{x:.3f}" for x in scores)
         metric = "" if task.metric == "accuracy" else f" ({task.metric})"
-        lines.append(
-            f"| {task.name}{metric} | {len(task.label_names)} ({', '.join(task.label_names)}) "
-            f"| {sizes or '-'} | {shown} | {task.build_seconds:.0f} |"
+        rows.append(
+            [
+                f"{task.name}{metric}",
+                f"{len(task.label_names)} ({', '.join(task.label_names)})",
+                sizes or "-",
+                *("-" if x is None else f"{x:.3f}" for x in scores),
+                f"{task.build_seconds:.0f}",
+            ]
         )
-    return "\n".join(lines)
+    return "\n".join(markdown_table(ZOO_COLUMNS, rows))
 
 
 def zoo_report(zoo: Zoo, command: str) -> str:

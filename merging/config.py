@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from freemerge.merging.experts import DEFAULT_EXPERT_KIND, Expert, expert_settings, make_expert
-from freemerge.merging.kinds import TASK_KINDS
+from freemerge.merging.kind_rules import TASK_KINDS
 from freemerge.merging.methods import MergeMethod, get_method, resolve_parameters
 from freemerge.merging.router_config import RouterConfig
 from freemerge.merging.zoo_folder import Zoo, ZooError, open_zoo

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, PretrainedConfig
 from freemerge.merging.artifact import Artifact, staged_directory
 from freemerge.merging.experts import LowRankExpert, load_expert
 from freemerge.merging.families import config_family, head_modules, load_backbone, task_config
-from freemerge.merging.kinds import SEQUENCE_KINDS
+from freemerge.merging.kind_rules import SEQUENCE_KINDS
 
 
 def label_settings(labels: list[str]) -> dict:

@@ -1,4 +1,6 @@
-"""Task kinds: everything that differs by what a task answers, in this one module.
+"""Task kinds: everything that differs by what a task answers, in this module and its
+torch-free half, :mod:`freemerge.merging.kind_rules` (the kinds' names, routes, options and
+scoring rules, which the HTTP fronts check requests with).
 
 A task's kind is read from its own model folder (:func:`kind_of_model`):
 
@@ -10,8 +12,9 @@ A task's kind is read from its own model folder (:func:`kind_of_model`):
   transformers' own token-classification pipeline code (:class:`EntityGrouper`);
 - a ``*ForSequenceClassification`` is a **single-label**, **multi-label** or **regression**
   task by its ``problem_type`` and label count, scored as transformers' text-classification
-  pipeline scores it (:func:`scoring_of`): softmax, sigmoid, or the raw logit. Its inputs
-  may be text pairs (a cross-encoder: NLI labels, a relevance score).
+  pipeline scores it (:func:`~freemerge.merging.kind_rules.scoring_of`): softmax, sigmoid,
+  or the raw logit. Its inputs may be text pairs (a cross-encoder: NLI labels, a relevance
+  score).
 
 Heads are computed by transformers' own classes (:class:`~freemerge.merging.families.TaskHead`
 with the kind's head class); only the pooling of an embedding task is computed here, as
@@ -41,20 +44,16 @@ from transformers.pipelines.token_classification import (
 )
 
 from freemerge.merging.families import TaskHead, config_family, config_from_dict, skeleton
+from freemerge.merging.kind_rules import (
+    EMBEDDING,
+    MULTI_LABEL,
+    REGRESSION,
+    SEQUENCE_KINDS,
+    SINGLE_LABEL,
+    TOKEN_CLASSIFICATION,
+    scoring_of,
+)
 
-SINGLE_LABEL = "single_label_classification"
-MULTI_LABEL = "multi_label_classification"
-REGRESSION = "regression"
-TOKEN_CLASSIFICATION = "token_classification"
-EMBEDDING = "embedding"
-TASK_KINDS = (SINGLE_LABEL, MULTI_LABEL, REGRESSION, TOKEN_CLASSIFICATION, EMBEDDING)
-SEQUENCE_KINDS = (SINGLE_LABEL, MULTI_LABEL, REGRESSION)
-# The route that serves each kind.
-CLASSIFY_ROUTE, EMBED_ROUTE = "/v1/classify", "/v1/embed"
-ROUTE_OF_KIND = {kind: CLASSIFY_ROUTE for kind in TASK_KINDS} | {EMBEDDING: EMBED_ROUTE}
-AGGREGATIONS = tuple(strategy.value for strategy in AggregationStrategy)
-DEFAULT_AGGREGATION = "simple"
-DEFAULT_THRESHOLD = 0.5
 # sentence-transformers' pooling modes, in the order it concatenates them.
 POOLING_MODES = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens")
 ST_MODULES = {
@@ -88,26 +87,6 @@ def kind_of_model(folder: Path, config: dict) -> str:
     if config.get("problem_type") == MULTI_LABEL:
         return MULTI_LABEL
     return SINGLE_LABEL
-
-
-def scoring_of(kind: str, config: dict) -> str | None:
-    """How a sequence task's logits become scores, as transformers' text-classification
-    pipeline applies them: ``softmax`` (single-label), ``sigmoid`` (multi-label, and a one-label
-    model without ``problem_type``, such as a cross-encoder reranker), ``none`` (regression)."""
-    if kind == SINGLE_LABEL:
-        return "softmax"
-    if kind == MULTI_LABEL or (kind == REGRESSION and config.get("problem_type") != REGRESSION):
-        return "sigmoid"
-    return "none" if kind == REGRESSION else None
-
-
-def takes_pairs(kind: str, config: dict) -> str:
-    """Whether a task's inputs may be text pairs: ``required`` for a sentence-transformers
-    cross-encoder (its config.json holds a ``sentence_transformers`` block), ``accepted`` for
-    other sequence tasks, ``refused`` for token and embedding tasks."""
-    if kind not in SEQUENCE_KINDS:
-        return "refused"
-    return "required" if isinstance(config.get("sentence_transformers"), dict) else "accepted"
 
 
 def head_class(kind: str, config: PretrainedConfig) -> type | None:
@@ -286,16 +265,6 @@ def _scored(row: torch.Tensor, scoring: str | None) -> torch.Tensor:
     if scoring == "softmax":
         return torch.softmax(row, dim=-1)
     return torch.sigmoid(row) if scoring == "sigmoid" else row
-
-
-SCORINGS = ("softmax", "sigmoid", "none")  # as transformers' `function_to_apply`
-DEFAULT_OPTIONS = {
-    "threshold": DEFAULT_THRESHOLD,
-    "aggregation": DEFAULT_AGGREGATION,
-    "normalize": True,
-    "function_to_apply": None,  # sequence tasks: None keeps the task's own scoring
-    "truncate": True,  # False: a text longer than the task's token limit is refused (413)
-}
 
 
 def task_runner(

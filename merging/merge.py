@@ -38,15 +38,13 @@ from freemerge.merging.families import (
 )
 from freemerge.merging.files import sha256_file
 from freemerge.merging.filters import HighPass
+from freemerge.merging.kind_rules import EMBEDDING, scoring_of, takes_pairs
 from freemerge.merging.kinds import (
-    EMBEDDING,
     KindError,
     backbone_tensors,
     embedding_settings,
     head_class,
     kind_of_model,
-    scoring_of,
-    takes_pairs,
 )
 from freemerge.merging.methods import get_method
 from freemerge.merging.router_training import build_router

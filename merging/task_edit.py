@@ -27,7 +27,7 @@ import torch
 from freemerge.merging.artifact import ArtifactError
 from freemerge.merging.checkpoint import Checkpoint, CheckpointError
 from freemerge.merging.experts import Expert, expert_settings, load_expert, make_expert
-from freemerge.merging.kinds import SINGLE_LABEL
+from freemerge.merging.kind_rules import SINGLE_LABEL
 from freemerge.merging.merge import check_compatible, model_kind, module_targets, write_task
 from freemerge.merging.refit import fit_router_into, router_data, verified_manifest, write_version
 from freemerge.merging.router_config import RouterConfig

@@ -19,10 +19,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StrictStr
 
-from freemerge.merging.kinds import ROUTE_OF_KIND
+from freemerge.merging.kind_rules import ROUTE_OF_KIND
 from freemerge.serving.dialects import OPENAI, TEI, VLLM
-from freemerge.serving.engine import ClassifyRequest, RequestError
-from freemerge.serving.runtime import Prediction
+from freemerge.serving.requests import ClassifyRequest, Prediction, RequestError
 from freemerge.serving.settings import MAX_ITEMS_CEILING
 
 Texts = Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_ITEMS_CEILING)]

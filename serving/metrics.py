@@ -10,13 +10,16 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from freemerge.serving.expert_store import TierCounts
-from freemerge.serving.runtime import Prediction, StageTimings
+from freemerge.serving.requests import Prediction, StageTimings
+
+if TYPE_CHECKING:
+    from freemerge.serving.expert_store import TierCounts
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,12 @@ TIER_COUNTERS = {
     "misses": "Expert lookups a tier did not hold",
     "evictions": "Experts a tier let go to stay within its byte budget",
 }
+# name, description, tags: counted by the fronts and by Ray's proxy (its refusals)
+REQUESTS_TOTAL = (
+    "freemerge_requests_total",
+    "Requests answered, by task, status and route (a route template)",
+    ("task", "status", "route"),
+)
 MEMORY_GAUGES = (
     "process_resident_bytes",
     "device_allocated_bytes",
@@ -40,11 +49,7 @@ class ServerMetrics:
     """The replica's metrics; one instance per replica."""
 
     def __init__(self) -> None:
-        self.requests = Counter(
-            "freemerge_requests_total",
-            "Requests answered, by task, status and route (a route template)",
-            tag_keys=("task", "status", "route"),
-        )
+        self.requests = Counter(*REQUESTS_TOTAL[:2], tag_keys=REQUESTS_TOTAL[2])
         self.latency = Histogram(
             "freemerge_request_latency_seconds",
             "Request latency in the replica",
@@ -127,9 +132,9 @@ class ServerMetrics:
         """Tier counters advance by what each tier counted since the last call; its bytes and
         the fetches' seconds are recorded."""
         for tier, counts in tiers.items():
-            seen = self._tiers_seen.get(tier, TierCounts())
+            seen = self._tiers_seen.get(tier)
             for name, counter in self.tier_counters.items():
-                grown = getattr(counts, name) - getattr(seen, name)
+                grown = getattr(counts, name) - (getattr(seen, name) if seen else 0)
                 if grown > 0:
                     counter.inc(grown, tags={"tier": tier})
             self.tier_bytes.set(counts.bytes, tags={"tier": tier})

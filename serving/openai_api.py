@@ -15,7 +15,7 @@ import numpy as np
 from fastapi import APIRouter, Path
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from freemerge.merging.kinds import (
+from freemerge.merging.kind_rules import (
     EMBEDDING,
     MULTI_LABEL,
     REGRESSION,
@@ -31,7 +31,7 @@ from freemerge.serving.dropin import (
     scored_labels,
     usage_tokens,
 )
-from freemerge.serving.runtime import Prediction
+from freemerge.serving.requests import Prediction
 from freemerge.serving.settings import MAX_TASK_CHARS
 
 router = APIRouter(tags=["OpenAI and vLLM (each task a model)"])

@@ -50,6 +50,7 @@ from freemerge.serving.guard import (
     refusal_of,
     send_error,
 )
+from freemerge.serving.metrics import REQUESTS_TOTAL
 from freemerge.serving.settings import API_KEYS_ENV
 
 logger = logging.getLogger(__name__)
@@ -72,11 +73,7 @@ def _refusal_counter() -> Any:
     try:
         from ray.util.metrics import Counter
 
-        return Counter(
-            "freemerge_requests_total",
-            "Requests answered, by task, status and route (a route template)",
-            tag_keys=("task", "status", "route"),
-        )
+        return Counter(*REQUESTS_TOTAL[:2], tag_keys=REQUESTS_TOTAL[2])
     except Exception:
         return False
 

@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
 from itertools import groupby
 
 import torch
@@ -45,7 +44,8 @@ from freemerge.merging.families import (
     task_config,
     token_limit,
 )
-from freemerge.merging.kinds import DEFAULT_OPTIONS, TaskRunner, task_runner
+from freemerge.merging.kind_rules import DEFAULT_OPTIONS
+from freemerge.merging.kinds import TaskRunner, task_runner
 from freemerge.serving.adapters import (
     RowTasks,
     install_row_adapters,
@@ -53,53 +53,9 @@ from freemerge.serving.adapters import (
     rows_assigned,
 )
 from freemerge.serving.expert_store import ExpertStore
+from freemerge.serving.requests import Prediction, StageTimings
 from freemerge.serving.router import Route, Router, RouterMissingError
 from freemerge.serving.settings import MIXING_MODES, ServingOptions
-
-
-@dataclass
-class Prediction:
-    """One input's answer: the task used, how it was chosen, whether the text was cut, and
-    the fields of the task's kind (:meth:`freemerge.merging.kinds.TaskRunner.answer`):
-    single-label ``label``, ``score``, ``scores``; multi-label ``labels``, ``scores``;
-    regression ``score``; token classification ``entities``; embedding ``embedding``."""
-
-    task: str
-    routed: bool
-    router_confidence: float | None
-    truncated: bool
-    label: str | None = None
-    score: float | None = None
-    scores: dict[str, float] | None = None
-    labels: list[str] | None = None
-    entities: list[dict] | None = None
-    embedding: list[float] | None = None
-    kind: str | None = None  # for the metrics, not the API: the task's kind
-    tokens: int = 0  # and the tokens the text ran as
-
-    def body(self) -> dict:
-        """The answer as the API gives it: the common fields and those of its kind."""
-        common = ("task", "routed", "router_confidence", "truncated")
-        internal = ("kind", "tokens")
-        return {
-            k: v
-            for k, v in vars(self).items()
-            if k not in internal and (k in common or v is not None)
-        }
-
-
-@dataclass
-class StageTimings:
-    """Seconds spent per stage (route, expert_apply, forward), summed over a call; each
-    stage's end is also reported to ``progress`` (the model thread's heartbeat)."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-    progress: Callable[[], None] | None = None
-
-    def add(self, stage: str, seconds: float) -> None:
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
-        if self.progress is not None:
-            self.progress()
 
 
 def _files(artifact: Artifact, prefix: str) -> dict[str, str]:

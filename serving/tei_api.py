@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from freemerge.merging.kinds import (
+from freemerge.merging.kind_rules import (
     AGGREGATIONS,
     EMBEDDING,
     MULTI_LABEL,
@@ -28,8 +28,7 @@ from freemerge.merging.kinds import (
 )
 from freemerge.serving.dialects import TEI
 from freemerge.serving.dropin import DropInRoutes, Texts, error_responses, scored_labels
-from freemerge.serving.engine import RequestError
-from freemerge.serving.runtime import Prediction
+from freemerge.serving.requests import Prediction, RequestError
 from freemerge.serving.settings import MAX_ITEMS_CEILING, MAX_TASK_CHARS
 
 router = APIRouter(tags=["Text Embeddings Inference (one task per base URL)"])

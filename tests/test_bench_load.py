@@ -4,7 +4,10 @@ import json
 
 import pytest
 
-from freemerge.benchmarks.load import LoadPlan, load_markdown, load_plots, run_load_bench, targets
+from freemerge.benchmarks.load import LoadPlan, run_load_bench
+from freemerge.benchmarks.load_plots import load_plots
+from freemerge.benchmarks.load_report import load_markdown
+from freemerge.benchmarks.load_targets import targets
 from freemerge.benchmarks.loadgen import task_sequence
 
 # Two rounds (the real default is 3): enough to see the rounds recorded and paired, while the

@@ -129,12 +129,28 @@ def _kill_leftovers(server: subprocess.Popen, seen: dict[int, psutil.Process]) -
 
 def _assert_proxy_has_our_middleware(seen: dict[int, psutil.Process]) -> None:
     """`freemerge serve` starts Ray's proxy with the middleware that resends and refuses, and
-    the room of its one front (the default --max-queued-requests, 32)."""
+    the room of its one front (the default --max-queued-requests)."""
     running = still_running(list(seen.values()))
     proxy = next(p for p in running if "ProxyActor" in " ".join(p.cmdline()))
     environment = proxy.environ()
     assert environment.get(PROXY_CALLBACK_ENV) == PROXY_CALLBACK
     assert environment.get(PROXY_LIMIT_ENV) == str(ServingOptions.max_queued_requests)
+
+
+def _loads_torch(process: psutil.Process) -> bool:
+    return any("libtorch" in Path(m.path).name for m in process.memory_maps())
+
+
+def _assert_only_the_model_replica_loads_torch(seen: dict[int, psutil.Process]) -> None:
+    """The front (ClassifierServer) checks requests without torch; the model replica runs it."""
+    running = still_running(list(seen.values()))
+    by_class = {
+        name: [p for p in running if name in " ".join(p.cmdline())]
+        for name in ("ClassifierServer", "ModelReplica")
+    }
+    assert by_class["ClassifierServer"] and by_class["ModelReplica"], by_class
+    assert not any(_loads_torch(p) for p in by_class["ClassifierServer"])
+    assert all(_loads_torch(p) for p in by_class["ModelReplica"])
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
@@ -144,6 +160,7 @@ def test_a_stopped_server_leaves_no_process_behind(tiny_routed_artifact, stop_si
         _wait_ready(server, port, seen)
         assert any("raylet" in p.name() for p in still_running(list(seen.values())))
         _assert_proxy_has_our_middleware(seen)
+        _assert_only_the_model_replica_loads_torch(seen)
         started = time.monotonic()
         server.send_signal(stop_signal)
         server.wait(timeout=EXIT_WITHIN_S)

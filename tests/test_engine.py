@@ -10,15 +10,10 @@ from freemerge.merging.batching import Tokenized
 from freemerge.merging.config import parse_config
 from freemerge.merging.merge import run_merge
 from freemerge.serving.adapters import rows_assigned
-from freemerge.serving.engine import (
-    ClassifyRequest,
-    Limits,
-    MergedEngine,
-    RequestError,
-    SeparateEngine,
-)
+from freemerge.serving.engine import MergedEngine, SeparateEngine
 from freemerge.serving.expert_store import held_bytes
-from freemerge.serving.runtime import MergedClassifier, StageTimings
+from freemerge.serving.requests import ClassifyRequest, Limits, RequestError, StageTimings
+from freemerge.serving.runtime import MergedClassifier
 
 
 def merge(zoo, out, experts, router=True):
@@ -251,7 +246,7 @@ def test_answers_do_not_depend_on_how_the_batch_is_cut_into_passes(artifacts, te
 def test_a_failing_request_fails_alone_and_the_rest_of_its_batch_is_answered():
     import asyncio
 
-    from freemerge.serving.app import answer_batch
+    from freemerge.serving.replicas import answer_batch
 
     class Metrics:
         def batch(self, *args):
@@ -286,7 +281,7 @@ def test_lone_surrogates_are_refused_before_any_work(artifacts):
 
 
 def test_error_messages_name_at_most_twenty_tasks():
-    from freemerge.serving.engine import check_routing
+    from freemerge.serving.requests import check_routing
 
     many = [f"task-{i:04d}" for i in range(1000)]
     with pytest.raises(RequestError) as refused:

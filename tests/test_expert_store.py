@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from freemerge.merging.artifact import EXPERTS_FOLDER, ArtifactError, open_artifact
-from freemerge.serving.engine import ClassifyRequest, MergedEngine
+from freemerge.serving.engine import MergedEngine
 from freemerge.serving.expert_store import ExpertStore, expert_nbytes
-from freemerge.serving.runtime import StageTimings
+from freemerge.serving.requests import ClassifyRequest, StageTimings
 
 
 @pytest.fixture(scope="module")

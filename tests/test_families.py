@@ -27,7 +27,8 @@ from freemerge.merging.merge import run_merge
 from freemerge.merging.task_edit import add_task, remove_task
 from freemerge.serving.engine import TaskModel
 from freemerge.serving.local import deploy_app
-from freemerge.serving.runtime import MergedClassifier, StageTimings
+from freemerge.serving.requests import StageTimings
+from freemerge.serving.runtime import MergedClassifier
 
 SIZE = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
 SIZE |= {"num_hidden_layers": 2, "max_position_embeddings": 64, "pad_token_id": 0}

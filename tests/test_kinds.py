@@ -26,9 +26,11 @@ from freemerge.benchmarks.loadgen import call
 from freemerge.merging.artifact import open_artifact
 from freemerge.merging.checkpoint import CheckpointError
 from freemerge.merging.config import parse_config
+from freemerge.merging.kind_rules import AGGREGATIONS
 from freemerge.merging.merge import run_merge
-from freemerge.serving.engine import Limits, MergedEngine, RequestError
-from freemerge.serving.runtime import MergedClassifier, StageTimings
+from freemerge.serving.engine import MergedEngine
+from freemerge.serving.requests import Limits, RequestError, StageTimings
+from freemerge.serving.runtime import MergedClassifier
 
 
 def sequence_scores(folder: Path, rows: list) -> torch.Tensor:
@@ -254,3 +256,10 @@ def test_a_model_of_no_served_kind_is_refused(kinds, tmp_path):
     with pytest.raises(CheckpointError, match="BertForMaskedLM is not a task this server runs"):
         run_merge(parse_config(raw), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_aggregations_a_front_accepts_are_transformers_own():
+    """A front checks `aggregation` against kind_rules' copy; the grouping is transformers'."""
+    from transformers.pipelines.token_classification import AggregationStrategy
+
+    assert AGGREGATIONS == tuple(strategy.value for strategy in AggregationStrategy)

@@ -59,3 +59,13 @@ def test_every_cli_option_has_help():
 
     missing = [f"{prog} {a.option_strings}" for prog, a in walk(build_parser()) if not a.help]
     assert missing == []
+
+
+def test_the_front_processes_import_no_torch():
+    """A front (ClassifierServer's process imports serving.app), Ray's proxy (our middleware)
+    and ``freemerge serve`` itself check requests without torch or transformers."""
+    modules = ("freemerge.serving.app", "freemerge.serving.proxy", "freemerge.serving.local")
+    heavy = ("torch", "transformers", "safetensors.torch")
+    code = f"import sys, {', '.join(modules)}; print(sorted(set({heavy}) & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

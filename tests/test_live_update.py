@@ -12,9 +12,9 @@ from live_server import live_server
 from tiny_merges import LINEAR_LOWRANK, QUICK_ROUTER, merged
 
 from freemerge.merging.task_edit import add_task, remove_task
-from freemerge.serving.engine import ClassifyRequest, MergedEngine, RequestError
+from freemerge.serving.engine import MergedEngine
 from freemerge.serving.local import deploy_app
-from freemerge.serving.runtime import StageTimings
+from freemerge.serving.requests import ClassifyRequest, RequestError, StageTimings
 
 NEW = "debate_party"
 

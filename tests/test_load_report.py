@@ -4,18 +4,16 @@ import math
 
 import pytest
 
+from freemerge.benchmarks.judging import MIN_ROUNDS, ratio_target, spread
 from freemerge.benchmarks.load import (
-    MIN_ROUNDS,
     Contender,
     LoadPlan,
-    load_markdown,
-    ratio_target,
     resolved_settings,
     round_scenarios,
-    spread,
     target_scenarios,
-    targets,
 )
+from freemerge.benchmarks.load_report import load_markdown
+from freemerge.benchmarks.load_targets import targets
 
 MIB = 2**20
 

@@ -9,8 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from freemerge.serving.app import ModelThread
-from freemerge.serving.runtime import MergedClassifier, StageTimings
+from freemerge.serving.replicas import ModelThread
+from freemerge.serving.requests import StageTimings
+from freemerge.serving.runtime import MergedClassifier
 
 
 def test_a_call_without_progress_is_stuck_and_one_with_progress_is_not():

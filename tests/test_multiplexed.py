@@ -8,9 +8,9 @@ from live_server import live_server
 from freemerge.benchmarks.evaluate import task_texts
 from freemerge.benchmarks.loadgen import call
 from freemerge.serving.app import build_app
-from freemerge.serving.engine import ClassifyRequest, SeparateEngine
+from freemerge.serving.engine import SeparateEngine
 from freemerge.serving.metrics import counter_total, scrape_until
-from freemerge.serving.runtime import StageTimings
+from freemerge.serving.requests import ClassifyRequest, StageTimings
 
 TASKS = ["sms_spam", "bbc_topic", "debate_party"]
 

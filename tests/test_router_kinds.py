@@ -21,8 +21,9 @@ from freemerge.merging.router_training import (
     held_out_rows,
 )
 from freemerge.serving.cli import main
-from freemerge.serving.engine import MergedEngine, RequestError
-from freemerge.serving.runtime import MergedClassifier, StageTimings
+from freemerge.serving.engine import MergedEngine
+from freemerge.serving.requests import RequestError, StageTimings
+from freemerge.serving.runtime import MergedClassifier
 
 TASKS = ("sms_spam", "bbc_topic", "debate_party")
 

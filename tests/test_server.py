@@ -9,9 +9,9 @@ from live_server import live_server
 from freemerge.benchmarks.evaluate import task_texts
 from freemerge.benchmarks.loadgen import call
 from freemerge.merging.artifact import open_artifact
-from freemerge.serving.engine import ClassifyRequest, MergedEngine
+from freemerge.serving.engine import MergedEngine
 from freemerge.serving.metrics import scrape_until
-from freemerge.serving.runtime import StageTimings
+from freemerge.serving.requests import ClassifyRequest, StageTimings
 
 
 @pytest.fixture(scope="module")
