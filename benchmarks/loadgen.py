@@ -5,22 +5,22 @@ client never competes with the server for the same interpreter.
 
 from __future__ import annotations
 
-import http.client
+import asyncio
 import json
-import queue
-import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
+import aiohttp
 import numpy as np
 
 from freemerge.benchmarks.spawn import run_in_child
 
 MIXES = ("identical", "uniform", "skewed", "distinct")
+ANSWER_TIMEOUT_S = 60.0  # a request without an answer by then counts as failed (status 0)
+JSON = {"content-type": "application/json"}
 
 
 @dataclass
@@ -46,6 +46,7 @@ class LoadResult:
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # the load generator's own CPU over the run (all its threads)
     # Per request: seconds since start when sent, latency, HTTP status (0: no answer), the
     # artifact version answered and the labels, in the order sent.
     records: list[dict] = field(default_factory=list)
@@ -121,132 +122,114 @@ def call(
         return status, None
 
 
-class KeptConnections:
-    """POSTs to one URL over kept-alive HTTP/1.1 connections, as HTTP clients' pools send them
-    (``requests``, ``httpx``, Go's client): a connection is reused by the next request once its
-    answer is read, and a new one opened only when all are busy."""
-
-    def __init__(self, url: str, timeout: float = 60.0) -> None:
-        parts = urllib.parse.urlsplit(url)
-        self.host, self.port, self.path = parts.hostname, parts.port, parts.path or "/"
-        self.timeout = timeout
-        self.idle: queue.LifoQueue[http.client.HTTPConnection] = queue.LifoQueue()
-
-    def post(self, body: bytes) -> tuple[int, dict | None]:
-        """(HTTP status, JSON answer) as :func:`call` gives them."""
-        try:
-            connection = self.idle.get_nowait()
-        except queue.Empty:
-            connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-        try:
-            connection.request("POST", self.path, body, {"content-type": "application/json"})
-            response = connection.getresponse()
-            status, text = response.status, response.read()
-        except (OSError, http.client.HTTPException):
-            connection.close()
-            return 0, None
-        if response.will_close:
-            connection.close()
-        else:
-            self.idle.put(connection)
-        try:
-            return status, json.loads(text)
-        except ValueError:
-            return status, None
-
-    def close(self) -> None:
-        while not self.idle.empty():
-            self.idle.get_nowait().close()
+async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, bytes]:
+    """(HTTP status, body) of one POST over the session's kept-alive connections; status 0
+    when no answer came."""
+    try:
+        async with session.post(url, data=body, headers=JSON) as response:
+            return response.status, await response.read()
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        return 0, b""
 
 
 def run_load(spec: LoadSpec) -> LoadResult:
-    """Drive the load in this process (threads, kept-alive connections); stops after
-    ``requests`` or ``max_seconds``."""
+    """Drive the load in this process, from one event loop over kept-alive HTTP/1.1
+    connections (aiohttp's pool, as clients' pools send them: a connection is reused once its
+    answer is read, a new one opened only when all are busy); stops after ``requests`` or
+    ``max_seconds``. One loop rather than a thread per client keeps the generator's own CPU per
+    request low (it shares the cores with the server it measures)."""
+    return asyncio.run(_run_load(spec))
+
+
+async def _run_load(spec: LoadSpec) -> LoadResult:
     result = LoadResult(asdict(spec) | {"texts": None})
     bodies = _bodies(spec)  # encoded as they are sent: a spec may allow far more than get sent
-    lock = threading.Lock()
-    connections = KeptConnections(spec.url)
-    start = time.perf_counter()
-    deadline = start + spec.max_seconds
+    connector = aiohttp.TCPConnector(limit=0)  # no cap: the spec bounds the concurrency
+    timeout = aiohttp.ClientTimeout(total=ANSWER_TIMEOUT_S)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        cpu_start, start = time.process_time(), time.perf_counter()
 
-    def one(body: bytes, index: int) -> None:
-        sent = time.perf_counter()
-        status, answer = connections.post(body)
-        latency = time.perf_counter() - sent
-        answer = answer if status == 200 else None
-        with lock:
-            if status == 200:
-                result.latencies.append(latency)
-            else:
-                result.errors += 1
-            result.records.append(
-                {
-                    "index": index,
-                    "sent": sent - start,
-                    "latency": latency,
-                    "status": status,
-                    "version": answer and answer["artifact_version"],
-                    "labels": answer and [r["label"] for r in answer["results"]],
-                }
-            )
+        async def one(body: bytes, index: int) -> None:
+            sent = time.perf_counter()
+            status, text = await _post(session, spec.url, body)
+            _record(result, index, sent - start, time.perf_counter() - sent, status, text)
 
-    if spec.mode == "closed":
-        threads = _closed_loop(spec, bodies, one, lock, deadline)
-    elif spec.mode == "open":
-        threads = _open_loop(spec, bodies, one, start, deadline)
-    else:
-        raise ValueError(f"unknown load mode {spec.mode!r}; allowed: closed, open")
-    for thread in threads:
-        thread.join(timeout=max(1.0, deadline - time.perf_counter() + 60))
-    result.seconds = time.perf_counter() - start
-    connections.close()
+        deadline = start + spec.max_seconds
+        if spec.mode == "closed":
+            await _closed_loop(spec, bodies, one, deadline)
+        elif spec.mode == "open":
+            await _open_loop(spec, bodies, one, start, deadline)
+        else:
+            raise ValueError(f"unknown load mode {spec.mode!r}; allowed: closed, open")
+        result.seconds = time.perf_counter() - start
+        result.cpu_seconds = time.process_time() - cpu_start
     return result
 
 
-def _closed_loop(
+def _record(
+    result: LoadResult, index: int, sent: float, latency: float, status: int, text: bytes
+) -> None:
+    """One request's outcome into ``result`` (an answer's version and labels from its JSON)."""
+    answer = None
+    if status == 200:
+        result.latencies.append(latency)
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            answer = None
+    else:
+        result.errors += 1
+    result.records.append(
+        {
+            "index": index,
+            "sent": sent,
+            "latency": latency,
+            "status": status,
+            "version": answer and answer["artifact_version"],
+            "labels": answer and [r["label"] for r in answer["results"]],
+        }
+    )
+
+
+async def _closed_loop(
     spec: LoadSpec,
     bodies: Iterator[bytes],
-    send: Callable[[bytes, int], None],
-    lock: threading.Lock,
+    send: Callable[[bytes, int], Awaitable[None]],
     deadline: float,
-) -> list[threading.Thread]:
+) -> None:
     """``spec.concurrency`` clients, each sending its next request when its last one ends."""
-    queue = iter(enumerate(bodies))
+    queue = enumerate(bodies)
 
-    def worker() -> None:
+    async def client() -> None:
         while time.perf_counter() < deadline:
-            with lock:
-                item = next(queue, None)
+            item = next(queue, None)
             if item is None:
                 return
-            send(item[1], item[0])
+            await send(item[1], item[0])
 
-    threads = [threading.Thread(target=worker) for _ in range(spec.concurrency)]
-    for thread in threads:
-        thread.start()
-    return threads
+    await asyncio.gather(*(client() for _ in range(spec.concurrency)))
 
 
-def _open_loop(
+async def _open_loop(
     spec: LoadSpec,
     bodies: Iterator[bytes],
-    send: Callable[[bytes, int], None],
+    send: Callable[[bytes, int], Awaitable[None]],
     start: float,
     deadline: float,
-) -> list[threading.Thread]:
+) -> None:
     """Requests at Poisson arrivals of ``spec.rate`` per second, whatever the answers do."""
     gaps = np.random.default_rng(spec.seed + 2).exponential(1.0 / spec.rate, spec.requests)
-    threads = []
+    pending = set()
     due = start
     for index, (body, gap) in enumerate(zip(bodies, gaps, strict=True)):
         due += gap
         if due > deadline:
             break
-        time.sleep(max(0.0, due - time.perf_counter()))
-        thread = threading.Thread(target=send, args=(body, index))
-        thread.start()
-        threads.append(thread)
-    return threads
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        task = asyncio.ensure_future(send(body, index))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    await asyncio.gather(*pending)
 
 
 def run_load_in_process(spec: LoadSpec) -> LoadResult:

@@ -35,6 +35,9 @@ CLIENTS = (1, 4, 16, 64)
 PER_CALL = (1, 16)
 OVERLOAD = 4  # the open loop's rate, in multiples of the best closed-loop rate
 ROLES = {"proxy": "ProxyActor", "front": "ClassifierServer", "model": "ModelReplica"}
+# CPU per request is reported for the server's processes and for the load generator, which
+# takes its CPU from the same cores
+CPU_ROLES = (*ROLES, "client")
 SHORT = (40, 120)  # characters of the texts sent
 SETTINGS = {"cpus_per_replica": 2}  # a model replica on both cores; the rest as shipped
 
@@ -101,7 +104,8 @@ def measured_run(spec: LoadSpec, metrics: str) -> dict:
         "batch_p50_texts": server["batch_p50_texts_bucket"],
         "batch_mean_texts": len(answered) / server["batches"] if server["batches"] else None,
         "cpu_ms_per_request": {
-            role: 1000 * (cpu_after[role] - cpu_before[role]) / sent for role in ROLES
+            **{role: 1000 * (cpu_after[role] - cpu_before[role]) / sent for role in ROLES},
+            "client": 1000 * result.cpu_seconds / sent,
         },
     }
 
@@ -230,7 +234,7 @@ CONTENDER_COLUMNS = [
     "p99 ms",
     "texts per batch: p50 (bucket bound) / mean",
     "refused or failed",
-    "CPU ms per request: proxy / front / model",
+    "CPU ms per request: proxy / front / model / client",
 ]
 
 
@@ -258,7 +262,7 @@ def _served_cells(result: dict, contender: str, clients: int | str) -> list[str]
         f"{_cell([r['batch_p50_texts'] or 0.0 for r in runs], '.0f')} / "
         f"{_cell([r.get('batch_mean_texts') for r in runs])}"
     )
-    cpu = " / ".join(_cell([r["cpu_ms_per_request"][role] for r in runs]) for role in ROLES)
+    cpu = " / ".join(_cell([r["cpu_ms_per_request"][role] for r in runs]) for role in CPU_ROLES)
     return [
         what,
         _cell([r["rate"] for r in runs]),
@@ -302,7 +306,8 @@ def serve_markdown(result: dict, command: str) -> str:
         "started server); medians with the range over rounds. One tagged text of "
         f"{SHORT[0]} to {SHORT[1]} characters per request, tasks mixed, kept-alive connections; "
         f"server settings `{result['settings']}`. CPU per request: per request sent, answered "
-        "or refused.",
+        "or refused; the client is the load generator (Python threads, one process), on the "
+        "same two cores as the server.",
         "",
         "## Targets (merged)",
         "",

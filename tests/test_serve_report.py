@@ -1,6 +1,12 @@
 """The serve bench's targets and tables, on a synthetic result (no Ray, no model)."""
 
-from freemerge.benchmarks.serve import CLIENTS, PER_CALL, ROLES, serve_markdown, serve_targets
+from freemerge.benchmarks.serve import (
+    CLIENTS,
+    CPU_ROLES,
+    PER_CALL,
+    serve_markdown,
+    serve_targets,
+)
 
 MACHINE = {
     "cpus": 2,
@@ -24,7 +30,7 @@ def run(contender: str, r: int, clients: object, rate: float, batch: float = 16.
         "p99_ms": 200.0,
         "refused_p99_ms": None,
         "batch_p50_texts": batch,
-        "cpu_ms_per_request": dict.fromkeys(ROLES, 5.0),
+        "cpu_ms_per_request": dict.fromkeys(CPU_ROLES, 5.0),
     }
 
 
