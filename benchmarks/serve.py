@@ -306,7 +306,7 @@ def serve_markdown(result: dict, command: str) -> str:
         "started server); medians with the range over rounds. One tagged text of "
         f"{SHORT[0]} to {SHORT[1]} characters per request, tasks mixed, kept-alive connections; "
         f"server settings `{result['settings']}`. CPU per request: per request sent, answered "
-        "or refused; the client is the load generator (Python threads, one process), on the "
+        "or refused; the client is the load generator (one asyncio loop in one process), on the "
         "same two cores as the server.",
         "",
         "## Targets (merged)",

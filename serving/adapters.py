@@ -35,26 +35,32 @@ class RowTasks:
         self.segments: list[tuple[Expert | None, int, int]] = []
         self.rows = 0
 
-    def slices(self, x: torch.Tensor, name: str) -> list[tuple[Expert | None, slice]]:
-        """Each segment's expert and its rows of ``x`` flattened to (rows * tokens, width)."""
+    def slices(self, x: torch.Tensor, name: str) -> list[tuple[Expert | None, slice | None]]:
+        """Each segment's expert and its rows of ``x`` flattened to (rows * tokens, width);
+        ``None`` for all of them (one task: every row, and any input shared by the batch)."""
         segments = self.segments
-        flat = x.reshape(-1, x.shape[-1]).shape[0]
-        if len(segments) == 1:  # one task: every row, and any input shared by the batch
-            return [(segments[0][0], slice(0, flat))]
+        if len(segments) == 1:
+            return [(segments[0][0], None)]
         if x.shape[0] != self.rows:
             raise RuntimeError(
                 f"{name} ran on an input that is not one row per text of the pass "
                 f"(shape {tuple(x.shape)}, {self.rows} texts): this model's layers cannot "
                 "mix tasks in one pass"
             )
-        per_row = flat // x.shape[0]  # tokens per batch row
+        per_row = x.reshape(-1, x.shape[-1]).shape[0] // x.shape[0]  # tokens per batch row
         return [(e, slice(start * per_row, stop * per_row)) for e, start, stop in segments]
 
-    def experts(self, x: torch.Tensor, name: str) -> list[tuple[Expert, slice]]:
+    def experts(self, x: torch.Tensor, name: str) -> list[tuple[Expert, slice | None]]:
         """:meth:`slices` of the segments that have an expert (none outside a pass)."""
         if not self.segments:
             return []
         return [(expert, rows) for expert, rows in self.slices(x, name) if expert is not None]
+
+
+def _rows(flat: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    """``flat``'s rows of one segment; all of it for ``None`` (a one-task pass: indexing a view
+    cost a third of a short text's low-rank update, measured)."""
+    return flat if rows is None else flat[rows]
 
 
 class LowRankLinear(torch.nn.Module):
@@ -76,10 +82,10 @@ class LowRankLinear(torch.nn.Module):
             pair = expert.factors.get(self.weight)
             if pair is not None:
                 b, a = pair
-                flat_result[rows].addmm_(flat_x[rows] @ a.T, b.T)
+                _rows(flat_result, rows).addmm_(_rows(flat_x, rows) @ a.T, b.T)
             bias = expert.full.get(self.bias)
             if bias is not None:
-                flat_result[rows] += bias
+                _rows(flat_result, rows).add_(bias)
         return result
 
 
@@ -106,9 +112,9 @@ class RowLayerNorm(torch.nn.Module):
                     shape, eps = self.base.normalized_shape, self.base.eps
                     flat_x = x.reshape(-1, x.shape[-1])
                     normalized = torch.nn.functional.layer_norm(flat_x, shape, None, None, eps)
-                flat_result[rows] += normalized[rows] * weight
+                _rows(flat_result, rows).addcmul_(_rows(normalized, rows), weight)
             if bias is not None:
-                flat_result[rows] += bias
+                _rows(flat_result, rows).add_(bias)
         return result
 
 
