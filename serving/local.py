@@ -11,6 +11,7 @@ SIGTERM then SIGKILL, whatever Ray started that outlived ``ray.shutdown()``.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import sys
@@ -41,11 +42,42 @@ _not_ray: set[psutil.Process] = set()
 _ray_started: list[psutil.Process] = []
 
 
+# Ports free_port picks from: above Ray's worker ports (10002-19999) and below the ephemeral
+# range, where the OS puts every outgoing connection's local port and every listener bound to
+# port 0 (Ray starts dozens), so that none of them takes a picked port before its server binds.
+PICKED_PORTS = (20000, 32768)
+_picked: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on the loopback that is free now."""
+    """A TCP port on the loopback that is free now and was not picked before in this process,
+    from :data:`PICKED_PORTS` (below the ephemeral range; any free port when that range starts
+    lower)."""
+    low, high = PICKED_PORTS[0], min(PICKED_PORTS[1], _ephemeral_start())
+    for port in random.sample(range(low, high), min(256, max(0, high - low))):
+        if port not in _picked and _bindable(port):
+            _picked.add(port)
+            return port
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            return int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return PICKED_PORTS[1]
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def start_local(

@@ -204,3 +204,12 @@ def test_what_outlives_ray_shutdown_is_killed_even_if_it_ignores_sigterm():
             assert stub.wait(timeout=5) == -signal.SIGKILL
         finally:
             stub.kill()
+
+
+def test_picked_ports_are_unique_and_below_the_ephemeral_range():
+    """free_port's ports cannot be taken meanwhile by an outgoing connection's local port or by
+    a listener bound to port 0 (which Ray starts many of): the race that failed a proxy's bind."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(100)]
+    assert len(set(ports)) == len(ports)
+    assert all(20000 <= port < low for port in ports)
