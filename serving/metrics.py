@@ -32,11 +32,11 @@ TIER_COUNTERS = {
     "evictions": "Experts a tier let go to stay within its byte budget",
 }
 # name, description, tags: counted by the fronts and by Ray's proxy (its refusals)
-REQUESTS_TOTAL = (
-    "freemerge_requests_total",
-    "Requests answered, by task, status and route (a route template)",
-    ("task", "status", "route"),
-)
+REQUESTS_TOTAL = {
+    "name": "freemerge_requests_total",
+    "description": "Requests answered, by task, status and route (a route template)",
+    "tag_keys": ("task", "status", "route"),
+}
 MEMORY_GAUGES = (
     "process_resident_bytes",
     "device_allocated_bytes",
@@ -49,7 +49,7 @@ class ServerMetrics:
     """The replica's metrics; one instance per replica."""
 
     def __init__(self) -> None:
-        self.requests = Counter(*REQUESTS_TOTAL[:2], tag_keys=REQUESTS_TOTAL[2])
+        self.requests = Counter(**REQUESTS_TOTAL)
         self.latency = Histogram(
             "freemerge_request_latency_seconds",
             "Request latency in the replica",

@@ -73,7 +73,7 @@ def _refusal_counter() -> Any:
     try:
         from ray.util.metrics import Counter
 
-        return Counter(*REQUESTS_TOTAL[:2], tag_keys=REQUESTS_TOTAL[2])
+        return Counter(**REQUESTS_TOTAL)
     except Exception:
         return False
 
