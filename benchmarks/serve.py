@@ -1,14 +1,18 @@
 """``freemerge bench serve``: the served rate against the engine's own rate on the same cores.
 
-Two contenders, the merged artifact and the separate-models baseline (its zoo). Each round, for
-each: the engine alone (built as a model replica builds it, in a fresh process, no HTTP; 1 and
-16 one-text requests per call), then the server (started fresh: Ray's proxy, a front, a model
-replica) at 1, 4, 16 and 64 closed-loop clients and, open loop, at four times the rate it
-sustained at best, each run for a fixed time (a refused client sends its next request at
-once). One short tagged text per request, tasks mixed. Per run: the rate,
-p50 and p99, the texts per batch the model ran, and the CPU each process spent per request
-(from /proc). Then, once, ``kill -9`` of a front and of a model replica under 16 clients (two
-of each). Targets are judged on the per-round ratios, met only when the whole range clears.
+Three contenders: the merged artifact and the separate-models baseline (its zoo), served as the
+README recommends on a CPU host (one single-thread model replica per core, one front), and the
+merged artifact served the way it was before (one model replica with a thread per core). Each
+round, for the first two: the engine alone (built as a model replica builds it, in a fresh
+process, no HTTP) on both cores (1 and 16 one-text requests per call), and laid out as the
+server lays it out (one single-thread process per model replica, side by side, 16 per call);
+then, for each, the server (started fresh: Ray's proxy, the front, the model replicas) at 1, 4,
+16 and 64 closed-loop clients and, open loop, at four times the rate it sustained at best, each
+run for a fixed time (a refused client sends its next request at once). One short tagged text
+per request, tasks mixed. Per run: the rate, p50 and p99, the texts per batch the model ran, and
+the CPU each process spent per request (from /proc). Then, once, ``kill -9`` of the front and of
+a model replica under 16 clients. Targets are judged on the per-round ratios,
+met only when the whole range clears.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -25,7 +30,7 @@ from freemerge.benchmarks.judging import MIN_ROUNDS, ratio, ratio_target, runs_b
 from freemerge.benchmarks.load import contender_texts, server_side
 from freemerge.benchmarks.loadgen import LoadSpec, run_load_in_process
 from freemerge.benchmarks.machine import describe_machine, machine_line
-from freemerge.benchmarks.spawn import run_in_child
+from freemerge.benchmarks.spawn import run_in_child, run_side_by_side
 from freemerge.benchmarks.tables import markdown_table
 from freemerge.merging.artifact import open_artifact
 from freemerge.serving.local import free_port, start_local, stop_local
@@ -39,7 +44,17 @@ ROLES = {"proxy": "ProxyActor", "front": "ClassifierServer", "model": "ModelRepl
 # takes its CPU from the same cores
 CPU_ROLES = (*ROLES, "client")
 SHORT = (40, 120)  # characters of the texts sent
-SETTINGS = {"cpus_per_replica": 2}  # a model replica on both cores; the rest as shipped
+# One single-thread model replica per core and one front (the README's CPU layout); the rest
+# as shipped. ONE_REPLICA: the layout before, one model replica with a thread per core.
+SETTINGS = {"replicas": 2, "cpus_per_replica": 1, "front_replicas": 1}
+ONE_REPLICA = {"replicas": 1, "cpus_per_replica": 2, "front_replicas": 1}
+CORES = 2  # the cores the server takes (replicas x CPUs each); the engine alone gets them all
+TITLES = {
+    "merged": "Merged",
+    "separate": "Separate models (baseline)",
+    "merged_one_replica": "Merged, one model replica of two threads (the layout before)",
+}
+ENGINES = ("merged", "separate")  # the contenders whose engine alone is measured
 
 
 def short_texts(tasks: list[str]) -> dict[str, list[str]]:
@@ -48,8 +63,9 @@ def short_texts(tasks: list[str]) -> dict[str, list[str]]:
     return {t: [x for x in v if SHORT[0] <= len(x) <= SHORT[1]] or v for t, v in pools.items()}
 
 
-def engine_rate(options: dict, texts: dict, per_call: int, total: int) -> float:
-    """Texts per second of the engine alone, ``per_call`` one-text requests per call."""
+def engine_rate(options: dict, texts: dict, per_call: int, total: int, start: Any = None) -> float:
+    """Texts per second of the engine alone, ``per_call`` one-text requests per call, with the
+    options' torch threads; after its warm-up it waits on ``start`` (a barrier) when given."""
     import torch
 
     from freemerge.serving.replicas import build_engine
@@ -65,10 +81,28 @@ def engine_rate(options: dict, texts: dict, per_call: int, total: int) -> float:
         return [engine.check(task, [rng.choice(texts[task])]) for task in chosen]
 
     engine.classify_requests(requests(), StageTimings())  # warm-up
-    start = time.perf_counter()
+    if start is not None:
+        start.wait(timeout=600)
+    began = time.perf_counter()
     for _ in range(total // per_call):
         engine.classify_requests(requests(), StageTimings())
-    return (total // per_call) * per_call / (time.perf_counter() - start)
+    return (total // per_call) * per_call / (time.perf_counter() - began)
+
+
+def engine_runs(name: str, options: dict, texts: dict, round_number: int) -> list[dict]:
+    """The engine alone on all :data:`CORES` in one process, 1 and 16 per call; then laid out
+    as the server is, one process per model replica (its threads) side by side, 16 per call."""
+    runs = []
+    for per_call in PER_CALL:
+        threads = {**options, "threads": CORES}
+        rate = run_in_child(engine_rate, threads, texts, per_call, 320)
+        runs.append({"per_call": per_call, "processes": 1, "rate": rate})
+    copies = options["replicas"]
+    rates = run_side_by_side(engine_rate, (options, texts, 16, 320), copies)
+    runs.append({"per_call": 16, "processes": copies, "rate": sum(rates)})
+    for run in runs:
+        print(f"  round {round_number}, {name} engine: {run}", flush=True)
+    return [{"contender": name, "round": round_number, **run} for run in runs]
 
 
 def cpu_seconds() -> dict[str, float]:
@@ -147,10 +181,12 @@ def _brief(run: dict) -> str:
 
 
 def contenders(artifact: Path, zoo: Path) -> dict[str, dict]:
-    """The merged artifact and the separate models of its zoo, each with the bench's settings."""
+    """The merged artifact and the separate models of its zoo, each with the bench's settings,
+    and the merged artifact in the layout before."""
     return {
         "merged": {**SETTINGS, "artifact": str(artifact)},
         "separate": {**SETTINGS, "zoo": str(zoo)},
+        "merged_one_replica": {**SETTINGS, **ONE_REPLICA, "artifact": str(artifact)},
     }
 
 
@@ -159,16 +195,14 @@ def run_serve_bench(
 ) -> dict:
     """Engine and server of each contender in interleaved rounds, then the kills."""
     texts = short_texts(list(open_artifact(artifact, verify=False).tasks))
-    result: dict = {"machine": describe_machine(), "settings": SETTINGS, "rounds": rounds}
+    layouts = contenders(artifact, zoo)
+    settings = {name: _layout(options) for name, options in layouts.items()}
+    result: dict = {"machine": describe_machine(), "settings": settings, "rounds": rounds}
     result |= {"artifact": str(artifact), "zoo": str(zoo), "engine": [], "served": []}
     for round_number in range(1, rounds + 1):
-        for name, options in contenders(artifact, zoo).items():
-            for per_call in PER_CALL:
-                rate = run_in_child(engine_rate, options, texts, per_call, 320)
-                result["engine"].append(
-                    {"contender": name, "round": round_number, "per_call": per_call, "rate": rate}
-                )
-                print(f"  round {round_number}, {name} engine, {per_call} per call: {rate:.1f}")
+        for name, options in layouts.items():
+            if name in ENGINES:
+                result["engine"] += engine_runs(name, options, texts, round_number)
             runs = served_runs(options, texts, seconds, round_number)
             result["served"] += [{"contender": name, **run} for run in runs]
     result["kills"] = kills(artifact, texts)
@@ -176,21 +210,30 @@ def run_serve_bench(
 
 
 def kills(artifact: Path, texts: dict) -> dict[str, dict]:
-    """``kill -9`` of one front, then (on a fresh server) of one model replica, under 16
-    clients, two of each on a CPU each."""
-    options = {**SETTINGS, "artifact": str(artifact), "replicas": 2, "cpus_per_replica": 1}
+    """``kill -9`` of a front, then (on a fresh server) of a model replica, under 16 clients,
+    in the bench's layout: the front killed is the only one (requests wait in Ray's proxy
+    until it is back), the model replica one of two."""
+    options = {**SETTINGS, "artifact": str(artifact)}
     bodies = [{"task": task, "inputs": [pool[0]]} for task, pool in texts.items()]
     found = {}
-    for name, title in (("front", FRONT_TITLE), ("model replica", REPLICA_TITLE)):
+    for name, title, count in (
+        ("front", FRONT_TITLE, SETTINGS["front_replicas"]),
+        ("model replica", REPLICA_TITLE, SETTINGS["replicas"]),
+    ):
         port = free_port()
         start_local(options, port=port, metrics_port=free_port())
         try:
             url = f"http://127.0.0.1:{port}"
-            found[name] = replica_kill(url, bodies, 2, clients=16, seconds=30, title=title)
+            found[name] = replica_kill(url, bodies, count, clients=16, seconds=30, title=title)
         finally:
             stop_local()
         print(f"  kill -9 of a {name}: {found[name]}", flush=True)
     return found
+
+
+def _layout(options: dict) -> dict:
+    """A contender's server settings, without what it serves."""
+    return {k: v for k, v in options.items() if k not in ("artifact", "zoo")}
 
 
 def _rows(result: dict, part: str, contender: str, **match: object) -> list[dict]:
@@ -201,7 +244,7 @@ def _rows(result: dict, part: str, contender: str, **match: object) -> list[dict
 
 def serve_targets(result: dict) -> list[dict]:
     """The merged server's targets, each judged on its per-round values."""
-    engine = [r["rate"] for r in _rows(result, "engine", "merged", per_call=16)]
+    engine = [r["rate"] for r in _rows(result, "engine", "merged", per_call=16, processes=1)]
     rows = []
     for clients in (16, 64):
         served = [r["rate"] for r in _rows(result, "served", "merged", clients=clients)]
@@ -218,6 +261,15 @@ def serve_targets(result: dict) -> list[dict]:
     refusals = [r["refused_p99_ms"] or 0.0 for r in overload]
     rows.append(ratio_target("refusals p99 at that overload, ms", refusals, 50, False))
     return rows
+
+
+def side_by_side_ratio(result: dict, contender: str = "merged") -> dict:
+    """The served rate at 16 clients over the engine laid out as the server is (one process per
+    model replica, side by side, 16 per call), per round: a reference beside the targets."""
+    side = [r for r in result["engine"] if r["contender"] == contender and r["processes"] > 1]
+    engine = [r["rate"] for r in sorted(side, key=lambda r: r["round"])]
+    served = [r["rate"] for r in _rows(result, "served", contender, clients=16)]
+    return spread([ratio(s, e) for s, e in zip(served, engine, strict=True)])
 
 
 def _cell(values: list[float], spec: str = ".1f", unit: str = "") -> str:
@@ -238,11 +290,25 @@ CONTENDER_COLUMNS = [
 ]
 
 
-def _contender_lines(result: dict, contender: str) -> list[str]:
+def _engine_rows(result: dict, contender: str) -> list[list[str]]:
     rows = []
-    for per_call in PER_CALL:
-        rates = [r["rate"] for r in _rows(result, "engine", contender, per_call=per_call)]
-        rows.append([f"engine alone, {per_call} per call", _cell(rates), "", "", "", "", ""])
+    for run in result["engine"]:
+        if run["contender"] != contender or run["round"] != 1:
+            continue
+        fields = {"per_call": run["per_call"], "processes": run["processes"]}
+        rates = [r["rate"] for r in _rows(result, "engine", contender, **fields)]
+        what = f"engine alone on {CORES} cores, {run['per_call']} per call"
+        if run["processes"] > 1:
+            what = (
+                f"engine alone as the server lays it out ({run['processes']} single-thread "
+                f"processes side by side), {run['per_call']} per call"
+            )
+        rows.append([what, _cell(rates), "", "", "", "", ""])
+    return rows
+
+
+def _contender_lines(result: dict, contender: str) -> list[str]:
+    rows = _engine_rows(result, contender)
     for clients in (*CLIENTS, "open"):
         rows.append(_served_cells(result, contender, clients))
     return markdown_table(CONTENDER_COLUMNS, rows)
@@ -274,6 +340,11 @@ def _served_cells(result: dict, contender: str, clients: int | str) -> list[str]
     ]
 
 
+def _answered_p99(kill: dict) -> str:
+    p99 = (kill.get("answered") or {}).get("p99_ms")
+    return f", answered p99 {p99:.0f} ms" if p99 is not None else ""
+
+
 def _target_lines(result: dict) -> list[str]:
     rows = []
     for row in serve_targets(result):
@@ -289,7 +360,7 @@ def _target_lines(result: dict) -> list[str]:
                 f"kill -9 of a {name} under {kill['clients']} clients: 0 failed",
                 f"{kill['failed']} of {kill['requests']} (statuses "
                 f"{kill['failed_statuses'] or 'none'}), back in "
-                f"{kill['seconds_until_replicas_back']} s",
+                f"{kill['seconds_until_replicas_back']} s{_answered_p99(kill)}",
                 "yes" if kill["failed"] == 0 else "no",
             ]
         )
@@ -305,7 +376,8 @@ def serve_markdown(result: dict, command: str) -> str:
         f"{result['rounds']} interleaved rounds (per contender: the engine, then a freshly "
         "started server); medians with the range over rounds. One tagged text of "
         f"{SHORT[0]} to {SHORT[1]} characters per request, tasks mixed, kept-alive connections; "
-        f"server settings `{result['settings']}`. CPU per request: per request sent, answered "
+        "each contender's server settings above its table. CPU per request: per request sent, "
+        "answered "
         "or refused; the client is the load generator (one asyncio loop in one process), on the "
         "same two cores as the server.",
         "",
@@ -313,6 +385,16 @@ def serve_markdown(result: dict, command: str) -> str:
         "",
         *_target_lines(result),
     ]
-    for contender, title in (("merged", "Merged"), ("separate", "Separate models (baseline)")):
-        lines += ["", f"## {title}", "", *_contender_lines(result, contender)]
+    reference = side_by_side_ratio(result)
+    if reference["median"] is not None:
+        lines += [
+            "",
+            "For reference (not a target): the served rate at 16 clients over the engine laid "
+            "out as the server is (one single-thread process per model replica, side by side, "
+            f"16 per call): {_cell([100 * v for v in reference['per_round']], unit='%')}.",
+        ]
+    for contender, title in TITLES.items():
+        if any(run["contender"] == contender for run in result["served"]):
+            settings = f"Server settings: `{result['settings'][contender]}`."
+            lines += ["", f"## {title}", "", settings, "", *_contender_lines(result, contender)]
     return "\n".join(lines) + "\n"

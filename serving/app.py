@@ -311,7 +311,6 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
 # A request whose model replica died is sent again: another replica takes it.
 REPLICA_LOST = (RayActorError, ReplicaUnavailableError)
 ATTEMPTS = 3
-FRONT_CALLS = 2  # calls a front has out to model replicas at once; the rest queue in the front
 
 
 async def _again_if_lost(send: Callable[[], Any]) -> Any:
@@ -349,7 +348,8 @@ def front_tasks(options: ServingOptions) -> "ArtifactTasks | ZooTasks":
 class ClassifierServer(TeiRoutes, OpenAIRoutes):
     """The HTTP front: the guard, request checks and metrics, and nothing heavy. It hands the
     checked requests to the model deployment (:class:`ModelReplica`: those that queued while
-    its calls ran, in one call, at most :data:`FRONT_CALLS` calls out at once;
+    its calls ran, in one call, at most ``calls_per_front`` calls out at once (one per model
+    replica it feeds);
     :class:`MultiplexedModels`, the multiplexed baseline, routed per task: one by one) and, as
     classifying is idempotent, sends a call again when the replica running it dies, up to
     three attempts within the request timeout. Beside the
@@ -371,7 +371,7 @@ class ClassifierServer(TeiRoutes, OpenAIRoutes):
             self._send_batch,
             options.max_batch_size,
             options.batch_wait_timeout_s,
-            concurrency=FRONT_CALLS,
+            concurrency=options.calls_per_front,
         )
         api.state.guard = Guard(
             parse_api_keys(os.environ.get(API_KEYS_ENV)),
@@ -566,7 +566,9 @@ def build_app(args: dict[str, Any]) -> Application:
     Keys: the fields of :class:`ServingOptions` (``freemerge serve --help`` explains each);
     unknown keys are refused. Two deployments: the models (:class:`ModelReplica`, or
     :class:`MultiplexedModels` with ``models_per_replica``), which the replicas, CPUs and
-    autoscaling apply to, and as many light :class:`ClassifierServer` fronts (no CPU reserved).
+    autoscaling apply to, and the light :class:`ClassifierServer` fronts (no CPU reserved;
+    ``front_replicas`` of them, by default as many as the model replicas; autoscaling applies to
+    them too).
     """
     # Imported here, not at the top: a front's process imports this module to run
     # ClassifierServer, and never loads torch.
@@ -592,7 +594,7 @@ def build_app(args: dict[str, Any]) -> Application:
     )
     front = ClassifierServer.options(
         ray_actor_options={"num_cpus": 0},
-        **replica_count(options),
+        **replica_count(options, options.fronts),
         **front_settings(options),
         **update,
     )
@@ -604,11 +606,12 @@ def build_app(args: dict[str, Any]) -> Application:
 SURGE_PERCENT = 25
 
 
-def replica_count(options: ServingOptions) -> dict[str, Any]:
-    """Serve's autoscaling_config (min/max replicas, delays, ...) when set, else the count."""
+def replica_count(options: ServingOptions, count: int | None = None) -> dict[str, Any]:
+    """Serve's autoscaling_config (min/max replicas, delays, ...) when set, else the count
+    (``count``, or the model replicas')."""
     if options.autoscaling:
         return {"autoscaling_config": options.autoscaling}
-    return {"num_replicas": options.replicas}
+    return {"num_replicas": count or options.replicas}
 
 
 def front_settings(options: ServingOptions) -> dict[str, Any]:

@@ -108,9 +108,7 @@ def _proxy_environment(options: ServingOptions) -> None:
     """What Ray's proxy reads when it starts (Ray's processes inherit this environment): our
     middleware, and the room of the fronts it serves (``--max-queued-requests`` each)."""
     os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
-    autoscaling = options.autoscaling or {}
-    fronts = int(autoscaling.get("max_replicas", options.replicas))
-    os.environ[PROXY_LIMIT_ENV] = str(options.max_queued_requests * fronts)
+    os.environ[PROXY_LIMIT_ENV] = str(options.max_queued_requests * options.fronts)
 
 
 def _start_ray(

@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
-BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+# Every size up to 8 its own bucket (a CPU's batches at moderate load are that small), then
+# doubling with a midpoint: the median batch is exact where it matters most.
+BATCH_BOUNDARIES = [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512, 1024]
 CONFIDENCE_BOUNDARIES = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
 TIER_COUNTERS = {
     "hits": "Expert lookups a tier answered",

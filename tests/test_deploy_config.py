@@ -1,6 +1,7 @@
 """deploy/serve_config.yaml validates with Ray's own Serve schema and its import path imports."""
 
 import importlib
+import os
 from pathlib import Path
 
 import yaml
@@ -60,3 +61,38 @@ def test_unknown_or_malformed_serving_options_are_refused():
     with pytest.raises(ValueError, match="unknown mixing 'top'"):
         ServingOptions.from_mapping({"artifact": "a", "mixing": "top"})
     assert ServingOptions.from_mapping({"zoo": "z", "tasks": "a,b"}).tasks == ["a", "b"]
+
+
+def test_fronts_feed_the_model_replicas_with_a_call_each_and_the_proxy_holds_their_room(
+    monkeypatch,
+):
+    """``front_replicas`` sets the fronts apart from the model replicas; a front has one call
+    out per model replica it feeds, and the proxy's room is the fronts' rooms together."""
+    import pytest
+
+    from freemerge.serving.app import build_app
+    from freemerge.serving.local import _proxy_environment
+    from freemerge.serving.proxy import PROXY_LIMIT_ENV
+    from freemerge.serving.settings import ServingOptions
+
+    def layout(**args: object) -> tuple[int, int, int, str]:
+        options = ServingOptions.from_mapping({"artifact": "a", **args})
+        front = build_app({"artifact": "a", **args})._bound_deployment
+        (models,) = [a for a in front.init_args if hasattr(a, "_bound_deployment")]
+        monkeypatch.delenv(PROXY_LIMIT_ENV, raising=False)
+        _proxy_environment(options)
+        return (
+            models._bound_deployment._deployment_config.num_replicas,
+            front._deployment_config.num_replicas,
+            options.calls_per_front,
+            os.environ[PROXY_LIMIT_ENV],
+        )
+
+    assert layout() == (1, 1, 1, "128")
+    assert layout(replicas=3) == (3, 3, 1, "384")
+    assert layout(replicas=2, front_replicas=1) == (2, 1, 2, "128")
+    assert layout(replicas=5, front_replicas=2, max_queued_requests=10) == (5, 2, 3, "20")
+    scaling = {"min_replicas": 1, "max_replicas": 4}
+    assert ServingOptions(artifact="a", autoscaling=scaling, front_replicas=1).fronts == 4
+    with pytest.raises(ValueError, match="front_replicas must be >= 1"):
+        ServingOptions.from_mapping({"artifact": "a", "front_replicas": "0"})

@@ -39,8 +39,12 @@ def result(served_16: list[float], batches_16: list[float], answered: list[float
     for contender in ("merged", "separate"):
         for r in (1, 2, 3):
             engine += [
-                {"contender": contender, "round": r, "per_call": n, "rate": 100.0} for n in PER_CALL
+                {"contender": contender, "round": r, "per_call": n, "processes": 1, "rate": 100.0}
+                for n in PER_CALL
             ]
+            engine.append(
+                {"contender": contender, "round": r, "per_call": 16, "processes": 2, "rate": 110.0}
+            )
             for clients in CLIENTS:
                 rate = served_16[r - 1] if clients == 16 else 70.0
                 batch = batches_16[r - 1] if clients == 16 else 16.0
@@ -54,10 +58,14 @@ def result(served_16: list[float], batches_16: list[float], answered: list[float
         "failed": 0,
         "failed_statuses": [],
         "seconds_until_replicas_back": 4.2,
+        "answered": {"count": 900, "p50_ms": 250.0, "p99_ms": 7566.8},
     }
     return {
         "machine": MACHINE,
-        "settings": {"cpus_per_replica": 2},
+        "settings": {
+            "merged": {"replicas": 2, "cpus_per_replica": 1, "front_replicas": 1},
+            "separate": {"replicas": 2, "cpus_per_replica": 1, "front_replicas": 1},
+        },
         "artifact": "a",
         "zoo": "z",
         "rounds": 3,
@@ -77,7 +85,11 @@ def test_a_target_is_met_only_when_every_round_clears_it():
 
 def test_the_tables_have_a_row_per_run_and_the_targets():
     text = serve_markdown(result([50, 55, 60], [4, 8, 8], [66, 64, 63]), "freemerge bench serve")
-    assert text.count("| engine alone, 16 per call | 100.0 (100.0 to 100.0) |") == 2
+    assert text.count("| engine alone on 2 cores, 16 per call | 100.0 (100.0 to 100.0) |") == 2
+    side_by_side = "(2 single-thread processes side by side), 16 per call | 110.0 (110.0 to 110.0)"
+    assert text.count(side_by_side) == 2
+    assert "16 per call): 50.0% (45.5% to 54.5%)." in text  # 55 / 110, 50 / 110, 60 / 110
+    assert "Server settings: `{'replicas': 2, 'cpus_per_replica': 1, 'front_replicas': 1}`" in text
     assert "| served, 16 clients | 55.0 (50.0 to 60.0) |" in text
     assert (
         "| served rate at 16 clients / engine at 16 per call >= 60% "
@@ -86,5 +98,6 @@ def test_the_tables_have_a_row_per_run_and_the_targets():
     assert "| refusals p99 at that overload, ms <= 50 | 9.0 (9.0 to 9.0) | yes |" in text
     assert "median 280/s offered" in text
     assert "kill -9 of a front under 16 clients: 0 failed | 0 of 900" in text
+    assert "back in 4.2 s, answered p99 7567 ms | yes |" in text
     assert "kill -9 of a model replica under 16 clients: 0 failed | 2 of 900" in text
     assert "## Separate models (baseline)" in text
