@@ -348,8 +348,8 @@ def front_tasks(options: ServingOptions) -> "ArtifactTasks | ZooTasks":
 class ClassifierServer(TeiRoutes, OpenAIRoutes):
     """The HTTP front: the guard, request checks and metrics, and nothing heavy. It hands the
     checked requests to the model deployment (:class:`ModelReplica`: those that queued while
-    its calls ran, in one call, at most ``calls_per_front`` calls out at once (one per model
-    replica it feeds);
+    its calls ran, in one call, at most ``calls_per_front`` calls out at once (two, or one per
+    model replica it feeds where that is more);
     :class:`MultiplexedModels`, the multiplexed baseline, routed per task: one by one) and, as
     classifying is idempotent, sends a call again when the replica running it dies, up to
     three attempts within the request timeout. Beside the

@@ -63,11 +63,12 @@ def test_unknown_or_malformed_serving_options_are_refused():
     assert ServingOptions.from_mapping({"zoo": "z", "tasks": "a,b"}).tasks == ["a", "b"]
 
 
-def test_fronts_feed_the_model_replicas_with_a_call_each_and_the_proxy_holds_their_room(
+def test_fronts_feed_every_model_replica_and_the_proxy_holds_their_room(
     monkeypatch,
 ):
-    """``front_replicas`` sets the fronts apart from the model replicas; a front has one call
-    out per model replica it feeds, and the proxy's room is the fronts' rooms together."""
+    """``front_replicas`` sets the fronts apart from the model replicas; a front has two calls
+    out, or one per model replica it feeds where that is more, and the proxy's room is the
+    fronts' rooms together."""
     import pytest
 
     from freemerge.serving.app import build_app
@@ -88,11 +89,13 @@ def test_fronts_feed_the_model_replicas_with_a_call_each_and_the_proxy_holds_the
             os.environ[PROXY_LIMIT_ENV],
         )
 
-    assert layout() == (1, 1, 1, "128")
-    assert layout(replicas=3) == (3, 3, 1, "384")
+    assert layout() == (1, 1, 2, "128")
+    assert layout(replicas=3) == (3, 3, 2, "384")
     assert layout(replicas=2, front_replicas=1) == (2, 1, 2, "128")
+    assert layout(replicas=4, front_replicas=1) == (4, 1, 4, "128")
     assert layout(replicas=5, front_replicas=2, max_queued_requests=10) == (5, 2, 3, "20")
     scaling = {"min_replicas": 1, "max_replicas": 4}
-    assert ServingOptions(artifact="a", autoscaling=scaling, front_replicas=1).fronts == 4
+    autoscaled = ServingOptions(artifact="a", autoscaling=scaling, front_replicas=1)
+    assert (autoscaled.fronts, autoscaled.calls_per_front) == (4, 2)
     with pytest.raises(ValueError, match="front_replicas must be >= 1"):
         ServingOptions.from_mapping({"artifact": "a", "front_replicas": "0"})
