@@ -48,7 +48,8 @@ SHORT = (40, 120)  # characters of the texts sent
 # as shipped. ONE_REPLICA: the layout before, one model replica with a thread per core.
 SETTINGS = {"replicas": 2, "cpus_per_replica": 1, "front_replicas": 1}
 ONE_REPLICA = {"replicas": 1, "cpus_per_replica": 2, "front_replicas": 1}
-CORES = 2  # the cores the server takes (replicas x CPUs each); the engine alone gets them all
+# The cores the server takes (replicas x CPUs each); the engine alone gets them all.
+CORES = int(SETTINGS["replicas"] * SETTINGS["cpus_per_replica"])
 TITLES = {
     "merged": "Merged",
     "separate": "Separate models (baseline)",
@@ -92,9 +93,8 @@ def engine_rate(options: dict, texts: dict, per_call: int, total: int, start: An
 def engine_runs(name: str, options: dict, texts: dict, round_number: int) -> list[dict]:
     """The engine alone on all :data:`CORES` in one process, 1 and 16 per call; then laid out
     as the server is, one process per model replica (its threads) side by side, 16 per call."""
-    runs = []
+    runs, threads = [], {**options, "threads": CORES}
     for per_call in PER_CALL:
-        threads = {**options, "threads": CORES}
         rate = run_in_child(engine_rate, threads, texts, per_call, 320)
         runs.append({"per_call": per_call, "processes": 1, "rate": rate})
     copies = options["replicas"]
@@ -266,8 +266,8 @@ def serve_targets(result: dict) -> list[dict]:
 def side_by_side_ratio(result: dict, contender: str = "merged") -> dict:
     """The served rate at 16 clients over the engine laid out as the server is (one process per
     model replica, side by side, 16 per call), per round: a reference beside the targets."""
-    side = [r for r in result["engine"] if r["contender"] == contender and r["processes"] > 1]
-    engine = [r["rate"] for r in sorted(side, key=lambda r: r["round"])]
+    copies = result["settings"][contender]["replicas"]
+    engine = [r["rate"] for r in _rows(result, "engine", contender, per_call=16, processes=copies)]
     served = [r["rate"] for r in _rows(result, "served", contender, clients=16)]
     return spread([ratio(s, e) for s, e in zip(served, engine, strict=True)])
 
