@@ -3,9 +3,12 @@ while a batch runs, and the next batch takes what queued, as soon as a slot is f
 
 Ray Serve's ``@serve.batch`` closes a batch when its wait ends even while the model is busy, so
 under load its batches queue up behind the running one holding one request each. Here a batch
-is only formed when a slot is free. Its wait adapts to the traffic: when the queue holds fewer
-requests than the last batch had, it waits up to ``wait_s`` for them to arrive (under steady
-load they are on their way); an idle server (last batch of one) answers at once.
+is only formed when a slot is free. Its wait adapts to the traffic: a batch waits up to
+``wait_s`` for its share of the requests the batcher held lately (the most it held at once,
+queued or running, over its last ``2 * concurrency`` batches, divided among the batches that
+run at once); an idle server (one request at a time) answers at once. Under a steady closed
+loop this wait also spreads the batches that run at once apart in time, so that each finds its
+share queued when its slot frees, and then none waits.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ class Batcher(Generic[Item, Answer]):
         self.wait_s = wait_s
         self.concurrency = concurrency
         self.queue: deque[tuple[Item, asyncio.Future]] = deque()
-        self.last_size = 1  # items in the last batch: how many to wait for, up to wait_s
-        self.running = 0
+        self.running = 0  # batches
+        self.running_items = 0
+        # the most items held at once (queued or running) since each of the last batches formed
+        self.peaks: deque[int] = deque([1], maxlen=2 * concurrency)
         self._changed: asyncio.Event | None = None  # bound to the loop on first use
         self._loop_task: asyncio.Task | None = None
 
@@ -49,6 +54,7 @@ class Batcher(Generic[Item, Answer]):
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in items]
         self.queue.extend(zip(items, futures, strict=True))
+        self.peaks[-1] = max(self.peaks[-1], len(self.queue) + self.running_items)
         self._wake()
         return list(await asyncio.gather(*futures, return_exceptions=True))
 
@@ -78,13 +84,18 @@ class Batcher(Generic[Item, Answer]):
             batch = [self.queue.popleft() for _ in range(min(self.max_size, len(self.queue)))]
             if batch:
                 self.running += 1
-                self.last_size = len(batch)
+                self.running_items += len(batch)
+                self.peaks.append(len(self.queue) + self.running_items)
                 asyncio.get_running_loop().create_task(self._run(batch))
 
+    def wanted(self) -> int:
+        """Items the next batch waits for: its share of the most held at once lately."""
+        return min(self.max_size, -(-max(self.peaks) // self.concurrency))
+
     async def _fill(self) -> None:
-        """Wait up to ``wait_s`` while the queue is shorter than the last batch was."""
+        """Wait up to ``wait_s`` while the queue holds fewer than :meth:`wanted`."""
         deadline = time.monotonic() + self.wait_s
-        while len(self.queue) < min(self.last_size, self.max_size):
+        while len(self.queue) < self.wanted():
             left = deadline - time.monotonic()
             if left <= 0:
                 return
@@ -106,6 +117,7 @@ class Batcher(Generic[Item, Answer]):
             answers = [err] * len(items)
         finally:
             self.running -= 1
+            self.running_items -= len(items)
             self._wake()
         for (_, future), answer in zip(batch, answers, strict=True):
             if future.done():  # its caller gave up

@@ -187,9 +187,10 @@ class ModelReplica:
         self.model_thread = ModelThread(options.torch_threads)
         # reads cold experts from disk, so a request waiting for one holds up no batch
         self.fetcher = ThreadPoolExecutor(1, thread_name_prefix="freemerge-fetch")
-        self.batcher = Batcher(
-            self._run_batch, options.max_batch_size, options.batch_wait_timeout_s
-        )
+        # no wait: the fronts send formed batches (they waited); a call smaller than the last
+        # would wait for requests that no front holds. Calls that queue while a batch runs
+        # still join the next one.
+        self.batcher = Batcher(self._run_batch, options.max_batch_size, 0.0)
         self.engine: Engine | None = None
         if options.zoo or options.artifact:
             self._start(options)

@@ -53,9 +53,11 @@ class ServingOptions:
     )
     max_batch_size: int = _option(16, "requests per batch at most (a front's and a model's)")
     batch_wait_timeout_s: float = _option(
-        0.02,
-        "seconds a front's next call and a model replica's next batch wait for more requests, "
-        "only while they hold fewer than the last did (an idle server runs a request at once)",
+        0.04,
+        "seconds a front's next call waits for more requests, only while it holds fewer than "
+        "its share of the most it held at once lately (an idle server sends a request at "
+        "once); a model replica takes the fronts' calls as they come, and waits so only where "
+        "requests come one per call (--models-per-replica)",
     )
     max_items: int = _option(64, "texts per request at most (more: 413)")
     max_chars: int = _option(10_000, "characters per text at most (more: 413)")

@@ -1,5 +1,6 @@
 """The continuous batcher: batches form while the model is busy, the wait adapts to the
-traffic, one batch's failure or a caller's timeout touches no other request."""
+traffic, one batch's failure or a caller's timeout touches no other request; a model replica
+takes its fronts' calls without waiting."""
 
 import asyncio
 import random
@@ -8,6 +9,8 @@ import statistics
 import pytest
 
 from freemerge.serving.batcher import Batcher
+from freemerge.serving.replicas import ModelReplica
+from freemerge.serving.settings import ServingOptions
 
 
 class SlowModel:
@@ -80,6 +83,73 @@ def test_an_idle_batcher_answers_at_once_and_waits_only_under_load():
 
     model = asyncio.run(scenario())
     assert [len(batch) for batch in model.batches] == [1, 4, 4]
+
+
+def test_batches_that_run_at_once_each_wait_for_their_share_of_the_recent_peak():
+    """Two batches at once (a front's two calls out), after 16 requests were held at once: a
+    batch waits for its share, 8, not for 16 (the last batch's size: it would wait for
+    requests that the other batch holds) and not for fewer (it would leave while the rest
+    are on their way)."""
+
+    async def scenario() -> SlowModel:
+        model = SlowModel(0.01)
+        batcher = Batcher(model, max_size=16, wait_s=10.0, concurrency=2)
+        await asyncio.gather(*(batcher.submit([k]) for k in range(16)))
+
+        async def late(item: int) -> list:
+            await asyncio.sleep(0.005 * item)
+            return await batcher.submit([item])
+
+        await asyncio.wait_for(asyncio.gather(*(late(k) for k in range(8))), 5.0)
+        return model
+
+    model = asyncio.run(scenario())
+    assert [len(batch) for batch in model.batches] == [16, 8]
+
+
+def test_closed_loop_clients_fill_both_of_a_fronts_calls():
+    """16 closed-loop clients, each away 10 to 40 ms between requests (a proxy, a front and
+    the client), two batches at once, a model whose batch takes longer the more it holds:
+    most batches hold half of the clients, in every seed."""
+
+    async def scenario(seed: int) -> list[int]:
+        sizes: list[int] = []
+
+        async def model(items: list) -> list:
+            sizes.append(len(items))
+            await asyncio.sleep(0.01 + 0.01 * len(items))
+            return items
+
+        batcher = Batcher(model, max_size=16, wait_s=0.06, concurrency=2)
+        rng = random.Random(seed)
+
+        async def client(number: int) -> None:
+            for _ in range(10):
+                await asyncio.sleep(rng.uniform(0.01, 0.04))
+                assert await batcher.submit([number]) == [number]
+
+        await asyncio.gather(*(client(n) for n in range(16)))
+        return sizes
+
+    for seed in range(3):
+        sizes = asyncio.run(scenario(seed))
+        assert sum(sizes) == 160
+        assert statistics.median(sizes) >= 8, (seed, sizes)
+
+
+def test_a_model_replica_takes_a_fronts_call_without_waiting():
+    """A front sends a formed batch: the model replica runs a call smaller than its last batch
+    at once, however long ``batch_wait_timeout_s`` (the fronts' wait) is."""
+    replica = ModelReplica.func_or_class(ServingOptions(batch_wait_timeout_s=30.0))
+    model = SlowModel(0.0)
+    replica.batcher.run = model
+
+    async def scenario() -> None:
+        await replica.batcher.submit(list(range(8)))
+        await asyncio.wait_for(replica.batcher.submit([1, 2, 3]), 5.0)
+
+    asyncio.run(scenario())
+    assert [len(batch) for batch in model.batches] == [8, 3]
 
 
 def test_limits_order_and_concurrency():
