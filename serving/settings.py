@@ -172,8 +172,9 @@ class ServingOptions:
         model replica it feeds where that is more (the fronts share the model replicas evenly;
         with autoscaling, or replica counts set outside these options, it cannot tell). What
         queues in the front meanwhile goes in its next call. Measured on 2 cores, one front and
-        two model replicas at 16 clients: two calls out formed batches of 5.4 texts on average,
-        four of 4.0, at the same rate within the noise."""
+        two model replicas at 16 clients (with the batch wait before the share of the peak):
+        two calls out formed batches of 5.4 texts on average, four of 4.0, at the same rate
+        within the noise."""
         if self.autoscaling:
             return FRONT_CALLS
         return max(FRONT_CALLS, -(-self.replicas // self.fronts))
