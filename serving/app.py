@@ -372,6 +372,9 @@ class ClassifierServer(TeiRoutes, OpenAIRoutes):
             options.max_batch_size,
             options.batch_wait_timeout_s,
             concurrency=options.calls_per_front,
+            # saturated (a full batch queued beyond the calls out): a second call per model
+            # replica waits there, so none idles between calls
+            full_concurrency=2 * options.calls_per_front,
         )
         api.state.guard = Guard(
             parse_api_keys(os.environ.get(API_KEYS_ENV)),

@@ -8,7 +8,10 @@ is only formed when a slot is free. Its wait adapts to the traffic: a batch wait
 queued or running, over its last ``2 * concurrency`` batches, divided among the batches that
 run at once); an idle server (one request at a time) answers at once. Under a steady closed
 loop this wait also spreads the batches that run at once apart in time, so that each finds its
-share queued when its slot frees, and then none waits.
+share queued when its slot frees, and then none waits. While the queue holds a full batch
+beyond the batches running, up to ``full_concurrency`` run at once: a front then has a second
+call queued at each model replica, which starts it the moment its batch ends instead of idling
+for the hop back to the front and out again.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ Answer = TypeVar("Answer")
 
 class Batcher(Generic[Item, Answer]):
     """Runs ``run(items)`` on batches of at most ``max_size`` items, ``concurrency`` batches at
-    a time; ``run`` answers one result (or exception) per item, in order."""
+    a time (``full_concurrency`` while a full batch queues beyond them; by default the same);
+    ``run`` answers one result (or exception) per item, in order."""
 
     def __init__(
         self,
@@ -33,13 +37,19 @@ class Batcher(Generic[Item, Answer]):
         max_size: int,
         wait_s: float,
         concurrency: int = 1,
+        full_concurrency: int | None = None,
     ) -> None:
-        if max_size < 1 or concurrency < 1 or wait_s < 0:
-            raise ValueError("max_size and concurrency must be >= 1, wait_s >= 0")
+        full_concurrency = full_concurrency or concurrency
+        if max_size < 1 or concurrency < 1 or wait_s < 0 or full_concurrency < concurrency:
+            raise ValueError(
+                "max_size and concurrency must be >= 1, wait_s >= 0, "
+                "full_concurrency >= concurrency"
+            )
         self.run = run
         self.max_size = max_size
         self.wait_s = wait_s
         self.concurrency = concurrency
+        self.full_concurrency = full_concurrency
         self.queue: deque[tuple[Item, asyncio.Future]] = deque()
         self.running = 0  # batches
         self.running_items = 0
@@ -77,7 +87,10 @@ class Batcher(Generic[Item, Answer]):
     async def _form_batches(self) -> None:
         while True:
             self._drop_cancelled()
-            if not self.queue or self.running >= self.concurrency:
+            full = len(self.queue) >= self.max_size
+            if not self.queue or self.running >= (
+                self.full_concurrency if full else self.concurrency
+            ):
                 await self._changes()
                 continue
             await self._fill()

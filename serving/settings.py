@@ -170,8 +170,9 @@ class ServingOptions:
     def calls_per_front(self) -> int:
         """Calls a front has out to the model replicas at once: :data:`FRONT_CALLS`, or one per
         model replica it feeds where that is more (the fronts share the model replicas evenly;
-        with autoscaling, or replica counts set outside these options, it cannot tell). What
-        queues in the front meanwhile goes in its next call. Measured on 2 cores, one front and
+        with autoscaling, or replica counts set outside these options, it cannot tell); twice
+        as many while a full batch queues beyond them (see :class:`Batcher`). What queues in
+        the front meanwhile goes in its next call. Measured on 2 cores, one front and
         two model replicas at 16 clients (with the batch wait before the share of the peak):
         two calls out formed batches of 5.4 texts on average, four of 4.0, at the same rate
         within the noise."""

@@ -107,6 +107,22 @@ def test_batches_that_run_at_once_each_wait_for_their_share_of_the_recent_peak()
     assert [len(batch) for batch in model.batches] == [16, 8]
 
 
+def test_a_full_queue_runs_more_batches_at_once_and_less_does_not():
+    """Saturated (a full batch queued beyond the batches running), up to ``full_concurrency``
+    batches run at once, so that a model replica has its next one waiting; with less queued,
+    ``concurrency``."""
+
+    async def most_running(items: int, concurrency: int) -> int:
+        model = SlowModel(0.05)
+        batcher = Batcher(model, 4, 0.0, concurrency, full_concurrency=2 * concurrency)
+        answers = await asyncio.gather(*(batcher.submit([k]) for k in range(items)))
+        assert answers == [[2 * k] for k in range(items)]
+        return model.most_running
+
+    assert asyncio.run(most_running(20, 2)) == 4
+    assert asyncio.run(most_running(6, 1)) == 1  # a batch of 4; the 2 left are no full batch
+
+
 def test_closed_loop_clients_fill_both_of_a_fronts_calls():
     """16 closed-loop clients, each away 10 to 40 ms between requests (a proxy, a front and
     the client), two batches at once, a model whose batch takes longer the more it holds:
@@ -200,3 +216,5 @@ def test_a_caller_that_gave_up_takes_no_place_in_a_batch():
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError):
         Batcher(SlowModel(), max_size=0, wait_s=0.0)
+    with pytest.raises(ValueError, match="full_concurrency"):
+        Batcher(SlowModel(), max_size=4, wait_s=0.0, concurrency=2, full_concurrency=1)
