@@ -372,8 +372,8 @@ class ClassifierServer(TeiRoutes, OpenAIRoutes):
             options.max_batch_size,
             options.batch_wait_timeout_s,
             concurrency=options.calls_per_front,
-            # saturated (a full batch queued beyond the calls out): a second call per model
-            # replica waits there, so none idles between calls
+            # saturated (a full batch queued beyond the calls out): up to twice the calls out,
+            # so a model replica finds its next batch queued when one ends
             full_concurrency=2 * options.calls_per_front,
         )
         api.state.guard = Guard(

@@ -6,7 +6,8 @@ under load its batches queue up behind the running one holding one request each.
 is only formed when a slot is free. Its wait adapts to the traffic: a batch waits up to
 ``wait_s`` for its share of the requests the batcher held lately (the most it held at once,
 queued or running, over its last ``2 * concurrency`` batches, divided among the batches that
-run at once); an idle server (one request at a time) answers at once. Under a steady closed
+run at once); an idle server (one request at a time) answers at once, and after a burst one
+wait that runs out brings it back there. Under a steady closed
 loop this wait also spreads the batches that run at once apart in time, so that each finds its
 share queued when its slot frees, and then none waits. While the queue holds a full batch
 beyond the batches running, up to ``full_concurrency`` run at once: a front then has a second
@@ -39,7 +40,7 @@ class Batcher(Generic[Item, Answer]):
         concurrency: int = 1,
         full_concurrency: int | None = None,
     ) -> None:
-        full_concurrency = full_concurrency or concurrency
+        full_concurrency = concurrency if full_concurrency is None else full_concurrency
         if max_size < 1 or concurrency < 1 or wait_s < 0 or full_concurrency < concurrency:
             raise ValueError(
                 "max_size and concurrency must be >= 1, wait_s >= 0, "
@@ -106,11 +107,14 @@ class Batcher(Generic[Item, Answer]):
         return min(self.max_size, -(-max(self.peaks) // self.concurrency))
 
     async def _fill(self) -> None:
-        """Wait up to ``wait_s`` while the queue holds fewer than :meth:`wanted`."""
+        """Wait up to ``wait_s`` while the queue holds fewer than :meth:`wanted`; a wait that
+        runs out forgets the peaks (the load fell), so the next batch expects what is held now."""
         deadline = time.monotonic() + self.wait_s
         while len(self.queue) < self.wanted():
             left = deadline - time.monotonic()
             if left <= 0:
+                self.peaks.clear()
+                self.peaks.append(len(self.queue) + self.running_items)
                 return
             await self._changes(left)
             self._drop_cancelled()

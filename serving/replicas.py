@@ -314,7 +314,8 @@ class MultiplexedModels:
         )
 
     async def classify(self, requests: list[ClassifyRequest]) -> list[Answered | Exception]:
-        """As :meth:`ModelReplica.classify`; a front sends one task's requests together."""
+        """As :meth:`ModelReplica.classify`; a front sends each request in a call of its own
+        (routed by its task), and this replica's batcher gathers them."""
         arrived = time.perf_counter()  # this process's clock, for the queue stage
         for request in requests:
             request.arrived = arrived

@@ -56,8 +56,9 @@ class ServingOptions:
         0.04,
         "seconds a front's next call waits for more requests, only while it holds fewer than "
         "its share of the most it held at once lately (an idle server sends a request at "
-        "once); a model replica takes the fronts' calls as they come, and waits so only where "
-        "requests come one per call (--models-per-replica)",
+        "once); model replicas run the fronts' calls without waiting, except with "
+        "--models-per-replica, where each request comes in a call of its own and the model "
+        "replica waits instead",
     )
     max_items: int = _option(64, "texts per request at most (more: 413)")
     max_chars: int = _option(10_000, "characters per text at most (more: 413)")

@@ -5,6 +5,7 @@ takes its fronts' calls without waiting."""
 import asyncio
 import random
 import statistics
+import time
 
 import pytest
 
@@ -121,6 +122,26 @@ def test_a_full_queue_runs_more_batches_at_once_and_less_does_not():
 
     assert asyncio.run(most_running(20, 2)) == 4
     assert asyncio.run(most_running(6, 1)) == 1  # a batch of 4; the 2 left are no full batch
+
+
+def test_after_a_burst_one_wait_runs_out_and_then_a_lone_request_goes_at_once():
+    """16 requests held at once, then one client alone: its first request waits ``wait_s``
+    for a share that never comes, and that wait forgets the burst; the next ones go at once
+    (not each waiting as long, for as many batches as the peaks are kept)."""
+
+    async def scenario() -> list[float]:
+        batcher = Batcher(SlowModel(0.0), max_size=16, wait_s=0.2, concurrency=2)
+        await asyncio.gather(*(batcher.submit([k]) for k in range(16)))
+        waits = []
+        for k in range(4):
+            start = time.monotonic()
+            assert await batcher.submit([k]) == [2 * k]
+            waits.append(time.monotonic() - start)
+        return waits
+
+    waits = asyncio.run(scenario())
+    assert waits[0] >= 0.15, waits
+    assert all(wait < 0.1 for wait in waits[1:]), waits
 
 
 def test_closed_loop_clients_fill_both_of_a_fronts_calls():
