@@ -7,12 +7,12 @@ is only formed when a slot is free. Its wait adapts to the traffic: a batch wait
 ``wait_s`` for its share of the requests the batcher held lately (the most it held at once,
 queued or running, over its last ``2 * concurrency`` batches, divided among the batches that
 run at once); an idle server (one request at a time) answers at once, and after a burst one
-wait that runs out brings it back there. Under a steady closed
-loop this wait also spreads the batches that run at once apart in time, so that each finds its
-share queued when its slot frees, and then none waits. While the queue holds a full batch
-beyond the batches running, up to ``full_concurrency`` run at once: a front then has a second
-call queued at each model replica, which starts it the moment its batch ends instead of idling
-for the hop back to the front and out again.
+wait that runs out brings it back there. Under a steady closed loop this wait also spreads the
+batches that run at once apart in time, so that each finds its share queued when its slot
+frees, and then none waits. While the queue holds a full batch beyond the batches running, up
+to ``full_concurrency`` run at once: a front then has a second call queued at each model
+replica, which starts it the moment its batch ends instead of idling for the hop back to the
+front and out again.
 """
 
 from __future__ import annotations
