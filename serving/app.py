@@ -44,7 +44,7 @@ from freemerge.merging.kind_rules import (
     DEFAULT_THRESHOLD,
     EMBED_ROUTE,
 )
-from freemerge.serving.batcher import Batcher
+from freemerge.serving.batcher import BatchCancelled, Batcher
 from freemerge.serving.dialects import (
     NATIVE,
     dialect_of,
@@ -311,6 +311,8 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
 # A request whose model replica died is sent again: another replica takes it.
 REPLICA_LOST = (RayActorError, ReplicaUnavailableError)
 ATTEMPTS = 3
+# no model replica answered: a 503 to retry (see ClassifierServer._unavailable)
+UNAVAILABLE = (TimeoutError, BackPressureError, BatchCancelled, *REPLICA_LOST)
 
 
 async def _again_if_lost(send: Callable[[], Any]) -> Any:
@@ -457,7 +459,7 @@ class ClassifierServer(TeiRoutes, OpenAIRoutes):
             raise
         try:
             answers = await asyncio.wait_for(self._answers(request), self.timeout_s)
-        except (TimeoutError, BackPressureError, *REPLICA_LOST) as err:
+        except UNAVAILABLE as err:
             refusal = self._unavailable(err)
             self._count(task, 503, route, isinstance(refusal, Overloaded))
             raise refusal from None
@@ -477,11 +479,14 @@ class ClassifierServer(TeiRoutes, OpenAIRoutes):
         self.metrics.request(task, shown, route=route)
 
     def _unavailable(self, err: Exception) -> RequestError:
-        """Why no model replica answered: overloaded, or the replicas lost (503)."""
+        """Why no model replica answered: overloaded, the call cancelled, or the replicas lost
+        (503)."""
         if isinstance(err, TimeoutError):
             return Overloaded(f"no answer within {self.timeout_s:g} s: the server is overloaded")
         if isinstance(err, BackPressureError):
             return Overloaded("every model replica is full: the server is overloaded")
+        if isinstance(err, BatchCancelled):
+            return RequestError(503, "the call to a model replica was cancelled; retry shortly")
         return RequestError(
             503, f"the model replicas were lost {ATTEMPTS} times in a row; retry shortly"
         )
@@ -493,7 +498,7 @@ class ClassifierServer(TeiRoutes, OpenAIRoutes):
             described = await asyncio.wait_for(
                 _again_if_lost(lambda: self.models.describe.remote()), self.timeout_s
             )
-        except (TimeoutError, BackPressureError, *REPLICA_LOST) as err:
+        except UNAVAILABLE as err:
             raise self._unavailable(err) from None
         entry = next((t for t in described["tasks"] if t["task"] == task), None)
         if entry is None:  # a task of another version, met in a rolling update
@@ -526,7 +531,10 @@ class ClassifierServer(TeiRoutes, OpenAIRoutes):
         if self.multiplexed:  # Serve routes by task: one request at a time
             handle = self.models.options(multiplexed_model_id=request.task)
             return (await _again_if_lost(lambda: handle.classify.remote([request])))[0]
-        return (await self.batcher.submit([request]))[0]
+        answer = (await self.batcher.submit([request]))[0]
+        if isinstance(answer, UNAVAILABLE):  # the batch's call failed: as a multiplexed call's
+            raise answer
+        return answer
 
     async def _send_batch(self, requests: list[ClassifyRequest]) -> list[Answered | Exception]:
         """One call to a model replica for the requests queued while the last calls ran."""
@@ -549,7 +557,7 @@ class ClassifierServer(TeiRoutes, OpenAIRoutes):
             status = await asyncio.wait_for(
                 _again_if_lost(lambda: self.models.status.remote()), self.timeout_s
             )
-        except (TimeoutError, BackPressureError, *REPLICA_LOST) as err:
+        except UNAVAILABLE as err:
             return JSONResponse({"ready": False, "error": str(self._unavailable(err))}, 503)
         if status["problem"] is not None:
             return JSONResponse({"ready": False, "error": status["problem"]}, 503)

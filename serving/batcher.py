@@ -13,11 +13,17 @@ frees, and then none waits. While the queue holds a full batch beyond the batche
 to ``full_concurrency`` run at once: a front then has a second call queued at each model
 replica, which starts it the moment its batch ends instead of idling for the hop back to the
 front and out again.
+
+The batches run in a context of their own, not the one of the request that happened to start
+the batcher: Ray Serve reads a call's parent request from the context, so a model call made in
+that request's context would be its child (cancelled with it, logged under its ID). A batch
+whose run is cancelled anyway answers :class:`BatchCancelled` to each of its callers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,6 +31,10 @@ from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
 Answer = TypeVar("Answer")
+
+
+class BatchCancelled(RuntimeError):
+    """The batch's run was cancelled before it answered (its callers may retry)."""
 
 
 class Batcher(Generic[Item, Answer]):
@@ -74,7 +84,10 @@ class Batcher(Generic[Item, Answer]):
             self._changed = asyncio.Event()
         self._changed.set()
         if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._form_batches())
+            # no request's context: the batches it starts belong to none (see the module)
+            self._loop_task = asyncio.get_running_loop().create_task(
+                self._form_batches(), context=contextvars.Context()
+            )
 
     async def _changes(self, timeout: float | None = None) -> None:
         """Wait for a new item or a finished batch (or ``timeout``)."""
@@ -126,16 +139,31 @@ class Batcher(Generic[Item, Answer]):
 
     async def _run(self, batch: list[tuple[Item, asyncio.Future]]) -> None:
         items = [item for item, _ in batch]
+        cancelled = False
         try:
             answers: Sequence[Answer | BaseException] = await self.run(items)
             if len(answers) != len(items):
                 raise RuntimeError(f"{len(answers)} answers to a batch of {len(items)}")
         except Exception as err:
             answers = [err] * len(items)
+        except asyncio.CancelledError:
+            answers = [BatchCancelled("the batch was cancelled before it answered")] * len(items)
+            cancelled = True
         finally:
             self.running -= 1
             self.running_items -= len(items)
             self._wake()
+        self._answer(batch, answers)
+        task = asyncio.current_task()
+        if cancelled and task is not None and task.cancelling():  # this task was cancelled
+            raise asyncio.CancelledError
+
+    @staticmethod
+    def _answer(
+        batch: list[tuple[Item, asyncio.Future]], answers: Sequence[Answer | BaseException]
+    ) -> None:
+        """Each caller still waiting gets its answer, or the exception that ``submit`` returns
+        in the answer's place."""
         for (_, future), answer in zip(batch, answers, strict=True):
             if future.done():  # its caller gave up
                 continue

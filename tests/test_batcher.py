@@ -3,14 +3,19 @@ traffic, one batch's failure or a caller's timeout touches no other request; a m
 takes its fronts' calls without waiting."""
 
 import asyncio
+import contextvars
 import random
 import statistics
 import time
 
 import pytest
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
 
-from freemerge.serving.batcher import Batcher
+from freemerge.serving.app import ClassifierServer
+from freemerge.serving.batcher import BatchCancelled, Batcher
 from freemerge.serving.replicas import ModelReplica
+from freemerge.serving.requests import ClassifyRequest, RequestError
 from freemerge.serving.settings import ServingOptions
 
 
@@ -232,6 +237,97 @@ def test_a_caller_that_gave_up_takes_no_place_in_a_batch():
 
     model = asyncio.run(scenario())
     assert model.batches == [["first"], ["kept"]]
+
+
+def test_a_cancelled_batch_answers_its_callers_and_the_next_batch_runs():
+    """A batch whose call to the model is cancelled (not by its callers) answers
+    :class:`BatchCancelled` to each of them, instead of leaving them waiting for ever."""
+
+    async def scenario() -> tuple[list, list]:
+        calls = 0
+
+        async def model(items: list) -> list:
+            nonlocal calls
+            calls += 1
+            if calls == 1:  # the first call is cancelled by someone else, as Ray may do
+                call = asyncio.ensure_future(asyncio.sleep(10))
+                asyncio.get_running_loop().call_later(0.01, call.cancel)
+                await call
+            return [item * 2 for item in items]
+
+        batcher = Batcher(model, max_size=4, wait_s=0.0)
+        cancelled = await asyncio.wait_for(batcher.submit(["a", "b"]), 2.0)
+        return cancelled, await asyncio.wait_for(batcher.submit(["c"]), 2.0)
+
+    cancelled, after = asyncio.run(scenario())
+    assert [type(answer) for answer in cancelled] == [BatchCancelled, BatchCancelled]
+    assert after == ["cc"]
+
+
+REQUEST_ID = contextvars.ContextVar("request_id", default=None)
+
+
+def test_batches_run_outside_the_context_of_the_request_that_started_the_batcher():
+    """Ray Serve takes a call's parent request from the context: a batch must not run as a
+    child of the first request the batcher saw (it would be cancelled with that request)."""
+
+    async def scenario() -> list:
+        seen = []
+
+        async def model(items: list) -> list:
+            seen.append(REQUEST_ID.get())
+            return items
+
+        batcher = Batcher(model, max_size=4, wait_s=0.0)
+
+        async def request(request_id: str) -> None:
+            REQUEST_ID.set(request_id)
+            await batcher.submit([request_id])
+
+        await asyncio.gather(request("first"), request("second"))
+        await request("third")
+        return seen
+
+    assert set(asyncio.run(scenario())) == {None}
+
+
+class FailingModels:
+    """A stand-in for the front's handle to the model replicas: every call raises ``error``."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        self.classify = self
+
+    def remote(self, requests: list) -> object:
+        async def fail() -> None:
+            raise self.error
+
+        return fail()
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (BackPressureError(num_queued_requests=8, max_queued_requests=8), "overloaded"),
+        (RayActorError(), "lost 3 times"),
+        (BatchCancelled("cancelled"), "cancelled"),
+    ],
+)
+def test_a_front_answers_503_when_its_batch_finds_no_model_replica(error, message):
+    """The model replicas full, lost on every attempt or the call cancelled: a 503 to retry, as
+    for a multiplexed call, not a 500 that blames the model."""
+
+    async def scenario() -> RequestError:
+        front_class = ClassifierServer.func_or_class
+        front = front_class.__new__(front_class)
+        await front_class.__init__(front, ServingOptions(), FailingModels(error))
+        request = ClassifyRequest("sms_spam", ["hello"], time.perf_counter())
+        with pytest.raises(RequestError) as refused:
+            await front._served("sms_spam", lambda: request, "/v1/classify")
+        return refused.value
+
+    refused = asyncio.run(scenario())
+    assert refused.status == 503 and message in str(refused), str(refused)
 
 
 def test_bad_settings_are_refused():
