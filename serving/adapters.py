@@ -12,7 +12,8 @@ The layers hold no adapters: the experts of a pass come from the expert store an
 to every wrapped layer through :class:`RowTasks` for that pass only, with the rows they apply
 to. The caller puts each task's rows next to each other, so a task's rows are a slice of the
 batch: the update is two small matmuls on a view and one in-place ``addmm_``, with no gather
-or scatter of rows (BLAS reads the transposed factors in place).
+or scatter of rows (BLAS reads the transposed factors in place: the store's copies hold each
+factor with its transpose contiguous, see ``LowRankExpert.to``).
 """
 
 from __future__ import annotations

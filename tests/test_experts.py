@@ -150,6 +150,24 @@ def test_lowrank_round_trip_is_exact_and_skip_and_vectors_apply(tmp_path):
     )
 
 
+def test_a_moved_expert_keeps_its_values_lays_out_transposed_factors_and_saves(tmp_path):
+    """``to`` gives the row adapters factors whose transposes are contiguous (the layout their
+    GEMMs read fastest), the same values, and a copy that still saves and loads back."""
+    expert = make_expert("lowrank", rank=2, vectors="full", skip="")
+    expert.add("v", torch.randn(6, 4))
+    expert.add("b", torch.randn(6))
+    moved = expert.to("cpu", torch.float32)
+    b, a = moved.factors["v"]
+    assert b.T.is_contiguous() and a.T.is_contiguous()
+    assert torch.equal(b, expert.factors["v"][0].float())
+    assert torch.equal(a, expert.factors["v"][1].float())
+    moved.save(tmp_path / "moved.safetensors")  # safetensors refuses non-contiguous tensors
+    loaded = load_expert(tmp_path / "moved.safetensors")
+    assert all(
+        torch.equal(x, y) for x, y in zip(loaded.factors["v"], moved.factors["v"], strict=True)
+    )
+
+
 def test_lowrank_apply_restores_bitwise():
     expert = LowRankExpert(rank=4)
     for name, residual in residuals().items():
