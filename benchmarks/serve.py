@@ -64,6 +64,23 @@ def short_texts(tasks: list[str]) -> dict[str, list[str]]:
     return {t: [x for x in v if SHORT[0] <= len(x) <= SHORT[1]] or v for t, v in pools.items()}
 
 
+def text_lengths(texts: dict[str, list[str]]) -> dict[str, list[int]]:
+    """Per task: how many texts, the shortest and the longest (characters), for the report."""
+    return {t: [len(v), min(map(len, v)), max(map(len, v))] for t, v in texts.items()}
+
+
+def _texts_line(lengths: dict[str, list[int]]) -> str:
+    """What the requests held, from :func:`text_lengths`, naming any task sent longer texts."""
+    long = [
+        f"{task} has none that short and sent its {n} test texts, {low:,} to {high:,} characters "
+        "(cut at 1,000; the tokenizer truncates them)"
+        for task, (n, low, high) in lengths.items()
+        if low < SHORT[0] or high > SHORT[1]
+    ]
+    line = f"One tagged text per request, of {SHORT[0]} to {SHORT[1]} characters"
+    return line + (f" except that {'; '.join(long)}" if long else "")
+
+
 def engine_rate(options: dict, texts: dict, per_call: int, total: int, start: Any = None) -> float:
     """Texts per second of the engine alone, ``per_call`` one-text requests per call, with the
     options' torch threads; after its warm-up it waits on ``start`` (a barrier) when given."""
@@ -198,7 +215,8 @@ def run_serve_bench(
     layouts = contenders(artifact, zoo)
     settings = {name: _layout(options) for name, options in layouts.items()}
     result: dict = {"machine": describe_machine(), "settings": settings, "rounds": rounds}
-    result |= {"artifact": str(artifact), "zoo": str(zoo), "engine": [], "served": []}
+    result |= {"artifact": str(artifact), "zoo": str(zoo), "texts": text_lengths(texts)}
+    result |= {"engine": [], "served": []}
     for round_number in range(1, rounds + 1):
         for name, options in layouts.items():
             if name in ENGINES:
@@ -374,8 +392,8 @@ def serve_markdown(result: dict, command: str) -> str:
         f"Machine: {machine_line(result['machine'])}. Command: `{command}`. Artifact: "
         f"`{result['artifact']}`, its zoo `{result['zoo']}` for the separate models; "
         f"{result['rounds']} interleaved rounds (per contender: the engine, then a freshly "
-        "started server); medians with the range over rounds. One tagged text of "
-        f"{SHORT[0]} to {SHORT[1]} characters per request, tasks mixed, kept-alive connections; "
+        f"started server); medians with the range over rounds. {_texts_line(result['texts'])}; "
+        "tasks mixed, kept-alive connections; "
         "each contender's server settings above its table. CPU per request: per request sent, "
         "answered "
         "or refused; the client is the load generator (one asyncio loop in one process), on the "

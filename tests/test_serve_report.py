@@ -68,6 +68,7 @@ def result(served_16: list[float], batches_16: list[float], answered: list[float
         },
         "artifact": "a",
         "zoo": "z",
+        "texts": {"sms_spam": [168, 40, 120], "bbc_topic": [214, 410, 1000]},
         "rounds": 3,
         "engine": engine,
         "served": served,
@@ -101,3 +102,8 @@ def test_the_tables_have_a_row_per_run_and_the_targets():
     assert "back in 4.2 s, answered p99 7567 ms | yes |" in text
     assert "kill -9 of a model replica under 16 clients: 0 failed | 2 of 900" in text
     assert "## Separate models (baseline)" in text
+    assert (
+        "One tagged text per request, of 40 to 120 characters except that bbc_topic has none "
+        "that short and sent its 214 test texts, 410 to 1,000 characters" in text
+    )
+    assert "sms_spam has" not in text
