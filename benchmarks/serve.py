@@ -73,7 +73,7 @@ def _texts_line(lengths: dict[str, list[int]]) -> str:
     """What the requests held, from :func:`text_lengths`, naming any task sent longer texts."""
     long = [
         f"{task} has none that short and sent its {n} test texts, {low:,} to {high:,} characters "
-        "(cut at 1,000; the tokenizer truncates them)"
+        "(the longer ones cut at 1,000 when loaded)"
         for task, (n, low, high) in lengths.items()
         if low < SHORT[0] or high > SHORT[1]
     ]

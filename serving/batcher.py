@@ -16,7 +16,8 @@ front and out again.
 
 The batches run in a context of their own, not the one of the request that happened to start
 the batcher: Ray Serve reads a call's parent request from the context, so a model call made in
-that request's context would be its child (cancelled with it, logged under its ID). A batch
+that request's context would be its child (logged under its ID, and cancelled with it while
+still waiting for a replica). A batch
 whose run is cancelled anyway answers :class:`BatchCancelled` to each of its callers.
 """
 
