@@ -14,7 +14,7 @@ COST_QUANTITIES = {
     "forward": "plain forward",
     "expert_apply_restore": "expert apply + restore in place (no forward)",
     "row_adapter_forward": "forward with row adapters",
-    "served_forward": "forward as served (row adapters, or merged above 1,024 tokens)",
+    "served_forward": "forward as served (row adapters, or merged for a large one-task pass)",
 }
 COST_SHARES = {
     "apply_share_of_forward": "expert apply + restore in place, share of a plain forward",

@@ -289,15 +289,14 @@ class LowRankExpert:
         return mixed
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LowRankExpert:
-        """A copy on ``device`` (and in ``dtype``, the dtype it computes in), each factor laid
-        out with its transpose contiguous: the row adapters compute ``(x @ a.T) @ b.T``, and
-        BLAS runs these narrow GEMMs faster on contiguous operands (measured on the CPU, at
-        batch 1: up to half the update's cost per layer, about half a point of a whole forward,
-        within the noise at some lengths). This expert is unchanged."""
+        """A copy on ``device`` (and in ``dtype``, the dtype it computes in), laid out as the
+        row adapters read it: ``A`` (rank x in) contiguous, ``B`` with its transpose contiguous
+        (the fused CPU kernel reads both so, and BLAS runs ``A x^T`` and the update from them
+        as fast as from any layout, measured at 17 to 128 tokens). This expert is unchanged."""
         name = next((k for k, v in FACTOR_DTYPES.items() if v == dtype), self.dtype)
         moved = LowRankExpert(self.rank, self.vectors, self.skip, name)
         moved.factors = {
-            n: (_transposed_layout(b.to(device, dtype)), _transposed_layout(a.to(device, dtype)))
+            n: (_transposed_layout(b.to(device, dtype)), a.to(device, dtype).contiguous())
             for n, (b, a) in self.factors.items()
         }
         moved.full = {n: t.to(device, dtype) for n, t in self.full.items()}

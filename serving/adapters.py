@@ -11,9 +11,8 @@ Equal to applying the expert in place up to float rounding.
 The layers hold no adapters: the experts of a pass come from the expert store and are handed
 to every wrapped layer through :class:`RowTasks` for that pass only, with the rows they apply
 to. The caller puts each task's rows next to each other, so a task's rows are a slice of the
-batch: the update is two small matmuls on a view and one in-place ``addmm_``, with no gather
-or scatter of rows (BLAS reads the transposed factors in place: the store's copies hold each
-factor with its transpose contiguous, see ``LowRankExpert.to``).
+batch: the update runs in place on a view, with no gather or scatter of rows, in the fused
+CPU kernel where it runs, else as two narrow GEMMs (:mod:`freemerge.serving.lowrank_kernel`).
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from itertools import groupby
 import torch
 
 from freemerge.merging.experts import Expert, ExpertLayout
+from freemerge.serving.lowrank_kernel import add_lowrank_, cpu_kernel, linear_lowrank
 
 
 class RowTasks:
@@ -89,26 +89,21 @@ class LowRankLinear(torch.nn.Module):
         for expert, rows in self.rows.experts(x, self.weight):
             pair = expert.factors.get(self.weight)
             if pair is not None:
-                b, a = pair
-                _rows(flat_result, rows).addmm_(_rows(flat_x, rows) @ a.T, b.T)
+                add_lowrank_(_rows(flat_result, rows), _rows(flat_x, rows), *pair)
             bias = expert.full.get(self.bias)
             if bias is not None:
                 _rows(flat_result, rows).add_(bias)
         return result
 
     def _one_task(self, x: torch.Tensor, expert: Expert) -> torch.Tensor:
-        """A pass of one task: the base layer's GEMM straight into a flat result (``addmm``
-        with its bias, not a call of the wrapped module), then the update in place: the same
-        math in fewer Python steps. Measured side by side on a batch-1 forward on one thread
-        (a CPU layout's model replica): 0.8 to 2.1 points of the forward less than the
-        general path at 17 and 98 tokens; within the noise at 128 tokens on two threads."""
+        """A pass of one task: the layer and its update computed here
+        (:func:`linear_lowrank`: one call of the fused kernel on the CPU), not through the
+        wrapped module: the same math in fewer Python steps (measured side by side on a
+        batch-1 forward on one thread, BLAS: 0.8 to 2.1 points of the forward less than the
+        general path at 17 and 98 tokens)."""
         flat_x = x.reshape(-1, x.shape[-1])
-        weight, bias = self.base.weight, self.base.bias
-        flat = torch.mm(flat_x, weight.T) if bias is None else torch.addmm(bias, flat_x, weight.T)
-        pair = expert.factors.get(self.weight)
-        if pair is not None:
-            b, a = pair
-            flat.addmm_(flat_x @ a.T, b.T)
+        base = self.base
+        flat = linear_lowrank(flat_x, base.weight, base.bias, expert.factors.get(self.weight))
         delta = expert.full.get(self.bias)
         if delta is not None:
             flat.add_(delta)
@@ -179,8 +174,11 @@ def install_row_adapters(
 ) -> RowTasks:
     """Wrap the module owning each tensor in ``names`` in place (those not wrapped yet: a
     linear layer in :class:`LowRankLinear`, a LayerNorm in :class:`RowLayerNorm`); return the
-    row map they share."""
+    row map they share. On the CPU the fused kernel is built (or loaded) here, before any
+    request."""
     rows = rows if rows is not None else RowTasks()
+    if any(p.device.type == "cpu" for p in backbone.parameters()):
+        cpu_kernel()
     for path in sorted({name.rpartition(".")[0] for name in names}):
         parent_path, _, child = path.rpartition(".")
         parent = backbone.get_submodule(parent_path) if parent_path else backbone

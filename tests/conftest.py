@@ -14,6 +14,7 @@ from freemerge.benchmarks.sources import backbone_dir, default_cache_dir
 from freemerge.benchmarks.zoo import Zoo, build_zoo
 from freemerge.merging.config import parse_config
 from freemerge.merging.merge import run_merge
+from freemerge.serving.lowrank_kernel import cpu_kernel
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -21,6 +22,13 @@ TOKENIZER_FILES = (
     "vocab.txt",
     "special_tokens_map.json",
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_kernel_built() -> None:
+    """The fused CPU kernel compiled into the cache once, before any test starts replicas
+    (on a fresh machine each of their processes would otherwise build its own)."""
+    cpu_kernel()
 
 
 @pytest.fixture(scope="session")

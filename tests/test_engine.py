@@ -9,6 +9,7 @@ from freemerge.merging.artifact import open_artifact
 from freemerge.merging.batching import Tokenized
 from freemerge.merging.config import parse_config
 from freemerge.merging.merge import run_merge
+from freemerge.serving import lowrank_kernel
 from freemerge.serving.adapters import rows_assigned
 from freemerge.serving.engine import MergedEngine, SeparateEngine
 from freemerge.serving.expert_store import held_bytes
@@ -65,6 +66,35 @@ def test_row_adapters_are_used_for_lowrank_experts(artifacts):
     wrapped = {type(m).__name__ for m in vectors.backbone.modules()}
     assert {"LowRankLinear", "RowLayerNorm"} <= wrapped
     assert MergedEngine(artifacts["sparse"], "cpu").model.row_adapters is None
+
+
+def test_row_adapters_run_the_fused_kernel_where_the_cpu_has_it(artifacts, texts, monkeypatch):
+    """On an AVX-512 CPU every adapted layer of a pass runs in the fused kernel (the tests
+    above then check its answers): a one-task pass through ``lowrank_linear``, a mixed one
+    through ``lowrank_update_``."""
+    kernel = lowrank_kernel.cpu_kernel()
+    if kernel is None:
+        pytest.skip("no fused kernel on this CPU")
+    calls: list[tuple[str, bool]] = []
+
+    class Counted:
+        def lowrank_linear(self, *args):
+            out = kernel.lowrank_linear(*args)
+            calls.append(("linear", out is not None))
+            return out
+
+        def lowrank_update_(self, *args):
+            done = kernel.lowrank_update_(*args)
+            calls.append(("update", done))
+            return done
+
+    monkeypatch.setattr(lowrank_kernel, "cpu_kernel", Counted)
+    model = MergedClassifier(open_artifact(artifacts["lowrank"]))
+    model.classify_rows(texts["sms_spam"][:2], ["sms_spam"] * 2)
+    mixed = texts["sms_spam"][:2] + texts["debate_party"][:2]
+    model.classify_rows(mixed, ["sms_spam"] * 2 + ["debate_party"] * 2)
+    assert {kind for kind, _ in calls} == {"linear", "update"}
+    assert all(done for _, done in calls)
 
 
 @pytest.mark.parametrize("kind", ["lowrank", "sparse"])

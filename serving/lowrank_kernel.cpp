@@ -1,0 +1,174 @@
+// The row adapters' low-rank update on the CPU, fused: for every row t of x,
+// y[t] += (x[t] A^T) B^T (lowrank_update_), or the whole layer, x W^T + bias + (x A^T) B^T
+// (lowrank_linear: y written as bias + (x A^T) B^T, then the GEMM accumulating x W^T into it).
+//
+// BLAS runs the update as two narrow GEMMs (x A^T, then an addmm into y) that use a fraction
+// of a core and barely spread over threads. Here each pair of rows is read once and its r
+// inner products stay in registers (AVX-512, float32), and rows are split among torch's
+// threads. Both functions answer false or None, changing nothing, for inputs they do not
+// handle (the caller then runs BLAS): not float32 CPU tensors, a rank above 64, widths not
+// multiples of 16, or a layout other than each row of x and y contiguous, A contiguous
+// (rank x in) and B with its transpose contiguous (out x rank, stored as rank x out).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+
+namespace {
+
+constexpr int64_t kMaxRank = 64;
+constexpr int64_t kGrain = 16;  // rows per task of the thread pool
+
+// The sums of eight vectors, as the eight lanes of one.
+inline __m256 sums_of_8(const __m512* v) {
+  __m256 half[8];
+  for (int j = 0; j < 8; ++j) {
+    __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v[j]), 1));
+    half[j] = _mm256_add_ps(_mm512_castps512_ps256(v[j]), high);
+  }
+  __m256 a = _mm256_hadd_ps(half[0], half[1]), b = _mm256_hadd_ps(half[2], half[3]);
+  __m256 c = _mm256_hadd_ps(half[4], half[5]), d = _mm256_hadd_ps(half[6], half[7]);
+  __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
+  return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
+}
+
+struct Update {
+  const float* x;
+  const float* a;
+  const float* bt;
+  float* y;
+  int64_t in, out, rank, x_stride, y_stride;
+  const float* bias;  // with store: y = bias + h B^T (bias may be null); else y += h B^T
+  bool store;
+
+  // Rows row .. row + R - 1.
+  template <int R>
+  void rows(int64_t row) const {
+    alignas(32) float h[R][kMaxRank];
+    for (int64_t j0 = 0; j0 < rank; j0 += 8) {
+      const int64_t count = std::min<int64_t>(8, rank - j0);  // rows of A in this block
+      __m512 acc[R][8];
+      for (int k = 0; k < R; ++k)
+        for (int j = 0; j < 8; ++j) acc[k][j] = _mm512_setzero_ps();
+      if (count == 8) {
+        for (int64_t i = 0; i < in; i += 16) accumulate<R, 8>(acc, row, j0, i);
+      } else {
+        for (int64_t i = 0; i < in; i += 16) accumulate<R, 0>(acc, row, j0, i, count);
+      }
+      for (int k = 0; k < R; ++k) _mm256_store_ps(&h[k][j0], sums_of_8(acc[k]));
+    }
+    int64_t o = 0;
+    for (; o + 64 <= out; o += 64) outputs<R, 4>(row, o, h);
+    for (; o < out; o += 16) outputs<R, 1>(row, o, h);
+  }
+
+  // y[row + k, o : o + 16 C] for each of the R rows: its bias (store) or its value, plus
+  // h[k] B^T; R x C sums at once, so that the FMAs' latency overlaps.
+  template <int R, int C>
+  void outputs(int64_t row, int64_t o, const float (&h)[R][kMaxRank]) const {
+    __m512 yv[R][C];
+    for (int k = 0; k < R; ++k)
+      for (int c = 0; c < C; ++c) {
+        float* at = y + (row + k) * y_stride + o + 16 * c;
+        yv[k][c] = !store ? _mm512_loadu_ps(at)
+                   : bias ? _mm512_loadu_ps(bias + o + 16 * c) : _mm512_setzero_ps();
+      }
+    for (int64_t j = 0; j < rank; ++j) {
+      __m512 bv[C];
+      for (int c = 0; c < C; ++c) bv[c] = _mm512_loadu_ps(bt + j * out + o + 16 * c);
+      for (int k = 0; k < R; ++k) {
+        const __m512 hk = _mm512_set1_ps(h[k][j]);
+        for (int c = 0; c < C; ++c) yv[k][c] = _mm512_fmadd_ps(hk, bv[c], yv[k][c]);
+      }
+    }
+    for (int k = 0; k < R; ++k)
+      for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + (row + k) * y_stride + o + 16 * c, yv[k][c]);
+  }
+
+  // acc[k][j] += x[row + k, i:i+16] * a[j0 + j, i:i+16] for the block's rows of A: all 8
+  // (Count = 8, unrolled) or the first `count` (Count = 0; the others stay 0).
+  template <int R, int Count>
+  void accumulate(__m512 (&acc)[R][8], int64_t row, int64_t j0, int64_t i,
+                  int64_t count = 8) const {
+    __m512 xv[R];
+    for (int k = 0; k < R; ++k) xv[k] = _mm512_loadu_ps(x + (row + k) * x_stride + i);
+    for (int j = 0; j < (Count ? Count : count); ++j) {
+      __m512 av = _mm512_loadu_ps(a + (j0 + j) * in + i);
+      for (int k = 0; k < R; ++k) acc[k][j] = _mm512_fmadd_ps(xv[k], av, acc[k][j]);
+    }
+  }
+
+  void span(int64_t begin, int64_t end) const {
+    int64_t row = begin;
+    for (; row + 2 <= end; row += 2) rows<2>(row);
+    if (row < end) rows<1>(row);
+  }
+};
+
+bool handled(const torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& b,
+             const torch::Tensor& a) {
+  for (const auto* t : {&y, &x, &b, &a})
+    if (t->dim() != 2 || t->scalar_type() != torch::kFloat || !t->device().is_cpu()) return false;
+  const int64_t rows = x.size(0), in = x.size(1), rank = a.size(0), out = b.size(0);
+  if (rank > kMaxRank || in % 16 != 0 || out % 16 != 0) return false;
+  if (a.size(1) != in || b.size(1) != rank || y.size(0) != rows || y.size(1) != out) return false;
+  if (x.stride(1) != 1 || y.stride(1) != 1 || (rows > 1 && y.stride(0) < out)) return false;
+  return a.is_contiguous() && b.stride(0) == 1 && b.stride(1) == out;
+}
+
+void run(torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& b,
+         const torch::Tensor& a, const float* bias, bool store) {
+  const Update update{x.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(),
+                      y.data_ptr<float>(), x.size(1), b.size(0), a.size(0), x.stride(0),
+                      y.stride(0), bias, store};
+  const int64_t rows = x.size(0);
+  if (rows <= kGrain) {
+    update.span(0, rows);
+  } else {
+    at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) { update.span(begin, end); });
+  }
+}
+
+}  // namespace
+
+// y += (x a^T) b^T.
+bool lowrank_update_(torch::Tensor y, torch::Tensor x, torch::Tensor b, torch::Tensor a) {
+  if (!handled(y, x, b, a)) return false;
+  run(y, x, b, a, nullptr, false);
+  return true;
+}
+
+// y = bias + (x a^T) b^T (y = (x a^T) b^T without a bias): y is only written.
+static bool lowrank_store_(torch::Tensor y, torch::Tensor x, torch::Tensor b, torch::Tensor a,
+                    std::optional<torch::Tensor> bias) {
+  if (!handled(y, x, b, a)) return false;
+  if (bias && (bias->dim() != 1 || bias->size(0) != y.size(1) || !bias->is_contiguous() ||
+               bias->scalar_type() != torch::kFloat || !bias->device().is_cpu()))
+    return false;
+  run(y, x, b, a, bias ? bias->data_ptr<float>() : nullptr, true);
+  return true;
+}
+
+// A linear layer with its low-rank update, x W^T + bias + (x a^T) b^T: the output written as the
+// bias plus the update while x is fresh in cache, then the GEMM accumulating x W^T into it (the
+// GEMM reads it once as it writes; an update after the GEMM re-reads and rewrites all of it).
+// None where the inputs are not handled.
+std::optional<torch::Tensor> lowrank_linear(torch::Tensor x, torch::Tensor weight,
+                                            std::optional<torch::Tensor> bias, torch::Tensor b,
+                                            torch::Tensor a) {
+  if (weight.dim() != 2 || weight.scalar_type() != torch::kFloat || !weight.device().is_cpu() ||
+      x.dim() != 2 || weight.size(1) != x.size(1) || weight.size(0) != b.size(0))
+    return std::nullopt;
+  torch::Tensor y = torch::empty({x.size(0), weight.size(0)}, x.options());
+  if (!lowrank_store_(y, x, b, a, bias)) return std::nullopt;
+  y.addmm_(x, weight.t());
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lowrank_update_", &lowrank_update_,
+        "y += (x a^T) b^T in place; false (y unchanged) where the inputs are not handled");
+  m.def("lowrank_linear", &lowrank_linear,
+        "x W^T + bias + (x a^T) b^T; None where the inputs are not handled");
+}

@@ -1,0 +1,132 @@
+"""The fused CPU kernel for the row adapters' low-rank update, against BLAS."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torch.utils.cpp_extension import is_ninja_available
+
+from freemerge.merging.files import default_cache_dir
+from freemerge.serving import lowrank_kernel
+from freemerge.serving.lowrank_kernel import add_lowrank_, cpu_kernel, linear_lowrank
+
+pytestmark = pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() != "AVX512", reason="the kernel needs AVX-512"
+)
+
+
+def factors(out: int, rank: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(b, a)`` laid out as ``LowRankExpert.to`` lays them out."""
+    return torch.randn(rank, out).T, torch.randn(rank, width)
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    if got.shape != want.shape:
+        return False
+    if want.numel() == 0:
+        return True
+    return bool((got - want).abs().max() <= 1e-5 * want.abs().max().clamp(min=1.0))
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """The kernel; a machine with AVX-512, a C++ compiler and ninja must build it."""
+    built = cpu_kernel()
+    if built is None and not (shutil.which("c++") and is_ninja_available()):
+        pytest.skip("no C++ compiler or ninja to build the kernel (BLAS serves)")
+    assert built is not None, "the kernel did not build on an AVX-512 machine with a compiler"
+    return built
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 17, 40])  # odd, one pair, and > one thread's share
+@pytest.mark.parametrize(
+    ("width", "out", "rank"),
+    [(32, 48, 8), (64, 16, 16), (48, 32, 64), (32, 64, 4), (16, 32, 13), (32, 80, 8)],
+)
+def test_the_kernel_equals_blas(kernel, rows, width, out, rank):
+    x = torch.randn(rows, width)
+    b, a = factors(out, rank, width)
+    weight, bias = torch.randn(out, width), torch.randn(out)
+    y = torch.randn(rows, out)
+    want = y + (x @ a.T) @ b.T
+    assert kernel.lowrank_update_(y, x, b, a)
+    assert close(y, want)
+    assert close(
+        kernel.lowrank_linear(x, weight, bias, b, a), x @ weight.T + bias + (x @ a.T) @ b.T
+    )
+    assert close(kernel.lowrank_linear(x, weight, None, b, a), x @ weight.T + (x @ a.T) @ b.T)
+
+
+def test_the_kernel_updates_a_slice_of_rows_and_nothing_else(kernel):
+    """Row adapters hand it each task's rows of the batch as a view."""
+    x, y = torch.randn(9, 32), torch.randn(9, 48)
+    b, a = factors(48, 8, 32)
+    want = y.clone()
+    want[3:7] += (x[3:7] @ a.T) @ b.T
+    assert kernel.lowrank_update_(y[3:7], x[3:7], b, a)
+    assert torch.equal(y[:3], want[:3]) and torch.equal(y[7:], want[7:])
+    assert close(y, want)
+
+
+def test_the_kernel_reads_rows_of_x_spaced_apart(kernel):
+    """BERT's pooler runs on each text's first token: rows of x a sequence apart."""
+    hidden = torch.randn(3, 7, 32)
+    x = hidden[:, 0]
+    b, a = factors(48, 8, 32)
+    weight, bias = torch.randn(48, 32), torch.randn(48)
+    got = kernel.lowrank_linear(x, weight, bias, b, a)
+    assert got is not None
+    assert close(got, x @ weight.T + bias + (x @ a.T) @ b.T)
+
+
+def refused_inputs() -> dict[str, tuple[torch.Tensor, ...]]:
+    """Each breaks one of the kernel's conditions: (y, x, b, a)."""
+    b, a = factors(48, 8, 32)
+    x, y = torch.randn(5, 32), torch.randn(5, 48)
+    b72, a72 = factors(48, 72, 32)
+    b33, a33 = factors(33, 8, 40)
+    return {
+        "rank above 64": (y, x, b72, a72),
+        "widths not multiples of 16": (torch.randn(5, 33), torch.randn(5, 40), b33, a33),
+        "float64": (y.double(), x.double(), b.double(), a.double()),
+        "x's columns strided": (y, torch.randn(32, 5).T, b, a),
+        "y's rows strided": (torch.randn(48, 5).T, x, b, a),
+        "y's rows overlapping": (torch.randn(1, 48).expand(5, 48), x, b, a),
+        "a transposed": (y, x, b, a.T.contiguous().T),
+        "b contiguous": (y, x, b.contiguous(), a),
+        "shapes that do not chain": (torch.randn(4, 48), x, b, a),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(refused_inputs()))
+def test_inputs_the_kernel_does_not_take_are_left_alone_and_blas_runs_them(kernel, case):
+    y, x, b, a = refused_inputs()[case]
+    before = y.clone()
+    assert not kernel.lowrank_update_(y, x, b, a)
+    assert torch.equal(y, before)
+    if y.shape[0] == x.shape[0] and y.stride(0) > 0:  # BLAS refuses to write overlapping rows
+        want = y.double() + (x.double() @ a.double().T) @ b.double().T
+        add_lowrank_(y, x, b, a)  # falls back to BLAS
+        assert close(y.double(), want)
+        weight = torch.randn(b.shape[0], x.shape[1], dtype=x.dtype)
+        got = linear_lowrank(x, weight, None, (b, a)).double()
+        assert close(got, x.double() @ weight.double().T + (want - before.double()))
+
+
+def test_it_is_built_aside_into_the_cache_and_can_be_switched_off(kernel, monkeypatch):
+    folder = default_cache_dir() / "kernels"
+    assert len(list(folder.glob("freemerge_lowrank_*.so"))) == 1  # stale builds removed
+    assert not any(p.name.startswith(".") for p in folder.iterdir())  # no build left half-done
+    monkeypatch.setenv(lowrank_kernel.KERNEL_ENV, "0")
+    lowrank_kernel.cpu_kernel.cache_clear()
+    try:
+        assert cpu_kernel() is None
+        x, (b, a) = torch.randn(3, 32), factors(48, 8, 32)
+        weight, bias = torch.randn(48, 32), torch.randn(48)
+        assert close(linear_lowrank(x, weight, bias, (b, a)), x @ weight.T + bias + (x @ a.T) @ b.T)
+    finally:
+        monkeypatch.delenv(lowrank_kernel.KERNEL_ENV)
+        lowrank_kernel.cpu_kernel.cache_clear()
+    assert cpu_kernel() is not None  # loaded from the cache: no second build
