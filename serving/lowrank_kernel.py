@@ -13,10 +13,11 @@ each task's update after the GEMM (:func:`add_lowrank_`).
 
 The kernel is compiled on first use with torch's extension builder (the machine's C++ compiler
 and ninja) in a scratch folder and moved whole into ``<cache>/kernels`` (``$FREEMERGE_CACHE``),
-so a build that dies leaves nothing behind and concurrent builders never wait on a lock; later
-processes load the compiled file, and a new build removes the ones built from other sources or
-for other torch versions. Without AVX-512, a compiler or ninja, or with
-``FREEMERGE_CPU_KERNEL=0``, the update runs on BLAS, with the same results up to float rounding.
+(``$FREEMERGE_KERNELS`` elsewhere), so a build that dies leaves nothing behind and concurrent
+builders never wait on a lock; later processes load the compiled file, and a new build removes
+the ones built from other sources or for other torch versions. Without AVX-512, a compiler or
+ninja, or with ``FREEMERGE_CPU_KERNEL=0``, the update runs on BLAS, with the same results up to
+float rounding.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from freemerge.merging.files import default_cache_dir
 logger = logging.getLogger(__name__)
 
 KERNEL_ENV = "FREEMERGE_CPU_KERNEL"
+FOLDER_ENV = "FREEMERGE_KERNELS"  # where compiled kernels live (default: <cache>/kernels)
 SOURCE = Path(__file__).with_name("lowrank_kernel.cpp")
 FLAGS = ["-O3", "-mavx512f", "-mavx2", "-mfma", "-fopenmp"]
 
@@ -85,20 +87,27 @@ def cpu_kernel() -> ModuleType | None:
         logger.info("the fused low-rank kernel needs AVX-512: experts run on BLAS")
         return None
     try:
-        return _load()
+        return compiled()
     except Exception as err:  # no compiler, no ninja, no headers: BLAS still serves
         logger.warning("the fused low-rank kernel did not build (%s): experts run on BLAS", err)
         return None
 
 
-def _load() -> ModuleType:
-    """The kernel's module, compiled into the cache first when it is not there."""
+def kernel_folder() -> Path:
+    """``$FREEMERGE_KERNELS``, else ``<cache>/kernels``."""
+    return Path(os.environ.get(FOLDER_ENV) or default_cache_dir() / "kernels").expanduser()
+
+
+def compiled() -> ModuleType:
+    """The kernel's module, compiled into :func:`kernel_folder` first where it is not there,
+    whatever this machine's CPU (an image build runs ``python -m
+    freemerge.serving.lowrank_kernel``, so that its replicas load it and need no compiler)."""
     source = SOURCE.read_bytes()
     key = b"\0".join(
         [source, torch.__version__.encode(), sys.version.encode(), platform.machine().encode()]
     )
     name = f"freemerge_lowrank_{hashlib.sha256(key).hexdigest()[:16]}"
-    folder = default_cache_dir() / "kernels"
+    folder = kernel_folder()
     library = folder / f"{name}.so"
     if library.exists():
         loader = importlib.machinery.ExtensionFileLoader(name, str(library))
@@ -123,3 +132,7 @@ def _load() -> ModuleType:
         if stale != library:
             stale.unlink(missing_ok=True)  # a process that loaded it keeps its mapping
     return module
+
+
+if __name__ == "__main__":
+    print(f"{compiled().__name__}.so in {kernel_folder()}")

@@ -472,6 +472,19 @@ def test_dockerfile_is_parametrised_non_root_and_artifact_free():
         assert not re.search(r"\b(artifacts?|models?|exported)\b", line, re.IGNORECASE), line
 
 
+def test_the_cpu_image_compiles_the_fused_kernel_and_keeps_no_compiler():
+    """The CPU variant builds serving/lowrank_kernel.cpp into $FREEMERGE_KERNELS with the module's
+    own command, after the package is installed, and purges the compiler in the same step."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.splitlines() if not line.strip().startswith("#")]
+    assert "ENV FREEMERGE_KERNELS=/opt/freemerge/kernels" in lines
+    build = next(i for i, line in enumerate(lines) if "-m freemerge.serving.lowrank_kernel" in line)
+    assert any(line.startswith("RUN pip install /tmp/freemerge") for line in lines[:build])
+    step = " ".join(lines[build - 4 : build + 4])
+    assert '"${VARIANT}" = "cpu"' in step and "install" in step and "g++ ninja-build" in step
+    assert "purge -y --auto-remove g++ ninja-build" in step
+
+
 @pytest.mark.parametrize("name", RAYSERVICE_FILES)
 def test_manifest_documents(name):
     """One RayService plus its NetworkPolicy per file; no Secret (no key in the repository)."""

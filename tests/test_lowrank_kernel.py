@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch.utils.cpp_extension import is_ninja_available
 
-from freemerge.merging.files import default_cache_dir
 from freemerge.serving import lowrank_kernel
 from freemerge.serving.lowrank_kernel import add_lowrank_, cpu_kernel, linear_lowrank
 
@@ -116,7 +118,7 @@ def test_inputs_the_kernel_does_not_take_are_left_alone_and_blas_runs_them(kerne
 
 
 def test_it_is_built_aside_into_the_cache_and_can_be_switched_off(kernel, monkeypatch):
-    folder = default_cache_dir() / "kernels"
+    folder = lowrank_kernel.kernel_folder()
     assert len(list(folder.glob("freemerge_lowrank_*.so"))) == 1  # stale builds removed
     assert not any(p.name.startswith(".") for p in folder.iterdir())  # no build left half-done
     monkeypatch.setenv(lowrank_kernel.KERNEL_ENV, "0")
@@ -130,3 +132,19 @@ def test_it_is_built_aside_into_the_cache_and_can_be_switched_off(kernel, monkey
         monkeypatch.delenv(lowrank_kernel.KERNEL_ENV)
         lowrank_kernel.cpu_kernel.cache_clear()
     assert cpu_kernel() is not None  # loaded from the cache: no second build
+
+
+def test_an_image_build_compiles_it_into_a_folder_of_its_own(tmp_path):
+    """``python -m freemerge.serving.lowrank_kernel`` with ``$FREEMERGE_KERNELS`` set (the CPU
+    image's build step) leaves the compiled file there, and a replica's process loads it."""
+    env = {**os.environ, lowrank_kernel.FOLDER_ENV: str(tmp_path)}
+    module = [sys.executable, "-m", "freemerge.serving.lowrank_kernel"]
+    printed = subprocess.run(module, env=env, check=True, capture_output=True, text=True)
+    built = list(tmp_path.iterdir())
+    assert len(built) == 1 and built[0].name.startswith("freemerge_lowrank_")  # no scratch left
+    assert printed.stdout.strip() == f"{built[0].name} in {tmp_path}"
+    load = "from freemerge.serving.lowrank_kernel import cpu_kernel; print(cpu_kernel().__file__)"
+    loaded = subprocess.run(
+        [sys.executable, "-c", load], env=env, check=True, capture_output=True, text=True
+    )
+    assert loaded.stdout.strip() == str(built[0])
