@@ -371,7 +371,8 @@ def _target_lines(result: dict) -> list[str]:
         sign = ">=" if row["higher_is_better"] else "<="
         threshold = f"{sign} {row['threshold'] * scale:g}{unit}"
         met = {True: "yes", False: "no", None: "not judged"}[row["met"]]
-        # a miss by less than the last printed digit shows one digit more (89.95%, not 90.0%)
+        # a missed target shows two decimals: a miss within the last digit (89.95%) would
+        # print as met (90.0%)
         spec = ".2f" if row["met"] is False else ".1f"
         rows.append([f"{row['target']} {threshold}", _cell(values, spec, unit), met])
     for name, kill in result.get("kills", {}).items():

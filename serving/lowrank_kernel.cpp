@@ -130,23 +130,23 @@ void run(torch::Tensor& y, const torch::Tensor& x, const torch::Tensor& b,
   }
 }
 
-}  // namespace
-
-// y += (x a^T) b^T.
-bool lowrank_update_(torch::Tensor y, torch::Tensor x, torch::Tensor b, torch::Tensor a) {
-  if (!handled(y, x, b, a)) return false;
-  run(y, x, b, a, nullptr, false);
-  return true;
-}
-
 // y = bias + (x a^T) b^T (y = (x a^T) b^T without a bias): y is only written.
-static bool lowrank_store_(torch::Tensor y, torch::Tensor x, torch::Tensor b, torch::Tensor a,
+bool lowrank_store_(torch::Tensor y, torch::Tensor x, torch::Tensor b, torch::Tensor a,
                     std::optional<torch::Tensor> bias) {
   if (!handled(y, x, b, a)) return false;
   if (bias && (bias->dim() != 1 || bias->size(0) != y.size(1) || !bias->is_contiguous() ||
                bias->scalar_type() != torch::kFloat || !bias->device().is_cpu()))
     return false;
   run(y, x, b, a, bias ? bias->data_ptr<float>() : nullptr, true);
+  return true;
+}
+
+}  // namespace
+
+// y += (x a^T) b^T.
+bool lowrank_update_(torch::Tensor y, torch::Tensor x, torch::Tensor b, torch::Tensor a) {
+  if (!handled(y, x, b, a)) return false;
+  run(y, x, b, a, nullptr, false);
   return true;
 }
 

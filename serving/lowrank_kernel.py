@@ -6,14 +6,15 @@ threads, after the layer's GEMM, reading its input and reading and writing its o
 The fused kernel (``lowrank_kernel.cpp``: AVX-512, two rows at a time, rows split among torch's
 threads) runs a pass of one task in one call per layer (:func:`linear_lowrank`): the output is
 written as the bias plus the update while the input is fresh in cache, then the GEMM
-accumulates ``x W^T`` into it, reading it once inside the GEMM. Measured side by side on the
-demo's MiniLM, a batch-1 forward of 128 tokens: +3.1 to 4.9% over the plain forward on one or
-two threads, against +7.4 to 12.0% on BLAS (serve_profile.md, sixth session). Mixed passes add
-each task's update after the GEMM (:func:`add_lowrank_`).
+accumulates ``x W^T`` into it, reading it once inside the GEMM. Measured on the demo's MiniLM, a
+batch-1 forward of 128 tokens: +4.1% (3.8..4.5%) over the plain forward (``bench load
+--costs-only``, 2 threads); by hand, side by side, +3.7 to 4.6% on one thread and +4.0 to 5.4%
+on two, against +7.1 to 8.4% and +11.8 to 13.6% on BLAS (serve_profile.md, sixth session).
+Mixed passes add each task's update after the GEMM (:func:`add_lowrank_`).
 
 The kernel is compiled on first use with torch's extension builder (the machine's C++ compiler
-and ninja) in a scratch folder and moved whole into ``<cache>/kernels`` (``$FREEMERGE_CACHE``),
-(``$FREEMERGE_KERNELS`` elsewhere), so a build that dies leaves nothing behind and concurrent
+and ninja) in a scratch folder and moved whole into :func:`kernel_folder` (``<cache>/kernels``,
+or ``$FREEMERGE_KERNELS``), so a build that dies leaves nothing behind and concurrent
 builders never wait on a lock; later processes load the compiled file, and a new build removes
 the ones built from other sources or for other torch versions. Without AVX-512, a compiler or
 ninja, or with ``FREEMERGE_CPU_KERNEL=0``, the update runs on BLAS, with the same results up to

@@ -113,7 +113,7 @@ class ServingOptions:
         "a forward pass of one task with at least this many padded tokens runs with the task's "
         "low-rank expert merged into the weights (restored bitwise after) instead of row "
         "adapters, whose cost grows with the tokens; on 2 CPU cores with the fused kernel the "
-        "two cross near 2,800 to 2,900 tokens (measured); not measured on a GPU "
+        "two cross near 2,900 tokens (bench load --costs-only); not measured on a GPU "
         "(default: 2800; 0 or less: never merge)",
     )
     pass_overhead_tokens: int | None = _option(
