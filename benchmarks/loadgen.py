@@ -9,18 +9,19 @@ import asyncio
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-import aiohttp
+import httptools
 import numpy as np
+import uvloop
 
 from freemerge.benchmarks.spawn import run_in_child
 
 MIXES = ("identical", "uniform", "skewed", "distinct")
 ANSWER_TIMEOUT_S = 60.0  # a request without an answer by then counts as failed (status 0)
-JSON = {"content-type": "application/json"}
 
 
 @dataclass
@@ -122,47 +123,129 @@ def call(
         return status, None
 
 
-async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, bytes]:
-    """(HTTP status, body) of one POST over the session's kept-alive connections; status 0
-    when no answer came."""
-    try:
-        async with session.post(url, data=body, headers=JSON) as response:
-            return response.status, await response.read()
-    except (aiohttp.ClientError, OSError, TimeoutError):
-        return 0, b""
+class _Connection(asyncio.Protocol):
+    """One kept-alive HTTP/1.1 connection carrying one request at a time; its answers parsed
+    by httptools (status and body, whatever the framing)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.answer: asyncio.Future | None = None
+        self.body: list[bytes] = []
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, request: bytes) -> asyncio.Future:
+        """Write ``request``; the future answers (status, body), or (0, b"") if the
+        connection ends first."""
+        self.answer = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return self.answer
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.transport.abort()
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if not self.parser.should_keep_alive():
+            self.closed = True
+            self.transport.close()
+        self._answer(self.parser.get_status_code(), b"".join(self.body))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._answer(0, b"")
+
+    def _answer(self, status: int, body: bytes) -> None:
+        answer, self.answer, self.body = self.answer, None, []
+        if answer is not None and not answer.done():
+            answer.set_result((status, body))
+
+
+class _Pool:
+    """Kept-alive connections to one URL, as clients' pools keep them: a connection is reused
+    once its answer is read, a new one opened only when all are busy."""
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.address = (parts.hostname, parts.port or 80)
+        self.head = (
+            f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+            "Content-Type: application/json\r\nContent-Length: "
+        ).encode()
+        self.idle: list[_Connection] = []
+
+    async def post(self, body: bytes) -> tuple[int, bytes]:
+        """(HTTP status, body) of one POST of ``body`` as JSON; status 0 when no answer came
+        within :data:`ANSWER_TIMEOUT_S`."""
+        loop = asyncio.get_running_loop()
+        while self.idle and self.idle[-1].closed:
+            self.idle.pop()
+        try:
+            connection = self.idle.pop() if self.idle else await self._open()
+        except (OSError, TimeoutError):
+            return 0, b""
+        answer = connection.send(self.head + b"%d\r\n\r\n" % len(body) + body)
+        timer = loop.call_later(ANSWER_TIMEOUT_S, connection.transport.abort)
+        try:
+            status, text = await answer
+        finally:
+            timer.cancel()
+        if not connection.closed:
+            self.idle.append(connection)
+        return status, text
+
+    async def _open(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        opening = loop.create_connection(_Connection, *self.address)
+        return (await asyncio.wait_for(opening, ANSWER_TIMEOUT_S))[1]
+
+    def close(self) -> None:
+        for connection in self.idle:
+            connection.transport.close()
+        self.idle.clear()
 
 
 def run_load(spec: LoadSpec) -> LoadResult:
-    """Drive the load in this process, from one event loop over kept-alive HTTP/1.1
-    connections (aiohttp's pool, as clients' pools send them: a connection is reused once its
-    answer is read, a new one opened only when all are busy); stops after ``requests`` or
-    ``max_seconds``. One loop rather than a thread per client keeps the generator's own CPU per
-    request low (it shares the cores with the server it measures)."""
-    return asyncio.run(_run_load(spec))
+    """Drive the load in this process, from one event loop (uvloop) over kept-alive HTTP/1.1
+    connections (:class:`_Pool`); stops after ``requests`` or ``max_seconds``. The generator
+    shares the cores with the server it measures, so it spends as little CPU per request as it
+    can: one loop rather than a thread per client, requests written as bytes, answers parsed
+    by httptools (about 0.1 ms a request, against 0.3 to 0.4 ms with aiohttp's client)."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(_run_load(spec))
 
 
 async def _run_load(spec: LoadSpec) -> LoadResult:
     result = LoadResult(asdict(spec) | {"texts": None})
     bodies = _bodies(spec)  # encoded as they are sent: a spec may allow far more than get sent
-    connector = aiohttp.TCPConnector(limit=0)  # no cap: the spec bounds the concurrency
-    timeout = aiohttp.ClientTimeout(total=ANSWER_TIMEOUT_S)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        cpu_start, start = time.process_time(), time.perf_counter()
+    pool = _Pool(spec.url)
+    cpu_start, start = time.process_time(), time.perf_counter()
 
-        async def one(body: bytes, index: int) -> None:
-            sent = time.perf_counter()
-            status, text = await _post(session, spec.url, body)
-            _record(result, index, sent - start, time.perf_counter() - sent, status, text)
+    async def one(body: bytes, index: int) -> None:
+        sent = time.perf_counter()
+        status, text = await pool.post(body)
+        _record(result, index, sent - start, time.perf_counter() - sent, status, text)
 
-        deadline = start + spec.max_seconds
+    deadline = start + spec.max_seconds
+    try:
         if spec.mode == "closed":
             await _closed_loop(spec, bodies, one, deadline)
         elif spec.mode == "open":
             await _open_loop(spec, bodies, one, start, deadline)
         else:
             raise ValueError(f"unknown load mode {spec.mode!r}; allowed: closed, open")
-        result.seconds = time.perf_counter() - start
-        result.cpu_seconds = time.process_time() - cpu_start
+    finally:
+        pool.close()
+    result.seconds = time.perf_counter() - start
+    result.cpu_seconds = time.process_time() - cpu_start
     return result
 
 

@@ -1,5 +1,6 @@
 """The serve bench's targets and tables, on a synthetic result (no Ray, no model)."""
 
+from freemerge.benchmarks import serve
 from freemerge.benchmarks.serve import (
     CLIENTS,
     CPU_ROLES,
@@ -114,3 +115,33 @@ def test_a_target_missed_by_less_than_a_printed_digit_does_not_read_as_met():
     text = serve_markdown(result([61, 65, 70], [8, 8, 16], [62.965, 64, 63]), "bench serve")
     line = next(x for x in text.splitlines() if x.startswith("| answered at 4x"))
     assert "(89.95% to 91.43%) | no |" in line
+
+
+def test_the_overload_is_judged_against_the_closed_loop_run_before_and_after(monkeypatch):
+    sent = []
+
+    def measured(spec, metrics):
+        sent.append(spec)
+        return {"rate": 100.0 if spec.mode == "open" else 26.0}
+
+    monkeypatch.setattr(serve, "measured_run", measured)
+    closed = [{"clients": c, "rate": r} for c, r in ((1, 10.0), (4, 30.0), (16, 20.0))]
+    load = {"url": "http://127.0.0.1:1/v1/classify", "tasks": ["t"], "texts": {"t": ["x"]}}
+    run = serve.overload_run(load | {"seed": 1}, closed, 10.0, "metrics")
+    assert (sent[0].mode, sent[0].rate, sent[0].requests) == ("open", 120.0, 1200)
+    assert (sent[1].mode, sent[1].concurrency) == ("closed", 4)  # the best closed loop again
+    assert (run["capacity_before"], run["capacity_after"], run["capacity"]) == (30.0, 26.0, 28.0)
+    assert (run["clients"], run["offered"], run["rate"]) == ("open", 120.0, 100.0)
+
+
+def test_the_capacity_before_and_after_is_shown_beside_the_targets():
+    data = result([61, 65, 70], [8, 8, 16], [66, 64, 63])
+    assert "The capacity at overload" not in serve_markdown(data, "bench serve")
+    for run in data["served"]:
+        if run["clients"] == "open" and run["contender"] == "merged":
+            run |= {"capacity_before": 72.0, "capacity_after": 68.0}
+    text = serve_markdown(data, "bench serve")
+    assert (
+        "before the open loop, 72.0 (72.0 to 72.0)/s, and again after it, 68.0 (68.0 to 68.0)/s; "
+        "the answered rate over the run before alone (not a target): 88.89% (87.50% to 91.67%)."
+    ) in " ".join(text.split())
