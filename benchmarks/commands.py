@@ -350,7 +350,11 @@ def _add_serve_bench(benches: argparse._SubParsersAction) -> argparse.ArgumentPa
     )
     serve.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     serve.add_argument(
-        "--seconds", type=float, default=10.0, help="seconds per load run (default: 10)"
+        "--seconds",
+        type=float,
+        default=10.0,
+        help="seconds per closed-loop run; the open loop at overload and the closed loop after "
+        "it run twice as long (default: 10)",
     )
     return serve
 

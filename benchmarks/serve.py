@@ -39,6 +39,9 @@ from freemerge.serving.metrics import scrape
 CLIENTS = (1, 4, 16, 64)
 PER_CALL = (1, 16)
 OVERLOAD = 4  # the open loop's rate, in multiples of the best closed-loop rate
+# The open loop and the closed loop run after it last this many times a closed-loop run: the
+# ratio of two 10-s windows moved by about 5% between runs on one server (serve_profile.md)
+OVERLOAD_LENGTH = 2
 ROLES = {"proxy": "ProxyActor", "front": "ClassifierServer", "model": "ModelReplica"}
 # CPU per request is reported for the server's processes and for the load generator, which
 # takes its CPU from the same cores
@@ -177,7 +180,8 @@ def served_runs(options: dict, texts: dict, seconds: float, round_number: int) -
             spec = LoadSpec(**load, concurrency=clients, requests=100_000, max_seconds=seconds)
             runs.append({"round": round_number, "clients": clients, **measured_run(spec, metrics)})
             print(f"  round {round_number}, {clients} clients: {_brief(runs[-1])}", flush=True)
-        runs.append({"round": round_number, **overload_run(load, runs, seconds, metrics)})
+        overload = overload_run(load, runs, OVERLOAD_LENGTH * seconds, metrics)
+        runs.append({"round": round_number, **overload})
         print(f"  round {round_number}, open loop: {_brief(runs[-1])}", flush=True)
     finally:
         stop_local()
@@ -185,8 +189,9 @@ def served_runs(options: dict, texts: dict, seconds: float, round_number: int) -
 
 
 def overload_run(load: dict, closed: list[dict], seconds: float, metrics: str) -> dict:
-    """The open loop at :data:`OVERLOAD` times the best closed-loop rate, with the capacity it
-    is judged against: that closed loop run again right after, and the two rates' mean. The
+    """The open loop at :data:`OVERLOAD` times the best closed-loop rate, for ``seconds``, with
+    the capacity it is judged against: that closed loop run again right after (as long), and the
+    two rates' mean. The
     machine's speed drifts by several percent within a minute (serve_profile.md), so the
     closed-loop runs on both sides of the open loop stand for the capacity while it ran."""
     best = max(closed, key=lambda run: run["rate"])
@@ -203,6 +208,7 @@ def overload_run(load: dict, closed: list[dict], seconds: float, metrics: str) -
         "capacity": (best["rate"] + after) / 2,
         "capacity_before": best["rate"],
         "capacity_after": after,
+        "seconds": seconds,
         **overload,
     }
 
@@ -418,11 +424,14 @@ def _capacity_lines(result: dict) -> list[str]:
     before = [r["capacity_before"] for r in overload]
     after = [r["capacity_after"] for r in overload]
     alone = [100 * ratio(r["rate"], r["capacity_before"]) for r in overload]
+    lasting = ""
+    if "seconds" in overload[0]:
+        lasting = f" (the open loop and the run after it {overload[0]['seconds']:g} s each)"
     return [
         "",
         "The capacity at overload (merged): the best closed loop run before the open loop, "
-        f"{_cell(before)}/s, and again after it, {_cell(after)}/s; the answered rate over the "
-        f"run before alone (not a target): {_cell(alone, '.2f', '%')}.",
+        f"{_cell(before)}/s, and again after it, {_cell(after)}/s{lasting}; the answered rate "
+        f"over the run before alone (not a target): {_cell(alone, '.2f', '%')}.",
     ]
 
 

@@ -132,6 +132,24 @@ def test_the_overload_is_judged_against_the_closed_loop_run_before_and_after(mon
     assert (sent[1].mode, sent[1].concurrency) == ("closed", 4)  # the best closed loop again
     assert (run["capacity_before"], run["capacity_after"], run["capacity"]) == (30.0, 26.0, 28.0)
     assert (run["clients"], run["offered"], run["rate"]) == ("open", 120.0, 100.0)
+    assert sent[0].max_seconds == sent[1].max_seconds == run["seconds"] == 10.0
+
+
+def test_the_served_runs_give_the_overload_twice_the_time_of_a_closed_loop(monkeypatch):
+    lengths = []
+
+    def measured(spec, metrics):
+        lengths.append((spec.mode, spec.concurrency, spec.max_seconds))
+        return {"rate": 50.0, "p50_ms": 9.0, "errors": 0, "batch_p50_texts": 1.0}
+
+    for name, stub in (("start_local", lambda *a, **k: None), ("stop_local", lambda: None)):
+        monkeypatch.setattr(serve, name, stub)
+    monkeypatch.setattr(serve, "run_load_in_process", lambda spec: None)  # the warm-up
+    monkeypatch.setattr(serve, "measured_run", measured)
+    runs = serve.served_runs({}, {"t": ["x"]}, 10.0, 1)
+    closed = [("closed", clients, 10.0) for clients in CLIENTS]
+    assert lengths == [*closed, ("open", 1, 20.0), ("closed", 1, 20.0)]  # all equal: 1 is best
+    assert [r["clients"] for r in runs] == [*CLIENTS, "open"]
 
 
 def test_the_capacity_before_and_after_is_shown_beside_the_targets():
@@ -139,9 +157,10 @@ def test_the_capacity_before_and_after_is_shown_beside_the_targets():
     assert "The capacity at overload" not in serve_markdown(data, "bench serve")
     for run in data["served"]:
         if run["clients"] == "open" and run["contender"] == "merged":
-            run |= {"capacity_before": 72.0, "capacity_after": 68.0}
+            run |= {"capacity_before": 72.0, "capacity_after": 68.0, "seconds": 20.0}
     text = serve_markdown(data, "bench serve")
     assert (
-        "before the open loop, 72.0 (72.0 to 72.0)/s, and again after it, 68.0 (68.0 to 68.0)/s; "
-        "the answered rate over the run before alone (not a target): 88.89% (87.50% to 91.67%)."
+        "before the open loop, 72.0 (72.0 to 72.0)/s, and again after it, 68.0 (68.0 to 68.0)/s "
+        "(the open loop and the run after it 20 s each); the answered rate over the run before "
+        "alone (not a target): 88.89% (87.50% to 91.67%)."
     ) in " ".join(text.split())
