@@ -218,7 +218,9 @@ def run_load(spec: LoadSpec) -> LoadResult:
     connections (:class:`_Pool`); stops after ``requests`` or ``max_seconds``. The generator
     shares the cores with the server it measures, so it spends as little CPU per request as it
     can: one loop rather than a thread per client, requests written as bytes, answers parsed
-    by httptools (about 0.1 ms a request, against 0.3 to 0.4 ms with aiohttp's client)."""
+    by httptools (measured against the server: 0.11 ms a request at 64 clients and 0.22 ms in
+    an open loop at 4x its capacity, against 0.27 to 0.34 and 0.43 to 0.45 ms with aiohttp's
+    client)."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(_run_load(spec))
 

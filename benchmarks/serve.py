@@ -165,7 +165,8 @@ def measured_run(spec: LoadSpec, metrics: str) -> dict:
 
 
 def served_runs(options: dict, texts: dict, seconds: float, round_number: int) -> list[dict]:
-    """Start the server, one closed-loop run per client count, then the open-loop overload."""
+    """Start the server, one closed-loop run per client count, then the open-loop overload
+    (:func:`overload_run`)."""
     port, metrics_port = free_port(), free_port()
     start_local(options, port=port, metrics_port=metrics_port, metrics_interval_ms=1000)
     url, metrics = (
@@ -191,9 +192,9 @@ def served_runs(options: dict, texts: dict, seconds: float, round_number: int) -
 def overload_run(load: dict, closed: list[dict], seconds: float, metrics: str) -> dict:
     """The open loop at :data:`OVERLOAD` times the best closed-loop rate, for ``seconds``, with
     the capacity it is judged against: that closed loop run again right after (as long), and the
-    two rates' mean. The
-    machine's speed drifts by several percent within a minute (serve_profile.md), so the
-    closed-loop runs on both sides of the open loop stand for the capacity while it ran."""
+    two rates' mean. The machine's speed drifts by several percent within a minute
+    (serve_profile.md), so the closed-loop runs on both sides of the open loop stand for the
+    capacity while it ran."""
     best = max(closed, key=lambda run: run["rate"])
     rate = OVERLOAD * best["rate"]
     spec = LoadSpec(
@@ -416,7 +417,7 @@ def _target_lines(result: dict) -> list[str]:
 
 def _capacity_lines(result: dict) -> list[str]:
     """The capacity the overload was judged against, and the ratio against the closed loop
-    before it alone (all that results from before the run after was added hold)."""
+    before it alone (how runs without the run after were judged; they print no line)."""
     overload = _rows(result, "served", "merged", clients="open")
     overload = [r for r in overload if "capacity_after" in r]
     if not overload:
@@ -424,14 +425,12 @@ def _capacity_lines(result: dict) -> list[str]:
     before = [r["capacity_before"] for r in overload]
     after = [r["capacity_after"] for r in overload]
     alone = [100 * ratio(r["rate"], r["capacity_before"]) for r in overload]
-    lasting = ""
-    if "seconds" in overload[0]:
-        lasting = f" (the open loop and the run after it {overload[0]['seconds']:g} s each)"
     return [
         "",
         "The capacity at overload (merged): the best closed loop run before the open loop, "
-        f"{_cell(before)}/s, and again after it, {_cell(after)}/s{lasting}; the answered rate "
-        f"over the run before alone (not a target): {_cell(alone, '.2f', '%')}.",
+        f"{_cell(before)}/s, and again after it, {_cell(after)}/s (the open loop and the run "
+        f"after it {overload[0]['seconds']:g} s each); the answered rate over the run before "
+        f"alone (not a target): {_cell(alone, '.2f', '%')}.",
     ]
 
 
