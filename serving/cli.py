@@ -14,7 +14,12 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from freemerge.serving.settings import API_KEYS_ENV, add_serving_arguments, cli_options
+from freemerge.serving.settings import (
+    API_KEYS_ENV,
+    INGRESSES,
+    add_serving_arguments,
+    cli_options,
+)
 
 # Subcommand groups in the order --help lists them (the layers, bottom up).
 GROUP_ORDER = ("merging", "serving", "benchmarks")
@@ -30,6 +35,16 @@ def _local_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=8080,
         help="port of Ray's Prometheus metrics export (default: 8080)",
+    )
+    parser.add_argument(
+        "--ingress",
+        choices=INGRESSES,
+        default="proxy",
+        help="what takes the HTTP port: Ray's proxy (Python), or Ray Serve's HAProxy, which "
+        "sends each request straight to a front replica serving HTTP itself (less CPU per "
+        "request; see the README's results); with haproxy, HAProxy's stats and Prometheus "
+        "pages and each front's own HTTP port listen on all interfaces, as Ray binds them "
+        "(default: proxy)",
     )
     parser.add_argument(
         "--api-key",
@@ -53,7 +68,7 @@ def _serve(args: argparse.Namespace, source: dict) -> int:
         given = [os.environ[API_KEYS_ENV]] if os.environ.get(API_KEYS_ENV) else []
         os.environ[API_KEYS_ENV] = ",".join(given + args.api_key)
     options = {**source, **cli_options(args)}
-    return serve_until_signalled(options, args.host, args.port, args.metrics_port)
+    return serve_until_signalled(options, args.host, args.port, args.metrics_port, args.ingress)
 
 
 def register(commands: argparse._SubParsersAction) -> None:

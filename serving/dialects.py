@@ -34,7 +34,9 @@ VLLM_TYPES = {  # vLLM's error `type` per status
     500: "InternalServerError",
     503: "ServiceUnavailableError",
 }
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/redoc", "/openapi.json"})
+# Open without a key: our probes, the OpenAPI page, and Ray's own probe (`/-/healthz`, answered
+# by Ray's proxy and by each front replica before the app; HAProxy checks the fronts with it).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/-/healthz"})
 
 
 def dialect_of(path: str) -> str:

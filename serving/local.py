@@ -29,12 +29,13 @@ from ray.serve.schema import ServeDeploySchema
 
 from freemerge.serving.app import build_app
 from freemerge.serving.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV, PROXY_LIMIT_ENV
-from freemerge.serving.settings import ServingOptions
+from freemerge.serving.settings import INGRESSES, ServingOptions
 
 APP_NAME = "freemerge"
 STOP_GRACE_S = 5.0  # between SIGTERM and SIGKILL for a process that outlived ray.shutdown()
 STOP_DEADLINE_S = 45.0  # for the whole shutdown of `freemerge serve`; past it, kill the rest
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
 
 # This process's children from before Ray started (not Ray's to end), and the processes
 # Ray had started by the end of ray.init(): set by _start_ray, read by stop_local.
@@ -88,27 +89,56 @@ def start_local(
     num_cpus: int | None = None,
     metrics_interval_ms: int | None = None,
     from_config: bool = False,
+    ingress: str = "proxy",
 ) -> None:
     """Start Ray (no dashboard) with its metrics export on ``metrics_port``, then deploy: the
     app object through ``serve.run`` (fast: built here), or with ``from_config`` as a config
-    (:func:`deploy_app`), which later deploys can update in place.
+    (:func:`deploy_app`), which later deploys can update in place. ``ingress``: one of
+    :data:`INGRESSES`.
 
     If starting fails (or is interrupted), what was started is stopped (:func:`stop_local`)
     before the error propagates.
     """
     try:
-        _start_ray(options, metrics_port, num_cpus, metrics_interval_ms)
+        _start_ray(options, metrics_port, num_cpus, metrics_interval_ms, ingress)
         _deploy(options, host, port, from_config)
     except BaseException:
         stop_local()
         raise
 
 
-def _proxy_environment(options: ServingOptions) -> None:
+def _proxy_environment(options: ServingOptions, ingress: str) -> None:
     """What Ray's proxy reads when it starts (Ray's processes inherit this environment): our
-    middleware, and the room of the fronts it serves (``--max-queued-requests`` each)."""
+    middleware, the room of the fronts it serves (``--max-queued-requests`` each), and the
+    ingress (:func:`haproxy_environment`, or Ray's proxy alone)."""
+    if ingress not in INGRESSES:
+        raise ValueError(f"unknown ingress {ingress!r}; allowed: {', '.join(INGRESSES)}")
     os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
     os.environ[PROXY_LIMIT_ENV] = str(options.max_queued_requests * options.fronts)
+    os.environ.update(haproxy_environment() if ingress == "haproxy" else {HAPROXY_FLAG: "0"})
+
+
+def haproxy_environment() -> dict[str, str]:
+    """Ray Serve's HAProxy ingress, as a local server runs it. HAProxy holds the HTTP port and
+    each front replica serves HTTP on a port of its own; Ray's proxy stays behind HAProxy as
+    the fallback while no front is up. Every route is idempotent, so a request whose front died
+    before answering goes to another front, or to that fallback, which waits for a new one. The
+    fronts' guards check API keys and refuse past their room (the proxy's middleware sees only
+    the fallback's requests)."""
+    return {
+        HAPROXY_FLAG: "1",
+        "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response response-timeout",
+        "RAY_SERVE_HAPROXY_NBTHREAD": "1",
+        # Ray's per-request HTTP metrics come from a log line per request, parsed in Python;
+        # freemerge_requests_total (counted by the fronts) stays.
+        "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+        # A stopping front stays reachable this long for HAProxy to drop it (Ray's default, 30
+        # s, is for HAProxy on other nodes; here it runs beside the fronts).
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
+        # HAProxy's stats and Prometheus pages (Ray binds them to all interfaces).
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+    }
 
 
 def _start_ray(
@@ -116,10 +146,11 @@ def _start_ray(
     metrics_port: int,
     num_cpus: int | None,
     metrics_interval_ms: int | None,
+    ingress: str,
 ) -> None:
     global _not_ray, _ray_started
     _not_ray = set(psutil.Process().children())
-    _proxy_environment(ServingOptions.from_mapping(dict(options)))
+    _proxy_environment(ServingOptions.from_mapping(dict(options)), ingress)
     system_config = (
         {"metrics_report_interval_ms": metrics_interval_ms} if metrics_interval_ms else {}
     )
@@ -285,8 +316,11 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def serve_until_signalled(options: dict[str, Any], host: str, port: int, metrics_port: int) -> int:
-    """Deploy, print where it listens, and serve until Ctrl-C or SIGTERM; then stop cleanly.
+def serve_until_signalled(
+    options: dict[str, Any], host: str, port: int, metrics_port: int, ingress: str = "proxy"
+) -> int:
+    """Deploy (``ingress``: one of :data:`INGRESSES`), print where it listens, and serve until
+    Ctrl-C or SIGTERM; then stop cleanly.
 
     Either signal, while starting or serving, stops everything (:func:`stop_local`) and
     returns 0 (a SIGTERM while ``ray.init()`` itself runs meets Ray's handler instead: the
@@ -297,7 +331,7 @@ def serve_until_signalled(options: dict[str, Any], host: str, port: int, metrics
     """
     _on_stop_signals(_interrupt)
     try:
-        _start_ray(options, metrics_port, None, None)
+        _start_ray(options, metrics_port, None, None, ingress)
         # ray.init() installs its own SIGTERM handlers: sys.exit(15), behind Ray's crash
         # handler, which aborts the process (SIGABRT) 3 s later, in the middle of stopping.
         _on_stop_signals(_interrupt)

@@ -1,6 +1,6 @@
-"""What runs in Ray Serve's HTTP proxy: requests past the server's room refused at once, and a
-request whose front replica died before answering sent again, so the death of a front fails no
-request.
+"""What runs in Ray Serve's HTTP proxy (and, behind HAProxy, in each front's own HTTP server):
+requests past the server's room refused at once, and a request whose front replica died before
+answering sent again, so the death of a front fails no request.
 
 **Refusals.** A refusal in the proxy costs a fraction of a front's (the proxy's call to a front
 is most of a request's cost outside the model; measured: 0.2 ms of the proxy's CPU against
@@ -26,6 +26,12 @@ Ray installs the middleware in every proxy it starts when the proxy's environmen
 ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=freemerge.serving.proxy:proxy_middlewares``
 (:data:`PROXY_CALLBACK`): ``freemerge serve`` sets it before starting Ray, and the KubeRay
 manifests set it on every pod.
+
+**Behind HAProxy** (``freemerge serve --ingress haproxy``), each front replica serves HTTP
+itself and Ray wraps that server in the same middleware: the key and the room are checked
+there, before Ray's replica machinery, and a front that dies takes its middleware with it, so
+HAProxy resends instead (``local.haproxy_environment``). Ray's proxy stays as HAProxy's
+fallback while no front is up, with the middleware as above.
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ MAX_TASK_CHARS = 200  # longer task names are refused before lookup (and never e
 # API keys reach replicas through the environment, never through the Serve config.
 API_KEYS_ENV = "FREEMERGE_API_KEYS"
 MIXING_MODES = ("argmax", "softmax")
+# What takes the HTTP port of a local server (`freemerge serve --ingress`): Ray's proxy (Python,
+# with our middleware), or Ray Serve's HAProxy, which sends each request straight to a front
+# replica serving HTTP itself.
+INGRESSES = ("proxy", "haproxy")
 FRONT_CALLS = 2  # a front's calls out at once, at least (more when it feeds more replicas)
 
 

@@ -13,16 +13,20 @@ from freemerge.serving.settings import API_KEYS_ENV
 
 @contextmanager
 def live_server(
-    options: dict, api_keys: tuple[str, ...] = (), from_config: bool = False
+    options: dict,
+    api_keys: tuple[str, ...] = (),
+    from_config: bool = False,
+    ingress: str = "proxy",
 ) -> Iterator[tuple[str, str]]:
     """The app on 2 CPUs with metrics exported every 0.5 s: (base URL, metrics URL). With
     ``api_keys``, they are in the environment the local Ray's replicas inherit; with
-    ``from_config``, deployed as a config (so that a later deploy can update it in place)."""
+    ``from_config``, deployed as a config (so that a later deploy can update it in place);
+    ``ingress``: what takes the HTTP port (``start_local``'s)."""
     before = os.environ.get(API_KEYS_ENV)
     if api_keys:
         os.environ[API_KEYS_ENV] = ",".join(api_keys)
     try:
-        with _started(options, from_config) as urls:
+        with _started(options, from_config, ingress) as urls:
             yield urls
     finally:
         if before is None:
@@ -32,7 +36,7 @@ def live_server(
 
 
 @contextmanager
-def _started(options: dict, from_config: bool) -> Iterator[tuple[str, str]]:
+def _started(options: dict, from_config: bool, ingress: str) -> Iterator[tuple[str, str]]:
     port, metrics_port = free_port(), free_port()
     start_local(
         options,
@@ -41,6 +45,7 @@ def _started(options: dict, from_config: bool) -> Iterator[tuple[str, str]]:
         num_cpus=2,
         metrics_interval_ms=500,
         from_config=from_config,
+        ingress=ingress,
     )
     try:
         yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"

