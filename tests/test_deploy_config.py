@@ -81,7 +81,7 @@ def test_fronts_feed_every_model_replica_and_the_proxy_holds_their_room(
         front = build_app({"artifact": "a", **args})._bound_deployment
         (models,) = [a for a in front.init_args if hasattr(a, "_bound_deployment")]
         monkeypatch.delenv(PROXY_LIMIT_ENV, raising=False)
-        _proxy_environment(options)
+        _proxy_environment(options, "proxy")
         return (
             models._bound_deployment._deployment_config.num_replicas,
             front._deployment_config.num_replicas,
