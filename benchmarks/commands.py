@@ -346,7 +346,8 @@ def _add_serve_bench(benches: argparse._SubParsersAction) -> argparse.ArgumentPa
     serve = benches.add_parser(
         "serve",
         help="the served rate at 1 to 64 clients and under overload against the engine's own "
-        "rate, merged and separate models; kills of a front and a model replica",
+        "rate, merged (also behind HAProxy) and separate models; kills of a front (behind "
+        "either ingress) and a model replica",
     )
     serve.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: 3)")
     serve.add_argument(

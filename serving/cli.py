@@ -43,7 +43,7 @@ def _local_arguments(parser: argparse.ArgumentParser) -> None:
         help="what takes the HTTP port: Ray's proxy (Python), or Ray Serve's HAProxy, which "
         "sends each request straight to a front replica serving HTTP itself (less CPU per "
         "request; see the README's results); with haproxy, HAProxy's stats and Prometheus "
-        "pages and each front's own HTTP port listen on all interfaces, as Ray binds them "
+        "pages listen on all interfaces, as Ray binds them, on ports picked free "
         "(default: proxy)",
     )
     parser.add_argument(

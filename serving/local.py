@@ -122,9 +122,9 @@ def haproxy_environment() -> dict[str, str]:
     """Ray Serve's HAProxy ingress, as a local server runs it. HAProxy holds the HTTP port and
     each front replica serves HTTP on a port of its own; Ray's proxy stays behind HAProxy as
     the fallback while no front is up. Every route is idempotent, so a request whose front died
-    before answering goes to another front, or to that fallback, which waits for a new one. The
-    fronts' guards check API keys and refuse past their room (the proxy's middleware sees only
-    the fallback's requests)."""
+    before answering goes to another front, or to that fallback, which waits for a new one. Our
+    middleware (``serving/proxy.py``), which Ray wraps around each front's own HTTP server too,
+    checks the API key and the room there, before Ray's replica machinery."""
     return {
         HAPROXY_FLAG: "1",
         "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response response-timeout",
