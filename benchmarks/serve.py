@@ -35,6 +35,7 @@ from freemerge.benchmarks.tables import markdown_table
 from freemerge.merging.artifact import open_artifact
 from freemerge.serving.local import free_port, start_local, stop_local
 from freemerge.serving.metrics import scrape
+from freemerge.serving.settings import DEFAULT_INGRESS
 
 CLIENTS = (1, 4, 16, 64)
 PER_CALL = (1, 16)
@@ -175,7 +176,7 @@ def served_runs(options: dict, texts: dict, seconds: float, round_number: int) -
     closed-loop run per client count, then the open-loop overload (:func:`overload_run`)."""
     port, metrics_port = free_port(), free_port()
     served = {k: v for k, v in options.items() if k != "ingress"}
-    ingress = options.get("ingress", "proxy")
+    ingress = options.get("ingress", DEFAULT_INGRESS)
     start_local(
         served, port=port, metrics_port=metrics_port, metrics_interval_ms=1000, ingress=ingress
     )
@@ -407,7 +408,7 @@ def _answered_p99(kill: dict) -> str:
 
 def _target_lines(result: dict, contender: str = "merged") -> list[str]:
     rows = []
-    ingress = result["settings"][contender].get("ingress", "proxy")
+    ingress = result["settings"][contender].get("ingress", DEFAULT_INGRESS)
     for row in serve_targets(result, contender):
         scale, unit = (100, "%") if row["unit"] == "%" else (1, "")
         values = [v * scale for v in row["per_round"]]
@@ -419,7 +420,7 @@ def _target_lines(result: dict, contender: str = "merged") -> list[str]:
         spec = ".2f" if row["met"] is False else ".1f"
         rows.append([f"{row['target']} {threshold}", _cell(values, spec, unit), met])
     for name, kill in result.get("kills", {}).items():
-        if kill.get("ingress", "proxy") != ingress:
+        if kill.get("ingress", DEFAULT_INGRESS) != ingress:
             continue
         rows.append(
             [

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from freemerge.serving.settings import (
     API_KEYS_ENV,
+    DEFAULT_INGRESS,
     INGRESSES,
     add_serving_arguments,
     cli_options,
@@ -39,12 +40,12 @@ def _local_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ingress",
         choices=INGRESSES,
-        default="proxy",
+        default=DEFAULT_INGRESS,
         help="what takes the HTTP port: Ray's proxy (Python), or Ray Serve's HAProxy, which "
         "sends each request straight to a front replica serving HTTP itself (less CPU per "
         "request; see the README's results); with haproxy, HAProxy's stats and Prometheus "
         "pages listen on all interfaces, as Ray binds them, on ports picked free "
-        "(default: proxy)",
+        f"(default: {DEFAULT_INGRESS})",
     )
     parser.add_argument(
         "--api-key",

@@ -29,7 +29,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from freemerge.serving.app import build_app
 from freemerge.serving.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV, PROXY_LIMIT_ENV
-from freemerge.serving.settings import INGRESSES, ServingOptions
+from freemerge.serving.settings import DEFAULT_INGRESS, INGRESSES, ServingOptions
 
 APP_NAME = "freemerge"
 STOP_GRACE_S = 5.0  # between SIGTERM and SIGKILL for a process that outlived ray.shutdown()
@@ -89,7 +89,7 @@ def start_local(
     num_cpus: int | None = None,
     metrics_interval_ms: int | None = None,
     from_config: bool = False,
-    ingress: str = "proxy",
+    ingress: str = DEFAULT_INGRESS,
 ) -> None:
     """Start Ray (no dashboard) with its metrics export on ``metrics_port``, then deploy: the
     app object through ``serve.run`` (fast: built here), or with ``from_config`` as a config
@@ -317,7 +317,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def serve_until_signalled(
-    options: dict[str, Any], host: str, port: int, metrics_port: int, ingress: str = "proxy"
+    options: dict[str, Any], host: str, port: int, metrics_port: int, ingress: str = DEFAULT_INGRESS
 ) -> int:
     """Deploy (``ingress``: one of :data:`INGRESSES`), print where it listens, and serve until
     Ctrl-C or SIGTERM; then stop cleanly.

@@ -24,6 +24,7 @@ MIXING_MODES = ("argmax", "softmax")
 # with our middleware), or Ray Serve's HAProxy, which sends each request straight to a front
 # replica serving HTTP itself.
 INGRESSES = ("proxy", "haproxy")
+DEFAULT_INGRESS = "proxy"
 FRONT_CALLS = 2  # a front's calls out at once, at least (more when it feeds more replicas)
 
 

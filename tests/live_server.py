@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from freemerge.serving.local import free_port, start_local, stop_local
-from freemerge.serving.settings import API_KEYS_ENV
+from freemerge.serving.settings import API_KEYS_ENV, DEFAULT_INGRESS
 
 
 @contextmanager
@@ -16,7 +16,7 @@ def live_server(
     options: dict,
     api_keys: tuple[str, ...] = (),
     from_config: bool = False,
-    ingress: str = "proxy",
+    ingress: str = DEFAULT_INGRESS,
 ) -> Iterator[tuple[str, str]]:
     """The app on 2 CPUs with metrics exported every 0.5 s: (base URL, metrics URL). With
     ``api_keys``, they are in the environment the local Ray's replicas inherit; with
