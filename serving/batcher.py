@@ -7,7 +7,11 @@ is only formed when a slot is free. Its wait adapts to the traffic: a batch wait
 ``wait_s`` for its share of the requests the batcher held lately (the most it held at once,
 queued or running, over its last ``2 * concurrency`` batches, divided among the batches that
 run at once); an idle server (one request at a time) answers at once, and after a burst one
-wait that runs out brings it back there. Under a steady closed loop this wait also spreads the
+wait that runs out brings it back there. While more batches could start, a batch takes its
+share of the queue, not all of it: behind HAProxy a front's requests arrive in bursts (a
+batch's clients answered together send again together), and the first free call took a whole
+burst while the second left with nothing, one model replica busy and the other idle. Under a
+steady closed loop this wait also spreads the
 batches that run at once apart in time, so that each finds its share queued when its slot
 frees, and then none waits. While the queue holds a full batch beyond the batches running, up
 to ``full_concurrency`` run at once: a front then has a second call queued at each model
@@ -109,7 +113,7 @@ class Batcher(Generic[Item, Answer]):
                 await self._changes()
                 continue
             await self._fill()
-            batch = [self.queue.popleft() for _ in range(min(self.max_size, len(self.queue)))]
+            batch = [self.queue.popleft() for _ in range(self.taken())]
             if batch:
                 self.running += 1
                 self.running_items += len(batch)
@@ -119,6 +123,14 @@ class Batcher(Generic[Item, Answer]):
     def wanted(self) -> int:
         """Items the next batch waits for: its share of the most held at once lately."""
         return min(self.max_size, -(-max(self.peaks) // self.concurrency))
+
+    def taken(self) -> int:
+        """Items the next batch takes: what is queued, up to ``max_size``; while more batches
+        could start, its share of the queue among them (at least :meth:`wanted`), so that a
+        burst is spread over the free slots instead of all going to the first."""
+        free = max(1, self.concurrency - self.running)
+        share = max(self.wanted(), -(-len(self.queue) // free))
+        return min(self.max_size, len(self.queue), share)
 
     async def _fill(self) -> None:
         """Wait up to ``wait_s`` while the queue holds fewer than :meth:`wanted`; a wait that

@@ -3,12 +3,15 @@
 // (lowrank_linear: y written as bias + (x A^T) B^T, then the GEMM accumulating x W^T into it).
 //
 // BLAS runs the update as two narrow GEMMs (x A^T, then an addmm into y) that use a fraction
-// of a core and barely spread over threads. Here each pair of rows is read once and its r
-// inner products stay in registers (AVX-512, float32), and rows are split among torch's
-// threads. Both functions answer false or None, changing nothing, for inputs they do not
-// handle (the caller then runs BLAS): not float32 CPU tensors, a rank above 64, widths not
-// multiples of 16, or a layout other than each row of x and y contiguous, A contiguous
-// (rank x in) and B with its transpose contiguous (out x rank, stored as rank x out).
+// of a core and barely spread over threads. Here each row (each pair of rows with AVX-512) is
+// read once and its r inner products stay in registers (float32), and rows are split among
+// torch's threads. One source, built once per instruction set: with -mavx512f it runs 16 lanes
+// and two rows at a time; with -mavx2 -mfma only, 8 lanes and one row (AVX2's 16 registers
+// hold one row's eight sums and its operands). Both functions answer false or None, changing
+// nothing, for inputs they do not handle (the caller then runs BLAS): not float32 CPU
+// tensors, a rank above 64, widths not multiples of 16, or a layout other than each row of x
+// and y contiguous, A contiguous (rank x in) and B with its transpose contiguous (out x rank,
+// stored as rank x out).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -20,13 +23,39 @@ namespace {
 constexpr int64_t kMaxRank = 64;
 constexpr int64_t kGrain = 16;  // rows per task of the thread pool
 
+#if defined(__AVX512F__)
+constexpr const char* kIsa = "avx512";
+using Vec = __m512;
+constexpr int64_t kLanes = 16;
+constexpr int kRowsAtOnce = 2;
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vsplat(float f) { return _mm512_set1_ps(f); }
+inline Vec vfmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline __m256 halves_added(Vec v) {
+  __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+  return _mm256_add_ps(_mm512_castps512_ps256(v), high);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr const char* kIsa = "avx2";
+using Vec = __m256;
+constexpr int64_t kLanes = 8;
+constexpr int kRowsAtOnce = 1;
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vsplat(float f) { return _mm256_set1_ps(f); }
+inline Vec vfmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline __m256 halves_added(Vec v) { return v; }
+#else
+#error "the low-rank kernel is built with -mavx512f or with -mavx2 -mfma"
+#endif
+
 // The sums of eight vectors, as the eight lanes of one.
-inline __m256 sums_of_8(const __m512* v) {
+inline __m256 sums_of_8(const Vec* v) {
   __m256 half[8];
-  for (int j = 0; j < 8; ++j) {
-    __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v[j]), 1));
-    half[j] = _mm256_add_ps(_mm512_castps512_ps256(v[j]), high);
-  }
+  for (int j = 0; j < 8; ++j) half[j] = halves_added(v[j]);
   __m256 a = _mm256_hadd_ps(half[0], half[1]), b = _mm256_hadd_ps(half[2], half[3]);
   __m256 c = _mm256_hadd_ps(half[4], half[5]), d = _mm256_hadd_ps(half[6], half[7]);
   __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
@@ -48,60 +77,59 @@ struct Update {
     alignas(32) float h[R][kMaxRank];
     for (int64_t j0 = 0; j0 < rank; j0 += 8) {
       const int64_t count = std::min<int64_t>(8, rank - j0);  // rows of A in this block
-      __m512 acc[R][8];
+      Vec acc[R][8];
       for (int k = 0; k < R; ++k)
-        for (int j = 0; j < 8; ++j) acc[k][j] = _mm512_setzero_ps();
+        for (int j = 0; j < 8; ++j) acc[k][j] = vzero();
       if (count == 8) {
-        for (int64_t i = 0; i < in; i += 16) accumulate<R, 8>(acc, row, j0, i);
+        for (int64_t i = 0; i < in; i += kLanes) accumulate<R, 8>(acc, row, j0, i);
       } else {
-        for (int64_t i = 0; i < in; i += 16) accumulate<R, 0>(acc, row, j0, i, count);
+        for (int64_t i = 0; i < in; i += kLanes) accumulate<R, 0>(acc, row, j0, i, count);
       }
       for (int k = 0; k < R; ++k) _mm256_store_ps(&h[k][j0], sums_of_8(acc[k]));
     }
     int64_t o = 0;
-    for (; o + 64 <= out; o += 64) outputs<R, 4>(row, o, h);
-    for (; o < out; o += 16) outputs<R, 1>(row, o, h);
+    for (; o + 4 * kLanes <= out; o += 4 * kLanes) outputs<R, 4>(row, o, h);
+    for (; o < out; o += kLanes) outputs<R, 1>(row, o, h);
   }
 
-  // y[row + k, o : o + 16 C] for each of the R rows: its bias (store) or its value, plus
+  // y[row + k, o : o + kLanes C] for each of the R rows: its bias (store) or its value, plus
   // h[k] B^T; R x C sums at once, so that the FMAs' latency overlaps.
   template <int R, int C>
   void outputs(int64_t row, int64_t o, const float (&h)[R][kMaxRank]) const {
-    __m512 yv[R][C];
+    Vec yv[R][C];
     for (int k = 0; k < R; ++k)
       for (int c = 0; c < C; ++c) {
-        float* at = y + (row + k) * y_stride + o + 16 * c;
-        yv[k][c] = !store ? _mm512_loadu_ps(at)
-                   : bias ? _mm512_loadu_ps(bias + o + 16 * c) : _mm512_setzero_ps();
+        float* at = y + (row + k) * y_stride + o + kLanes * c;
+        yv[k][c] = !store ? vload(at) : bias ? vload(bias + o + kLanes * c) : vzero();
       }
     for (int64_t j = 0; j < rank; ++j) {
-      __m512 bv[C];
-      for (int c = 0; c < C; ++c) bv[c] = _mm512_loadu_ps(bt + j * out + o + 16 * c);
+      Vec bv[C];
+      for (int c = 0; c < C; ++c) bv[c] = vload(bt + j * out + o + kLanes * c);
       for (int k = 0; k < R; ++k) {
-        const __m512 hk = _mm512_set1_ps(h[k][j]);
-        for (int c = 0; c < C; ++c) yv[k][c] = _mm512_fmadd_ps(hk, bv[c], yv[k][c]);
+        const Vec hk = vsplat(h[k][j]);
+        for (int c = 0; c < C; ++c) yv[k][c] = vfmadd(hk, bv[c], yv[k][c]);
       }
     }
     for (int k = 0; k < R; ++k)
-      for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + (row + k) * y_stride + o + 16 * c, yv[k][c]);
+      for (int c = 0; c < C; ++c) vstore(y + (row + k) * y_stride + o + kLanes * c, yv[k][c]);
   }
 
-  // acc[k][j] += x[row + k, i:i+16] * a[j0 + j, i:i+16] for the block's rows of A: all 8
-  // (Count = 8, unrolled) or the first `count` (Count = 0; the others stay 0).
+  // acc[k][j] += x[row + k, i:i+kLanes] * a[j0 + j, i:i+kLanes] for the block's rows of A:
+  // all 8 (Count = 8, unrolled) or the first `count` (Count = 0; the others stay 0).
   template <int R, int Count>
-  void accumulate(__m512 (&acc)[R][8], int64_t row, int64_t j0, int64_t i,
+  void accumulate(Vec (&acc)[R][8], int64_t row, int64_t j0, int64_t i,
                   int64_t count = 8) const {
-    __m512 xv[R];
-    for (int k = 0; k < R; ++k) xv[k] = _mm512_loadu_ps(x + (row + k) * x_stride + i);
+    Vec xv[R];
+    for (int k = 0; k < R; ++k) xv[k] = vload(x + (row + k) * x_stride + i);
     for (int j = 0; j < (Count ? Count : count); ++j) {
-      __m512 av = _mm512_loadu_ps(a + (j0 + j) * in + i);
-      for (int k = 0; k < R; ++k) acc[k][j] = _mm512_fmadd_ps(xv[k], av, acc[k][j]);
+      Vec av = vload(a + (j0 + j) * in + i);
+      for (int k = 0; k < R; ++k) acc[k][j] = vfmadd(xv[k], av, acc[k][j]);
     }
   }
 
   void span(int64_t begin, int64_t end) const {
     int64_t row = begin;
-    for (; row + 2 <= end; row += 2) rows<2>(row);
+    for (; row + kRowsAtOnce <= end; row += kRowsAtOnce) rows<kRowsAtOnce>(row);
     if (row < end) rows<1>(row);
   }
 };
@@ -171,4 +199,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y += (x a^T) b^T in place; false (y unchanged) where the inputs are not handled");
   m.def("lowrank_linear", &lowrank_linear,
         "x W^T + bias + (x a^T) b^T; None where the inputs are not handled");
+  m.attr("isa") = kIsa;
 }

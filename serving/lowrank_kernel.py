@@ -3,22 +3,24 @@ BLAS.
 
 BLAS runs the update as two narrow GEMMs that use a fraction of a core and barely spread over
 threads, after the layer's GEMM, reading its input and reading and writing its output again.
-The fused kernel (``lowrank_kernel.cpp``: AVX-512, two rows at a time, rows split among torch's
-threads) runs a pass of one task in one call per layer (:func:`linear_lowrank`): the output is
-written as the bias plus the update while the input is fresh in cache, then the GEMM
-accumulates ``x W^T`` into it, reading it once inside the GEMM. Measured on the demo's MiniLM, a
-batch-1 forward of 128 tokens: +4.1% (3.8..4.5%) over the plain forward (``bench load
---costs-only``, 2 threads); by hand, side by side, +3.7 to 4.6% on one thread and +4.0 to 5.4%
-on two, against +7.1 to 8.4% and +11.8 to 13.6% on BLAS (serve_profile.md, sixth session).
+The fused kernel (``lowrank_kernel.cpp``, built for the CPU's instruction set: AVX-512, two
+rows at a time, or AVX2 with FMA, one row at a time; rows split among torch's threads) runs a
+pass of one task in one call per layer (:func:`linear_lowrank`): the output is written as the
+bias plus the update while the input is fresh in cache, then the GEMM accumulates ``x W^T``
+into it, reading it once inside the GEMM. Measured on the demo's MiniLM with AVX-512, a batch-1
+forward of 128 tokens: +4.1% (3.8..4.5%) over the plain forward (``bench load --costs-only``, 2
+threads); by hand, side by side, +3.7 to 4.6% on one thread and +4.0 to 5.4% on two, against
++7.1 to 8.4% and +11.8 to 13.6% on BLAS (serve_profile.md, sixth session; AVX2's in its ninth).
 Mixed passes add each task's update after the GEMM (:func:`add_lowrank_`).
 
 The kernel is compiled on first use with torch's extension builder (the machine's C++ compiler
 and ninja) in a scratch folder and moved whole into :func:`kernel_folder` (``<cache>/kernels``,
 or ``$FREEMERGE_KERNELS``), so a build that dies leaves nothing behind and concurrent
-builders never wait on a lock; later processes load the compiled file, and a new build removes
-the ones built from other sources or for other torch versions. Without AVX-512, a compiler or
-ninja, or with ``FREEMERGE_CPU_KERNEL=0``, the update runs on BLAS, with the same results up to
-float rounding.
+builders never wait on a lock; later processes load the compiled file of their CPU's
+instruction set (torch's ``get_cpu_capability``), and a new build removes the ones built from
+other sources or for other torch versions. Without AVX-512 or AVX2, a compiler or ninja, or with
+``FREEMERGE_CPU_KERNEL=0``, the update runs on BLAS, with the same results up to float
+rounding.
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ logger = logging.getLogger(__name__)
 KERNEL_ENV = "FREEMERGE_CPU_KERNEL"
 FOLDER_ENV = "FREEMERGE_KERNELS"  # where compiled kernels live (default: <cache>/kernels)
 SOURCE = Path(__file__).with_name("lowrank_kernel.cpp")
-FLAGS = ["-O3", "-mavx512f", "-mavx2", "-mfma", "-fopenmp"]
+FLAGS = ["-O3", "-fopenmp"]
+# The instruction sets the kernel is built for, by torch's name for a CPU's capability, with
+# their compiler flags (one source: the flags pick its vector width)
+ISA_FLAGS = {"AVX512": ["-mavx512f", "-mavx2", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
 
 
 def linear_lowrank(
@@ -80,15 +85,16 @@ def add_lowrank_(y: torch.Tensor, x: torch.Tensor, b: torch.Tensor, a: torch.Ten
 
 @functools.cache
 def cpu_kernel() -> ModuleType | None:
-    """The compiled kernel (built on the first call in a machine's cache), or None where it
-    cannot run here (the reason logged once)."""
+    """The kernel compiled for this CPU's instruction set (built on the first call in a
+    machine's cache), or None where it cannot run here (the reason logged once)."""
     if os.environ.get(KERNEL_ENV, "1") == "0":
         return None
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        logger.info("the fused low-rank kernel needs AVX-512: experts run on BLAS")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ISA_FLAGS:
+        logger.info("the fused low-rank kernel needs AVX-512 or AVX2 (this CPU: %s)", capability)
         return None
     try:
-        return compiled()
+        return compiled(capability)
     except Exception as err:  # no compiler, no ninja, no headers: BLAS still serves
         logger.warning("the fused low-rank kernel did not build (%s): experts run on BLAS", err)
         return None
@@ -99,15 +105,17 @@ def kernel_folder() -> Path:
     return Path(os.environ.get(FOLDER_ENV) or default_cache_dir() / "kernels").expanduser()
 
 
-def compiled() -> ModuleType:
-    """The kernel's module, compiled into :func:`kernel_folder` first where it is not there,
-    whatever this machine's CPU (an image build runs ``python -m
-    freemerge.serving.lowrank_kernel``, so that its replicas load it and need no compiler)."""
+def compiled(isa: str) -> ModuleType:
+    """The kernel's module for ``isa`` (a key of :data:`ISA_FLAGS`; the CPU must run it: the
+    build imports it), compiled into :func:`kernel_folder` first where it is not there (an
+    image build runs ``python -m freemerge.serving.lowrank_kernel``, so that its replicas on
+    CPUs like the builder's load it and need no compiler)."""
     source = SOURCE.read_bytes()
     key = b"\0".join(
         [source, torch.__version__.encode(), sys.version.encode(), platform.machine().encode()]
     )
-    name = f"freemerge_lowrank_{hashlib.sha256(key).hexdigest()[:16]}"
+    digest = hashlib.sha256(key).hexdigest()[:16]
+    name = f"freemerge_lowrank_{isa.lower()}_{digest}"
     folder = kernel_folder()
     library = folder / f"{name}.so"
     if library.exists():
@@ -123,17 +131,21 @@ def compiled() -> ModuleType:
         module = load(
             name,
             [str(SOURCE)],
-            extra_cflags=FLAGS,
+            extra_cflags=FLAGS + ISA_FLAGS[isa],
             extra_ldflags=["-fopenmp"],  # torch's own OpenMP runtime, already loaded
             build_directory=scratch,
             verbose=False,
         )
         os.replace(Path(scratch) / f"{name}.so", library)  # whole, or not at all
     for stale in folder.glob("freemerge_lowrank_*.so"):  # other sources or torch versions
-        if stale != library:
+        if not stale.name.endswith(f"_{digest}.so"):
             stale.unlink(missing_ok=True)  # a process that loaded it keeps its mapping
     return module
 
 
 if __name__ == "__main__":
-    print(f"{compiled().__name__}.so in {kernel_folder()}")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ISA_FLAGS:
+        print(f"{compiled(capability).__name__}.so in {kernel_folder()}")
+    else:
+        print(f"no fused kernel for this CPU ({capability}): experts run on BLAS")

@@ -7,8 +7,17 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
+
 from freemerge.serving.local import free_port, start_local, stop_local
-from freemerge.serving.settings import API_KEYS_ENV, DEFAULT_INGRESS
+from freemerge.serving.settings import API_KEYS_ENV, DEFAULT_INGRESS, INGRESSES
+
+# Each ingress as a fixture's parameter: the default in `make test`, the others marked slow (a
+# server each, behind the same scenarios; `make test-all` runs them)
+INGRESS_PARAMS = [
+    pytest.param(name, marks=() if name == DEFAULT_INGRESS else pytest.mark.slow)
+    for name in INGRESSES
+]
 
 
 @contextmanager

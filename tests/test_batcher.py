@@ -110,7 +110,22 @@ def test_batches_that_run_at_once_each_wait_for_their_share_of_the_recent_peak()
         return model
 
     model = asyncio.run(scenario())
-    assert [len(batch) for batch in model.batches] == [16, 8]
+    assert [len(batch) for batch in model.batches] == [8, 8, 8]  # the burst split (below)
+
+
+def test_a_burst_is_split_among_the_batches_that_can_start():
+    """A burst of 12 arriving at once, three batches free (a front's calls out, one per model
+    replica): each takes its share, 4, where the first would have taken all 12; with one batch
+    free it takes all that is queued."""
+
+    async def sizes(concurrency: int) -> list[int]:
+        model = SlowModel(0.01)
+        batcher = Batcher(model, max_size=16, wait_s=1.0, concurrency=concurrency)
+        await asyncio.wait_for(asyncio.gather(*(batcher.submit([k]) for k in range(12))), 5.0)
+        return [len(batch) for batch in model.batches]
+
+    assert asyncio.run(sizes(3)) == [4, 4, 4]
+    assert asyncio.run(sizes(1)) == [12]
 
 
 def test_a_full_queue_runs_more_batches_at_once_and_less_does_not():

@@ -69,7 +69,7 @@ def test_row_adapters_are_used_for_lowrank_experts(artifacts):
 
 
 def test_row_adapters_run_the_fused_kernel_where_the_cpu_has_it(artifacts, texts, monkeypatch):
-    """On an AVX-512 CPU every adapted layer of a pass runs in the fused kernel (the tests
+    """On an AVX-512 or AVX2 CPU every adapted layer of a pass runs in the fused kernel (the tests
     above then check its answers): a one-task pass through ``lowrank_linear``, a mixed one
     through ``lowrank_update_``."""
     kernel = lowrank_kernel.cpu_kernel()

@@ -4,7 +4,7 @@ a 5xx, a bad request fails alone, a killed model replica costs no request, and n
 killed front (Ray's proxy, or HAProxy, sends its requests again)."""
 
 import pytest
-from live_server import live_server
+from live_server import INGRESS_PARAMS, live_server
 
 from freemerge.benchmarks.faults import (
     FRONT_TITLE,
@@ -15,12 +15,12 @@ from freemerge.benchmarks.faults import (
     replica_pids,
     try_cases,
 )
-from freemerge.serving.settings import INGRESSES, ServingOptions
+from freemerge.serving.settings import ServingOptions
 
 OPTIONS = {"device": "cpu", "replicas": 2, "cpus_per_replica": 1, "max_items": 8}
 
 
-@pytest.fixture(scope="module", params=INGRESSES)
+@pytest.fixture(scope="module", params=INGRESS_PARAMS)
 def two_replicas(request, tiny_routed_artifact):
     options = {"artifact": str(tiny_routed_artifact), **OPTIONS}
     with live_server(options, ingress=request.param) as urls:

@@ -14,8 +14,11 @@ from torch.utils.cpp_extension import is_ninja_available
 from freemerge.serving import lowrank_kernel
 from freemerge.serving.lowrank_kernel import add_lowrank_, cpu_kernel, linear_lowrank
 
+CAPABILITY = torch.backends.cpu.get_cpu_capability()
+# The builds this CPU runs: its own, and AVX2's on an AVX-512 CPU as well
+RUNNABLE = [isa for isa in lowrank_kernel.ISA_FLAGS if isa in (CAPABILITY, "AVX2")]
 pytestmark = pytest.mark.skipif(
-    torch.backends.cpu.get_cpu_capability() != "AVX512", reason="the kernel needs AVX-512"
+    CAPABILITY not in lowrank_kernel.ISA_FLAGS, reason="the kernel needs AVX-512 or AVX2"
 )
 
 
@@ -32,13 +35,16 @@ def close(got: torch.Tensor, want: torch.Tensor) -> bool:
     return bool((got - want).abs().max() <= 1e-5 * want.abs().max().clamp(min=1.0))
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    """The kernel; a machine with AVX-512, a C++ compiler and ninja must build it."""
-    built = cpu_kernel()
-    if built is None and not (shutil.which("c++") and is_ninja_available()):
+@pytest.fixture(scope="module", params=RUNNABLE)
+def kernel(request):
+    """The kernel built for each instruction set this CPU runs; a machine with AVX-512 or AVX2,
+    a C++ compiler and ninja must build it, and loads its own widest one."""
+    if not (shutil.which("c++") and is_ninja_available()):
+        assert cpu_kernel() is None
         pytest.skip("no C++ compiler or ninja to build the kernel (BLAS serves)")
-    assert built is not None, "the kernel did not build on an AVX-512 machine with a compiler"
+    built = lowrank_kernel.compiled(request.param)
+    assert built.isa == request.param.lower()
+    assert cpu_kernel().isa == CAPABILITY.lower()
     return built
 
 
@@ -119,7 +125,9 @@ def test_inputs_the_kernel_does_not_take_are_left_alone_and_blas_runs_them(kerne
 
 def test_it_is_built_aside_into_the_cache_and_can_be_switched_off(kernel, monkeypatch):
     folder = lowrank_kernel.kernel_folder()
-    assert len(list(folder.glob("freemerge_lowrank_*.so"))) == 1  # stale builds removed
+    built = [p.stem.split("_")[2:] for p in folder.glob("freemerge_lowrank_*.so")]
+    assert len({digest for _, digest in built}) == 1  # stale builds removed: one source's
+    assert len({isa for isa, _ in built}) == len(built)  # one per instruction set
     assert not any(p.name.startswith(".") for p in folder.iterdir())  # no build left half-done
     monkeypatch.setenv(lowrank_kernel.KERNEL_ENV, "0")
     lowrank_kernel.cpu_kernel.cache_clear()
@@ -136,7 +144,8 @@ def test_it_is_built_aside_into_the_cache_and_can_be_switched_off(kernel, monkey
 
 def test_an_image_build_compiles_it_into_a_folder_of_its_own(tmp_path):
     """``python -m freemerge.serving.lowrank_kernel`` with ``$FREEMERGE_KERNELS`` set (the CPU
-    image's build step) leaves the compiled file there, and a replica's process loads it."""
+    image's build step) leaves the compiled file there, and a replica's process loads it; run
+    again with ``ATEN_CPU_CAPABILITY=avx2`` it adds AVX2's beside it on an AVX-512 host."""
     env = {**os.environ, lowrank_kernel.FOLDER_ENV: str(tmp_path)}
     module = [sys.executable, "-m", "freemerge.serving.lowrank_kernel"]
     printed = subprocess.run(module, env=env, check=True, capture_output=True, text=True)
@@ -148,3 +157,7 @@ def test_an_image_build_compiles_it_into_a_folder_of_its_own(tmp_path):
         [sys.executable, "-c", load], env=env, check=True, capture_output=True, text=True
     )
     assert loaded.stdout.strip() == str(built[0])
+    env["ATEN_CPU_CAPABILITY"] = "avx2"
+    subprocess.run(module, env=env, check=True, capture_output=True, text=True)
+    names = sorted(path.name.split("_")[2] for path in tmp_path.iterdir())
+    assert names == (["avx2", "avx512"] if CAPABILITY == "AVX512" else ["avx2"])

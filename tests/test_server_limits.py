@@ -4,15 +4,14 @@ keys, the replica's request limit and readiness, over HTTP."""
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from live_server import bearer, live_server, post_status
+from live_server import INGRESS_PARAMS, bearer, live_server, post_status
 
 from freemerge.benchmarks.loadgen import call
-from freemerge.serving.settings import INGRESSES
 
 KEYS = ("first-key", "second-key")
 
 
-@pytest.fixture(scope="module", params=INGRESSES)
+@pytest.fixture(scope="module", params=INGRESS_PARAMS)
 def keyed_server(request, tiny_routed_artifact):
     """Two API keys, a limit of two requests held per replica and a 20 s request timeout."""
     options = {
