@@ -48,3 +48,13 @@ def test_with_unit():
     assert with_unit(1.0, "x") == "1.00x"
     assert with_unit(12.345, "ms") == "12.35 ms"
     assert with_unit(None, "%") == "-"
+
+
+def test_the_machine_line_names_the_cpu_and_its_vector_instructions_where_recorded():
+    """Results from machines of different CPUs are told apart; older results lack the two."""
+    from freemerge.benchmarks.machine import describe_machine, machine_line
+
+    machine = describe_machine()
+    assert machine["cpu_capability"] in machine_line(machine)
+    older = {k: v for k, v in machine.items() if k not in ("cpu_model", "cpu_capability")}
+    assert f"CPU cores ({machine['processor']})," in machine_line(older)
