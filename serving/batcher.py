@@ -7,16 +7,16 @@ is only formed when a slot is free. Its wait adapts to the traffic: a batch wait
 ``wait_s`` for its share of the requests the batcher held lately (the most it held at once,
 queued or running, over its last ``2 * concurrency`` batches, divided among the batches that
 run at once); an idle server (one request at a time) answers at once, and after a burst one
-wait that runs out brings it back there. While more batches could start, a batch takes its
-share of the queue, not all of it: behind HAProxy a front's requests arrive in bursts (a
-batch's clients answered together send again together), and the first free call took a whole
-burst while the second left with nothing, one model replica busy and the other idle. Under a
-steady closed loop this wait also spreads the
-batches that run at once apart in time, so that each finds its share queued when its slot
-frees, and then none waits. While the queue holds a full batch beyond the batches running, up
-to ``full_concurrency`` run at once: a front then has a second call queued at each model
-replica, which starts it the moment its batch ends instead of idling for the hop back to the
-front and out again.
+wait that runs out brings it back there. Under a steady closed loop this wait also spreads
+the batches that run at once apart in time, so that each finds its share queued when its slot
+frees, and then none waits. While more batches could start, a batch takes its share of the
+queue, not all of it: behind HAProxy a front's requests arrive in bursts (a batch's clients
+answered together send again together), and the first free call took a whole burst while the
+second left with nothing, one model replica busy and the other idle.
+
+While the queue holds a full batch beyond the batches running, up to ``full_concurrency`` run
+at once: a front then has a second call queued at each model replica, which starts it the
+moment its batch ends instead of idling for the hop back to the front and out again.
 
 The batches run in a context of their own, not the one of the request that happened to start
 the batcher: Ray Serve reads a call's parent request from the context, so a model call made in
