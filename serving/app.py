@@ -377,6 +377,7 @@ class ClassifierServer(TeiRoutes, OpenAIRoutes):
             # saturated (a full batch queued beyond the calls out): up to twice the calls out,
             # so a model replica finds its next batch queued when one ends
             full_concurrency=2 * options.calls_per_front,
+            wait_share=options.batch_wait_run_share,
         )
         api.state.guard = Guard(
             parse_api_keys(os.environ.get(API_KEYS_ENV)),

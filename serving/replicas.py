@@ -310,7 +310,10 @@ class MultiplexedModels:
         self.load_model = serve.multiplexed(max_num_models_per_replica=per_replica)(load_model)
         self.metrics.refresh_memory_every(2.0, self.memory_figures)
         self.batcher = Batcher(
-            self._run_batch, options.max_batch_size, options.batch_wait_timeout_s
+            self._run_batch,
+            options.max_batch_size,
+            options.batch_wait_timeout_s,
+            wait_share=options.batch_wait_run_share,
         )
 
     async def classify(self, requests: list[ClassifyRequest]) -> list[Answered | Exception]:

@@ -65,6 +65,13 @@ class ServingOptions:
         "--models-per-replica, where each request comes in a call of its own and the model "
         "replica waits instead",
     )
+    batch_wait_run_share: float = _option(
+        0.2,
+        "where longer than --batch-wait-timeout-s, a front's next call waits up to this share "
+        "of its last calls' run time: on slower cores the answered clients take longer to come "
+        "back, and waiting a share of a run costs at most that share of the rate; 0 for the "
+        "fixed wait",
+    )
     max_items: int = _option(64, "texts per request at most (more: 413)")
     max_chars: int = _option(10_000, "characters per text at most (more: 413)")
     max_body_bytes: int = _option(
@@ -136,6 +143,10 @@ class ServingOptions:
             if f.metadata["choices"] and value not in f.metadata["choices"]:
                 allowed = ", ".join(f.metadata["choices"])
                 raise ValueError(f"unknown {f.name} {value!r}; allowed: {allowed}")
+        if not 0.0 <= self.batch_wait_run_share <= 1.0:
+            raise ValueError(
+                f"batch_wait_run_share must be in [0, 1], got {self.batch_wait_run_share}"
+            )
         if not 0.0 <= self.min_router_confidence <= 1.0:
             raise ValueError(
                 f"min_router_confidence must be in [0, 1], got {self.min_router_confidence}"

@@ -194,6 +194,37 @@ def test_closed_loop_clients_fill_both_of_a_fronts_calls():
         assert statistics.median(sizes) >= 8, (seed, sizes)
 
 
+def test_the_wait_grows_with_the_run_time_where_clients_come_back_slowly():
+    """Slow cores: a batch runs 0.3 s and its clients come back 30 to 80 ms after their
+    answers (longer than ``wait_s``, 20 ms). A fixed wait closes batches before half of the
+    clients are back; a wait of up to 40% of the run time (120 ms) lets each take its share, 8,
+    in every seed."""
+
+    async def scenario(seed: int, wait_share: float) -> list[int]:
+        sizes: list[int] = []
+
+        async def model(items: list) -> list:
+            sizes.append(len(items))
+            await asyncio.sleep(0.3)
+            return items
+
+        batcher = Batcher(model, 16, 0.02, concurrency=2, wait_share=wait_share)
+        rng = random.Random(seed)
+
+        async def client(number: int) -> None:
+            for _ in range(5):
+                await asyncio.sleep(rng.uniform(0.03, 0.08))
+                assert await batcher.submit([number]) == [number]
+
+        await asyncio.gather(*(client(n) for n in range(16)))
+        return sizes[2:]  # after the first two calls, which ran the first arrivals
+
+    for seed in range(2):
+        assert statistics.median(asyncio.run(scenario(seed, 0.0))) < 8
+        adapted = asyncio.run(scenario(seed, 0.4))
+        assert statistics.median(adapted) >= 8, (seed, adapted)
+
+
 def test_a_model_replica_takes_a_fronts_call_without_waiting():
     """A front sends a formed batch: the model replica runs a call smaller than its last batch
     at once, however long ``batch_wait_timeout_s`` (the fronts' wait) is."""
@@ -354,3 +385,7 @@ def test_bad_settings_are_refused():
         Batcher(SlowModel(), max_size=0, wait_s=0.0)
     with pytest.raises(ValueError, match="full_concurrency"):
         Batcher(SlowModel(), max_size=4, wait_s=0.0, concurrency=2, full_concurrency=1)
+    with pytest.raises(ValueError, match="wait_share"):
+        Batcher(SlowModel(), max_size=4, wait_s=0.0, wait_share=1.5)
+    with pytest.raises(ValueError, match="batch_wait_run_share"):
+        ServingOptions(batch_wait_run_share=-0.1)
