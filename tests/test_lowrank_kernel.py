@@ -142,6 +142,7 @@ def test_it_is_built_aside_into_the_cache_and_can_be_switched_off(kernel, monkey
     assert cpu_kernel() is not None  # loaded from the cache: no second build
 
 
+@pytest.mark.slow  # a fresh compile: 54 s on 2 cores of the AVX2 machine (twice with AVX-512)
 def test_an_image_build_compiles_it_into_a_folder_of_its_own(tmp_path):
     """``python -m freemerge.serving.lowrank_kernel`` with ``$FREEMERGE_KERNELS`` set (the CPU
     image's build step) leaves the compiled file there, and a replica's process loads it; run

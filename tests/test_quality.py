@@ -1,6 +1,6 @@
 import json
 
-from freemerge.benchmarks.quality import GRIDS, QualityGrid, quality_markdown, run_quality
+from freemerge.benchmarks.quality import GRIDS, QualityGrid, quality_markdown
 from freemerge.serving.cli import main
 
 QUICK = QualityGrid(
@@ -16,10 +16,14 @@ QUICK = QualityGrid(
 )
 
 
-def test_quality_table_runs_end_to_end_on_a_tiny_zoo(tiny_zoo, monkeypatch):
-    monkeypatch.setitem(GRIDS, "tiny", lambda: QUICK)
-    result = run_quality(tiny_zoo, "tiny", show_progress=False)
-    assert result["grid"] == "tiny"
+def test_bench_quality_runs_end_to_end_and_writes_its_tables(tiny_zoo, tmp_path, monkeypatch):
+    """The whole quality table on a tiny zoo, through the CLI (one run: each takes a minute on
+    2 cores): every method's row over every task, the ablations, and the markdown."""
+    monkeypatch.setitem(GRIDS, "quick", lambda: QUICK)  # a grid the CLI offers
+    command = ["bench", "quality", "--zoo", str(tiny_zoo.root), "--out", str(tmp_path)]
+    assert main([*command, "--grid", "quick"]) == 0
+    result = json.loads((tmp_path / "merge_quality.json").read_text())
+    assert result["grid"] == "quick"
     names = [row["name"] for row in result["rows"]]
     assert names[0] == "individual fine-tuned models"
     assert any(name.endswith(", routed") for name in names)
@@ -36,26 +40,8 @@ def test_quality_table_runs_end_to_end_on_a_tiny_zoo(tiny_zoo, monkeypatch):
         "sparse density (FREE)",
         "rank (FREE, low-rank)",
     }
-    markdown = quality_markdown(json.loads(json.dumps(result)), "freemerge bench quality")
+    markdown = (tmp_path / "merge_quality.md").read_text()
+    assert markdown.startswith("# Merge quality")
     assert "| individual fine-tuned models |" in markdown and "## Ablations" in markdown
-
-
-def test_bench_quality_cli_writes_json_and_markdown(tiny_zoo, tmp_path, monkeypatch):
-    monkeypatch.setitem(GRIDS, "quick", lambda: QUICK)
-    assert (
-        main(
-            [
-                "bench",
-                "quality",
-                "--zoo",
-                str(tiny_zoo.root),
-                "--out",
-                str(tmp_path),
-                "--grid",
-                "quick",
-            ]
-        )
-        == 0
-    )
-    assert json.loads((tmp_path / "merge_quality.json").read_text())["rows"]
-    assert (tmp_path / "merge_quality.md").read_text().startswith("# Merge quality")
+    command = markdown.rsplit("Command: `", 1)[1].split("`")[0]
+    assert quality_markdown(result, command) == markdown  # the same table from the JSON
