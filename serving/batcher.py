@@ -12,11 +12,12 @@ wait that runs out brings it back there. The wait also scales with the machine: 
 answered clients' next requests come back through processes that share the model's cores (a
 fixed 40 ms, right where a batch of 8 ran in 0.2 s, closed batches of 6 where it ran in 0.7 s).
 Under a steady closed loop this wait also spreads the batches that run at once apart in time,
-so that each finds its share queued when its slot frees, and then none waits. While more
-batches could start, a batch takes its share of the queue, not all of it: behind HAProxy a
-front's requests arrive in bursts (a batch's clients answered together send again together),
-and the first free call took a whole burst while the second left with nothing, one model
-replica busy and the other idle.
+so that each finds its share queued when its slot frees, and then none waits. A batch takes
+its share, not all that is queued: behind HAProxy a front's requests arrive in bursts (a
+batch's clients answered together send again together), and the first free call took a whole
+burst while the second left with nothing, one model replica busy and the other idle; and with
+one slot free, a batch that took all (10 of 16 clients, its twin running 6) came back later
+than its twin, so the next ones alternated 6 and 10 for seconds.
 
 While the queue holds a full batch beyond the batches running, up to ``full_concurrency`` run
 at once: a front then has a second call queued at each model replica, which starts it the
@@ -140,12 +141,12 @@ class Batcher(Generic[Item, Answer]):
         return min(self.max_size, -(-max(self.peaks) // self.concurrency))
 
     def taken(self) -> int:
-        """Items the next batch takes: what is queued, up to ``max_size``; while more batches
-        could start, its share of the queue among them (at least :meth:`wanted`), so that a
-        burst is spread over the free slots instead of all going to the first."""
-        free = max(1, self.concurrency - self.running)
-        share = max(self.wanted(), -(-len(self.queue) // free))
-        return min(self.max_size, len(self.queue), share)
+        """Items the next batch takes: what is queued, up to its share (:meth:`wanted`, which
+        counts what is queued now) and ``max_size``. So a burst is spread over the slots
+        instead of all going to the first, and the batches that run at once stay even: one
+        that took more than its share would come back later than the others, its clients too,
+        and the next batches would alternate small and large."""
+        return min(self.max_size, len(self.queue), self.wanted())
 
     def wait_seconds(self) -> float:
         """How long a batch waits at most for :meth:`wanted`: ``wait_s``, or ``wait_share`` of

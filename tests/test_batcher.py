@@ -128,6 +128,20 @@ def test_a_burst_is_split_among_the_batches_that_can_start():
     assert asyncio.run(sizes(1)) == [12]
 
 
+def test_a_batch_takes_its_share_not_all_that_queued_while_its_twin_runs():
+    """Seen at 16 clients (two calls out): one batch of 6 running, 10 queued when the other
+    slot frees. The batch takes its share of the 16 held, 8, not the 10 (which came back
+    later than the 6, its clients too, and the next batches alternated 6 and 10); the 2 left
+    join the next batch. With both slots free each takes half."""
+    batcher = Batcher(SlowModel(), max_size=16, wait_s=0.04, concurrency=2)
+    batcher.queue.extend((k, None) for k in range(10))
+    batcher.peaks.append(16)
+    batcher.running, batcher.running_items = 1, 6
+    assert batcher.taken() == 8
+    batcher.running, batcher.running_items = 0, 0
+    assert batcher.taken() == 8  # of 10 queued and the peak of 16: the share of either slot
+
+
 def test_a_full_queue_runs_more_batches_at_once_and_less_does_not():
     """Saturated (a full batch queued beyond the batches running), up to ``full_concurrency``
     batches run at once, so that a model replica has its next one waiting; with less queued,
