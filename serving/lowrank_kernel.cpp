@@ -7,7 +7,8 @@
 // read once and its r inner products stay in registers (float32), and rows are split among
 // torch's threads. One source, built once per instruction set: with -mavx512f it runs 16 lanes
 // and two rows at a time; with -mavx2 -mfma only, 8 lanes and one row (AVX2's 16 registers
-// hold one row's eight sums and its operands; two rows with fewer sums each not tried).
+// hold one row's eight sums and its operands; two rows with four sums each were no faster on
+// two threads: serve_profile.md, tenth session).
 // Both functions answer false or None, changing nothing, for inputs they do not handle (the
 // caller then runs BLAS): not float32 CPU tensors, a rank above 64, widths not multiples of
 // 16, or a layout other than each row of x and y contiguous, A contiguous (rank x in) and B

@@ -67,10 +67,11 @@ class ServingOptions:
     )
     batch_wait_run_share: float = _option(
         0.2,
-        "where longer than --batch-wait-timeout-s, a front's next call waits up to this share "
-        "of its last calls' run time: on slower cores the answered clients take longer to come "
-        "back, and waiting a share of a run costs at most that share of the rate; 0 for the "
-        "fixed wait",
+        "where longer than --batch-wait-timeout-s, a front's next call (with "
+        "--models-per-replica, a model replica's next batch) waits up to this share of the "
+        "median run time of its last calls: on slower cores the answered clients take longer "
+        "to come back, and waiting a share of a run costs at most that share of the rate; 0 "
+        "for the fixed wait",
     )
     max_items: int = _option(64, "texts per request at most (more: 413)")
     max_chars: int = _option(10_000, "characters per text at most (more: 413)")

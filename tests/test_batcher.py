@@ -7,6 +7,8 @@ import contextvars
 import random
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from ray.exceptions import RayActorError
@@ -178,32 +180,45 @@ def test_after_a_burst_one_wait_runs_out_and_then_a_lone_request_goes_at_once():
     assert all(wait < 0.1 for wait in waits[1:]), waits
 
 
-def test_closed_loop_clients_fill_both_of_a_fronts_calls():
-    """16 closed-loop clients, each away 10 to 40 ms between requests (a proxy, a front and
-    the client), two batches at once, a model whose batch takes longer the more it holds:
-    most batches hold half of the clients, in every seed."""
+def closed_loop_sizes(
+    seed: int,
+    run_s: Callable[[int], float],
+    away_s: tuple[float, float],
+    requests: int,
+    **batcher_options: Any,
+) -> list[int]:
+    """Sizes of the batches a 16-client closed loop forms through a front's two calls: each
+    client away ``away_s`` (a uniform range) before each of its ``requests``, each batch of
+    ``n`` running ``run_s(n)``."""
 
-    async def scenario(seed: int) -> list[int]:
+    async def scenario() -> list[int]:
         sizes: list[int] = []
 
         async def model(items: list) -> list:
             sizes.append(len(items))
-            await asyncio.sleep(0.01 + 0.01 * len(items))
+            await asyncio.sleep(run_s(len(items)))
             return items
 
-        batcher = Batcher(model, max_size=16, wait_s=0.06, concurrency=2)
+        batcher = Batcher(model, max_size=16, concurrency=2, **batcher_options)
         rng = random.Random(seed)
 
         async def client(number: int) -> None:
-            for _ in range(10):
-                await asyncio.sleep(rng.uniform(0.01, 0.04))
+            for _ in range(requests):
+                await asyncio.sleep(rng.uniform(*away_s))
                 assert await batcher.submit([number]) == [number]
 
         await asyncio.gather(*(client(n) for n in range(16)))
         return sizes
 
+    return asyncio.run(scenario())
+
+
+def test_closed_loop_clients_fill_both_of_a_fronts_calls():
+    """16 closed-loop clients, each away 10 to 40 ms between requests (a proxy, a front and
+    the client), two batches at once, a model whose batch takes longer the more it holds:
+    most batches hold half of the clients, in every seed."""
     for seed in range(3):
-        sizes = asyncio.run(scenario(seed))
+        sizes = closed_loop_sizes(seed, lambda n: 0.01 + 0.01 * n, (0.01, 0.04), 10, wait_s=0.06)
         assert sum(sizes) == 160
         assert statistics.median(sizes) >= 8, (seed, sizes)
 
@@ -214,28 +229,15 @@ def test_the_wait_grows_with_the_run_time_where_clients_come_back_slowly():
     clients are back; a wait of up to 40% of the run time (120 ms) lets each take its share, 8,
     in every seed."""
 
-    async def scenario(seed: int, wait_share: float) -> list[int]:
-        sizes: list[int] = []
-
-        async def model(items: list) -> list:
-            sizes.append(len(items))
-            await asyncio.sleep(0.3)
-            return items
-
-        batcher = Batcher(model, 16, 0.02, concurrency=2, wait_share=wait_share)
-        rng = random.Random(seed)
-
-        async def client(number: int) -> None:
-            for _ in range(5):
-                await asyncio.sleep(rng.uniform(0.03, 0.08))
-                assert await batcher.submit([number]) == [number]
-
-        await asyncio.gather(*(client(n) for n in range(16)))
-        return sizes[2:]  # after the first two calls, which ran the first arrivals
+    def sizes(seed: int, wait_share: float) -> list[int]:
+        ran = closed_loop_sizes(
+            seed, lambda n: 0.3, (0.03, 0.08), 5, wait_s=0.02, wait_share=wait_share
+        )
+        return ran[2:]  # after the first two calls, which ran the first arrivals
 
     for seed in range(2):
-        assert statistics.median(asyncio.run(scenario(seed, 0.0))) < 8
-        adapted = asyncio.run(scenario(seed, 0.4))
+        assert statistics.median(sizes(seed, 0.0)) < 8
+        adapted = sizes(seed, 0.4)
         assert statistics.median(adapted) >= 8, (seed, adapted)
 
 
