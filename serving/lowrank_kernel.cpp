@@ -18,6 +18,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace {
 
@@ -179,26 +180,31 @@ bool lowrank_update_(torch::Tensor y, torch::Tensor x, torch::Tensor b, torch::T
   return true;
 }
 
-// A linear layer with its low-rank update, x W^T + bias + (x a^T) b^T: the output written as the
-// bias plus the update while x is fresh in cache, then the GEMM accumulating x W^T into it (the
-// GEMM reads it once as it writes; an update after the GEMM re-reads and rewrites all of it).
-// None where the inputs are not handled.
+// A linear layer with its low-rank update, x W^T + bias + (x a^T) b^T, for x of any leading
+// dimensions (the last is the layer's input; the output has x's leading dimensions): the output
+// written as the bias plus the update while x is fresh in cache, then the GEMM accumulating x W^T
+// into it (the GEMM reads it once as it writes; an update after the GEMM re-reads and rewrites
+// all of it). The reshapes are here, not in Python, where each cost more than the update of a
+// short text's row (measured). None where the inputs are not handled.
 std::optional<torch::Tensor> lowrank_linear(torch::Tensor x, torch::Tensor weight,
                                             std::optional<torch::Tensor> bias, torch::Tensor b,
                                             torch::Tensor a) {
   if (weight.dim() != 2 || weight.scalar_type() != torch::kFloat || !weight.device().is_cpu() ||
-      x.dim() != 2 || weight.size(1) != x.size(1) || weight.size(0) != b.size(0))
+      x.dim() < 1 || weight.size(1) != x.size(-1) || weight.size(0) != b.size(0))
     return std::nullopt;
-  torch::Tensor y = torch::empty({x.size(0), weight.size(0)}, x.options());
-  if (!lowrank_store_(y, x, b, a, bias)) return std::nullopt;
-  y.addmm_(x, weight.t());
-  return y;
+  const torch::Tensor flat = x.reshape({-1, x.size(-1)});
+  torch::Tensor y = torch::empty({flat.size(0), weight.size(0)}, x.options());
+  if (!lowrank_store_(y, flat, b, a, bias)) return std::nullopt;
+  y.addmm_(flat, weight.t());
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = weight.size(0);
+  return y.view(sizes);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lowrank_update_", &lowrank_update_,
         "y += (x a^T) b^T in place; false (y unchanged) where the inputs are not handled");
   m.def("lowrank_linear", &lowrank_linear,
-        "x W^T + bias + (x a^T) b^T; None where the inputs are not handled");
+        "x W^T + bias + (x a^T) b^T for x (..., in); None where the inputs are not handled");
   m.attr("isa") = kIsa;
 }

@@ -59,18 +59,18 @@ def linear_lowrank(
     factors: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
     """A linear layer plus its low-rank update, ``x W^T + bias + (x a^T) b^T`` for
-    ``factors`` ``(b, a)`` (``x``: rows x in): in one call of the kernel where it takes the
-    inputs (the update written first, the GEMM accumulating into it), else the GEMM and then
-    the update (the faster order on BLAS)."""
-    if factors is not None and x.device.type == "cpu":
+    ``factors`` ``(b, a)`` (``x``: (..., in), the result (..., out)): in one call of the kernel
+    where it takes the inputs (the update written first, the GEMM accumulating into it), else
+    the GEMM and then the update (the faster order on BLAS)."""
+    if factors is not None and x.is_cpu:
         kernel = cpu_kernel()
         if kernel is not None:
             y = kernel.lowrank_linear(x, weight, bias, *factors)
             if y is not None:
                 return y
-    y = torch.mm(x, weight.T) if bias is None else torch.addmm(bias, x, weight.T)
+    y = torch.nn.functional.linear(x, weight, bias)
     if factors is not None:
-        add_lowrank_(y, x, *factors)
+        add_lowrank_(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), *factors)
     return y
 
 

@@ -258,6 +258,34 @@ def test_row_adapters_follow_the_task_of_each_row_in_any_order(artifacts, texts)
         assert torch.allclose(together[i], alone[0], atol=1e-5)
 
 
+def test_a_one_task_pass_reads_the_backbone_weights_as_they_are_written_in_place(artifacts, texts):
+    """The one-task path reads each layer's weight and bias through references of its own: a
+    write into the backbone's parameters in place (as the in-place expert makes) shows in it as
+    in the model with the expert merged in place."""
+    adapted = MergedClassifier(open_artifact(artifacts["lowrank"]))
+    in_place = MergedClassifier(open_artifact(artifacts["lowrank"]), row_adapters=False)
+    task = "sms_spam"
+    batch = Tokenized(adapted.tokenizer, texts[task][:2], 128).padded([0, 1], adapted.device)
+    experts = {task: adapted.store.get(task)}
+
+    def outputs() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), rows_assigned(adapted.row_adapters, [task] * 2, experts):
+            rows = adapted.backbone(**batch).last_hidden_state
+        with torch.no_grad(), in_place.expert_applied(task):
+            merged = in_place.backbone(**batch).last_hidden_state
+        return rows, merged
+
+    before, _ = outputs()
+    for model in (adapted, in_place):
+        with torch.no_grad():
+            model.parameters["encoder.layer.0.attention.self.query.weight"].mul_(-1.0)
+            model.parameters["encoder.layer.0.output.dense.weight"].mul_(2.0)
+            model.parameters["encoder.layer.0.output.dense.bias"].add_(0.5)
+    rows, merged = outputs()
+    assert not torch.allclose(rows, before, atol=1e-2)
+    assert torch.allclose(rows, merged, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["lowrank", "sparse"])
 def test_answers_do_not_depend_on_how_the_batch_is_cut_into_passes(artifacts, texts, kind):
     requests = [

@@ -89,6 +89,23 @@ def test_the_kernel_reads_rows_of_x_spaced_apart(kernel):
     assert close(got, x @ weight.T + bias + (x @ a.T) @ b.T)
 
 
+@pytest.mark.parametrize("on_blas", [False, True])
+@pytest.mark.parametrize("shape", [(2, 5), (3,), (1, 2, 4)])
+def test_a_layer_keeps_the_leading_dimensions_of_its_input(kernel, shape, on_blas, monkeypatch):
+    """``linear_lowrank`` maps (..., in) to (..., out) as a linear layer does, in the kernel
+    (which reshapes in C++) and on BLAS; an x whose columns are strided (the kernel refuses
+    it) goes to BLAS."""
+    x = torch.randn(*shape, 64)[..., ::2]
+    b, a = factors(48, 8, 32)
+    weight, bias = torch.randn(48, 32), torch.randn(48)
+    if on_blas:
+        monkeypatch.setattr(lowrank_kernel, "cpu_kernel", lambda: None)
+    else:
+        got = kernel.lowrank_linear(x.contiguous(), weight, bias, b, a)
+        assert close(got, x @ weight.T + bias + (x @ a.T) @ b.T)
+    assert close(linear_lowrank(x, weight, bias, (b, a)), x @ weight.T + bias + (x @ a.T) @ b.T)
+
+
 def refused_inputs() -> dict[str, tuple[torch.Tensor, ...]]:
     """Each breaks one of the kernel's conditions: (y, x, b, a)."""
     b, a = factors(48, 8, 32)
