@@ -184,8 +184,8 @@ bool lowrank_update_(torch::Tensor y, torch::Tensor x, torch::Tensor b, torch::T
 // dimensions (the last is the layer's input; the output has x's leading dimensions): the output
 // written as the bias plus the update while x is fresh in cache, then the GEMM accumulating x W^T
 // into it (the GEMM reads it once as it writes; an update after the GEMM re-reads and rewrites
-// all of it). The reshapes are here, not in Python, where each cost more than the update of a
-// short text's row (measured). None where the inputs are not handled.
+// all of it). The reshapes are here: in Python a reshape and a view took ~8 us a layer on a slow
+// AVX2 machine (serve_profile.md, eleventh session). None where the inputs are not handled.
 std::optional<torch::Tensor> lowrank_linear(torch::Tensor x, torch::Tensor weight,
                                             std::optional<torch::Tensor> bias, torch::Tensor b,
                                             torch::Tensor a) {
