@@ -142,11 +142,11 @@ class Batcher(Generic[Item, Answer]):
 
     def taken(self) -> int:
         """Items the next batch takes: what is queued, up to its share (:meth:`wanted`, which
-        counts what is queued now) and ``max_size``. So a burst is spread over the slots
+        counts what is queued now and is at most ``max_size``). So a burst is spread over the slots
         instead of all going to the first, and the batches that run at once stay even: one
         that took more than its share would come back later than the others, its clients too,
         and the next batches would alternate small and large."""
-        return min(self.max_size, len(self.queue), self.wanted())
+        return min(len(self.queue), self.wanted())
 
     def wait_seconds(self) -> float:
         """How long a batch waits at most for :meth:`wanted`: ``wait_s``, or ``wait_share`` of
